@@ -1,0 +1,7 @@
+"""Built-in detectors, one folder each (installed as ``bench.adapters``).
+
+Importing this package registers them; third-party detectors come in through the
+``adbench.detectors`` entry-point group instead.
+"""
+
+from . import autoencoder, feature_stats, grid_curvature  # noqa: F401

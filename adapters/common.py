@@ -1,0 +1,37 @@
+"""Small pieces several adapters share."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [B,H,W] maps, kernel radius 4 sigma, reflect padding."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = maps[:, None]
+    pad_h = min(radius, out.shape[-2] - 1)
+    pad_w = min(radius, out.shape[-1] - 1)
+    out = F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel[radius - pad_w : radius + pad_w + 1].view(1, 1, 1, -1))
+    out = F.pad(out, (0, 0, pad_h, pad_h), mode="reflect")
+    out = F.conv2d(out, kernel[radius - pad_h : radius + pad_h + 1].view(1, 1, -1, 1))
+    return out[:, 0]
+
+
+def image_score(maps: torch.Tensor, reduction: str = "max", top_fraction: float = 0.01) -> torch.Tensor:
+    """Image score from [B,H,W] maps: the maximum, or the mean of the top ``top_fraction``."""
+    flat = maps.flatten(1)
+    if reduction == "max":
+        return flat.max(1).values
+    if reduction == "topk":
+        k = max(1, int(round(flat.shape[1] * top_fraction)))
+        return flat.topk(k, dim=1).values.mean(1)
+    raise ValueError(f"score reduction must be 'max' or 'topk', got {reduction!r}")

@@ -1,0 +1,74 @@
+"""``feature_stats``: per-location Gaussian of pretrained CNN features (a diagonal PaDiM)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from bench.backbones import create_backbone, normalize
+from bench.detector import Detector
+from bench.registry import register_detector
+from bench.types import Batch, Prediction
+
+from ..common import gaussian_blur, image_score
+
+
+@register_detector("feature_stats")
+class FeatureStats(Detector):
+    """Per-location diagonal Gaussian of pretrained CNN features (simplified PaDiM).
+
+    Features of the chosen backbone stages are upsampled to the finest stage and concatenated;
+    ``fit`` keeps each location's mean and variance over the training images; the anomaly map
+    is the mean squared z-score over channels (a diagonal Mahalanobis distance), upsampled to
+    the input and smoothed; the image score is the map's maximum.
+    """
+
+    modality = "image"
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        weights: str = "pretrained",
+        layers: tuple[int, ...] = (2, 3),
+        variance_floor: float = 0.01,
+        sigma: float = 4.0,
+        score: str = "max",
+    ) -> None:
+        self.backbone, self.weights, self.layers = backbone, weights, tuple(layers)
+        self.variance_floor, self.sigma, self.score = variance_floor, sigma, score
+        self.extractor_ = create_backbone(backbone, weights, self.layers)
+
+    @torch.no_grad()
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        maps = self.extractor_(normalize(image))
+        size = maps[0].shape[-2:]
+        maps = [F.avg_pool2d(m, 3, 1, 1) for m in maps]
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        return torch.cat(maps, 1).float()
+
+    @torch.no_grad()
+    def fit(self, train: Iterable[Batch]) -> None:
+        total = total_sq = None
+        count = 0
+        for batch in train:
+            f = self.features(batch.image.to(self.device)).double()
+            total = f.sum(0) if total is None else total + f.sum(0)
+            total_sq = (f**2).sum(0) if total_sq is None else total_sq + (f**2).sum(0)
+            count += f.shape[0]
+        if not count:
+            raise ValueError("feature_stats.fit got no training images")
+        mean = total / count
+        var = (total_sq / count - mean**2).clamp_min(0)
+        self.mean_ = mean.float()
+        self.var_ = (var + self.variance_floor * var.mean()).float()
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Prediction:
+        image = batch.image.to(self.device)
+        f = self.features(image)
+        dist = ((f - self.mean_) ** 2 / self.var_).mean(1)
+        maps = F.interpolate(dist[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        maps = gaussian_blur(maps, self.sigma)
+        return Prediction(score=image_score(maps, self.score), anomaly_map=maps)

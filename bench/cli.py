@@ -1,0 +1,157 @@
+"""Command line: ``bench list``, ``bench run``, ``bench report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry, load_config, validate
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _value(text: str) -> Any:
+    """A CLI value as TOML would read it (numbers, booleans, lists), else a string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description="Benchmark anomaly detectors on MVTec AD / MVTec 3D-AD.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="registered detectors with their modality")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+
+    run = sub.add_parser("run", help="run a benchmark (resumes: finished jobs are skipped)")
+    run.add_argument("--config", "-c", help="TOML file or built-in config name (default: 'default')")
+    run.add_argument("--name", help="benchmark name: results/<name>/")
+    run.add_argument("--detectors", type=_csv, help="comma-separated detector names (replaces the config's)")
+    run.add_argument("--datasets", type=_csv, help="comma-separated dataset names (replaces the config's)")
+    run.add_argument("--categories", type=_csv, help="comma-separated categories (for every dataset)")
+    run.add_argument("--root", action="append", default=[], metavar="[DATASET=]PATH",
+                     help="dataset root folder (repeatable; DATASET= may be left out with one dataset)")
+    run.add_argument("--param", action="append", default=[], metavar="DETECTOR.KEY=VALUE",
+                     help="override a detector parameter (repeatable)")
+    run.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], help="comma-separated seeds")
+    run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--num-workers", type=int)
+    run.add_argument("--image-size", type=_value, help="model input size for every dataset (int, [h,w] or native)")
+    run.add_argument("--protocol", choices=["official", "fast"])
+    run.add_argument("--output", help="results folder (default: results)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite store)")
+    run.add_argument("--experiment", help="MLflow experiment name (default: adbench/<name>)")
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    run.add_argument("--force", action="store_true", help="re-run jobs that already have results")
+
+    rep = sub.add_parser("report", help="leaderboard (Markdown, CSV) from the results folder")
+    rep.add_argument("--name", default="default")
+    rep.add_argument("--output", default="results")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    cfg = load_config(args.config or "default")
+    if args.detectors:
+        by_name = {d.display: d for d in cfg.detectors}
+        cfg.detectors = [by_name.get(n, DetectorEntry(name=n)) for n in args.detectors]
+    if args.datasets:
+        by_name = {d.name: d for d in cfg.datasets}
+        cfg.datasets = [by_name.get(n, DatasetEntry(name=n)) for n in args.datasets]
+        for det in cfg.detectors:  # an explicit dataset choice overrides per-detector lists
+            det.datasets = None
+    for text in args.root:
+        name, sep, path = text.partition("=")
+        if not sep:
+            if len(cfg.datasets) != 1:
+                raise ConfigError(f"--root {text}: name the dataset (DATASET=PATH) when {len(cfg.datasets)} are configured")
+            name, path = cfg.datasets[0].name, text
+        match = [d for d in cfg.datasets if d.name == name]
+        if not match:
+            raise ConfigError(f"--root {text}: dataset {name!r} is not configured ({[d.name for d in cfg.datasets]})")
+        match[0].root = path
+    for text in args.param:
+        key, sep, value = text.partition("=")
+        det_name, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--param {text}: expected DETECTOR.KEY=VALUE")
+        match = [d for d in cfg.detectors if d.display == det_name]
+        if not match:
+            raise ConfigError(f"--param {text}: detector {det_name!r} is not configured")
+        match[0].params = {**match[0].params, field: _value(value)}
+    if args.categories:
+        for ds in cfg.datasets:
+            ds.categories = args.categories
+    if args.image_size is not None:
+        for ds in cfg.datasets:
+            ds.image_size = args.image_size
+    for attr in ("name", "seeds", "device", "batch_size", "num_workers", "protocol", "output", "tracking_uri", "experiment"):
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(cfg, attr, value)
+    validate(cfg, "command line")
+    return cfg
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bench.registry import list_detectors
+
+    infos = list_detectors()
+    if args.json:
+        print(json.dumps([{"name": i.name, "modality": i.modality, "source": i.source, "summary": i.summary} for i in infos], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Registered detectors")
+    for col in ("name", "modality", "source", "summary"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(i.name, i.modality, i.source, i.summary)
+    Console(width=160).print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.progress import console
+    from bench.report import print_leaderboard, write_report
+    from bench.runner import run_benchmark
+
+    cfg = config_from_args(args)
+    records, failed = run_benchmark(cfg, force=args.force, track=not args.no_tracking)
+    if records:
+        print_leaderboard(records)
+        paths = write_report(cfg.output, cfg.name)
+        console.print(f"leaderboard: {paths['markdown']}  ({paths['csv']})")
+    if failed:
+        console.print(f"[red]{len(failed)} job(s) failed:[/] {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import print_leaderboard, write_report
+    from bench.results import ResultStore
+
+    paths = write_report(args.output, args.name)
+    print_leaderboard(ResultStore(args.output, args.name).records())
+    print(f"leaderboard: {paths['markdown']}  ({paths['csv']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"list": cmd_list, "run": cmd_run, "report": cmd_report}[args.command](args)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 2

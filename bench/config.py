@@ -1,0 +1,144 @@
+"""Benchmark configuration: a TOML file (or a built-in name) merged with CLI flags.
+
+```toml
+name = "default"            # results/<name>/, MLflow experiment "adbench/<name>"
+seeds = [0]
+device = "auto"             # auto | cpu | cuda | cuda:1
+batch_size = 8
+protocol = "official"       # official | fast
+
+[[detectors]]
+name = "feature_stats"      # a registered detector
+label = "feature_stats"     # optional: row name in the leaderboard (defaults to name)
+params = { sigma = 4.0 }    # overrides of the paper defaults
+datasets = ["builtin_ad"]   # optional: default = every dataset that feeds its modality
+
+[[datasets]]
+name = "mvtec_ad"
+root = "/data/mvtec_ad"     # optional for built-in data and when MVTEC_AD_ROOT is set
+categories = ["bottle"]     # optional: default = every category found
+image_size = 256
+crop_size = 224             # optional
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bench.metrics import PROTOCOLS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DetectorEntry:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+    datasets: list[str] | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class DatasetEntry:
+    name: str
+    root: str | None = None
+    categories: list[str] | None = None
+    image_size: int | list[int] | None = 256
+    crop_size: int | list[int] | None = None
+
+
+@dataclass
+class BenchConfig:
+    name: str = "default"
+    detectors: list[DetectorEntry] = field(default_factory=list)
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"
+    batch_size: int = 8
+    num_workers: int = 2
+    protocol: str = "official"
+    output: str = "results"
+    experiment: str | None = None
+    tracking_uri: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_TOP = {f for f in BenchConfig.__dataclass_fields__}
+
+
+def _entries(raw: Any, cls: type, where: str) -> list:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: expected a list of tables ([[{where}]]), got {type(raw).__name__}")
+    out = []
+    allowed = set(cls.__dataclass_fields__)
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{where}[{i}]: expected a table with a 'name' field, got {item!r}")
+        unknown = set(item) - allowed
+        if unknown:
+            raise ConfigError(f"{where}[{i}] ({item['name']}): unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        out.append(cls(**item))
+    return out
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> BenchConfig:
+    unknown = set(raw) - _TOP
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_TOP)}")
+    raw = dict(raw)
+    detectors = _entries(raw.pop("detectors", []), DetectorEntry, "detectors")
+    datasets = _entries(raw.pop("datasets", []), DatasetEntry, "datasets")
+    cfg = BenchConfig(detectors=detectors, datasets=datasets, **raw)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: BenchConfig, source: str = "config") -> None:
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"{source}: protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ConfigError(f"{source}: batch_size must be a positive integer, got {cfg.batch_size!r}")
+    if not cfg.seeds or not all(isinstance(s, int) for s in cfg.seeds):
+        raise ConfigError(f"{source}: seeds must be a non-empty list of integers, got {cfg.seeds!r}")
+    labels = [d.display for d in cfg.detectors]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ConfigError(f"{source}: detector label(s) {dupes} appear twice; give each entry a distinct 'label'")
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("bench.configs").iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(path_or_name: str | Path) -> BenchConfig:
+    """Loads a TOML file, or a built-in config by name (see ``builtin_configs()``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        text, source = path.read_text(), str(path)
+    elif str(path_or_name) in builtin_configs():
+        res = resources.files("bench.configs") / f"{path_or_name}.toml"
+        text, source = res.read_text(), f"built-in config {path_or_name!r}"
+    else:
+        raise ConfigError(
+            f"config {str(path_or_name)!r} is neither a file nor a built-in config ({', '.join(builtin_configs())})"
+        )
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: invalid TOML: {err}") from err
+    return from_dict(raw, source)

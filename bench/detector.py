@@ -1,0 +1,90 @@
+"""The one interface every detector implements (scikit-learn style, torch inside).
+
+Constructor arguments are the detector's configuration, stored under the same names so that
+:meth:`Detector.get_params` can report the resolved config. State learned by :meth:`fit` lives
+in attributes whose names end with ``_`` (as in scikit-learn); that is what gets cached so an
+evaluation can be re-run without fitting again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.types import Batch, Prediction
+
+
+class Detector:
+    """Base class: ``fit`` on defect-free batches, ``predict`` one test batch at a time."""
+
+    modality: ClassVar[str] = "image"
+    registered_name: ClassVar[str] = ""
+    #: whether the runner may run ``predict`` under autocast on a GPU
+    inference_amp: ClassVar[bool] = True
+
+    device: torch.device = torch.device("cpu")
+    #: folder for checkpoints and caches of this job; set by the runner, None when unused
+    workdir: Path | None = None
+
+    def fit(self, train: Iterable[Batch]) -> None:
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> Prediction:
+        raise NotImplementedError
+
+    # -- configuration ---------------------------------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [
+            p.name
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+
+    def get_params(self) -> dict[str, Any]:
+        """The resolved configuration: every constructor argument with its value."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- device and state ------------------------------------------------------------------
+    def fitted_state(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
+    def to(self, device: torch.device | str) -> Detector:
+        self.device = torch.device(device)
+        for name, value in self.fitted_state().items():
+            if isinstance(value, (torch.Tensor, nn.Module)):
+                setattr(self, name, value.to(self.device))
+        return self
+
+    def save_state(self, path: str | Path) -> None:
+        """Writes the fitted state atomically (tmp file + rename)."""
+        state = {}
+        for name, value in self.fitted_state().items():
+            if isinstance(value, (torch.Tensor, nn.Module)):
+                value = value.to("cpu")
+            state[name] = value
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        torch.save({"class": type(self).__qualname__, "params": self.get_params(), "state": state}, tmp)
+        os.replace(tmp, path)
+        self.to(self.device)
+
+    def load_state(self, path: str | Path) -> None:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if blob.get("class") != type(self).__qualname__:
+            raise ValueError(f"{path} holds state of {blob.get('class')}, not {type(self).__qualname__}")
+        for name, value in blob["state"].items():
+            setattr(self, name, value)
+        self.to(self.device)

@@ -1,0 +1,126 @@
+"""Expands a config into jobs: detectors x datasets x categories x seeds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import __version__
+from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry
+from bench.datasets import get_dataset
+from bench.metrics import METRIC_VERSION
+from bench.registry import get_detector_class
+
+
+def resolved_params(entry: DetectorEntry) -> dict[str, Any]:
+    """The detector's constructor defaults overridden by the entry's params (no instantiation)."""
+    import inspect
+
+    cls = get_detector_class(entry.name)
+    sig = inspect.signature(cls.__init__)
+    names = cls.param_names()
+    unknown = set(entry.params) - set(names)
+    if unknown:
+        raise ConfigError(f"detector {entry.display!r}: unknown parameter(s) {sorted(unknown)}; {entry.name} takes {names}")
+    out = {n: sig.parameters[n].default for n in names if sig.parameters[n].default is not inspect.Parameter.empty}
+    out.update(entry.params)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _size(value):
+    return None if value in (None, "native", 0) else value
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Job:
+    detector: DetectorEntry
+    dataset: DatasetEntry
+    root: str
+    category: str
+    seed: int
+    params: dict[str, Any]
+    batch_size: int
+    protocol: str
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.detector.display}/{self.dataset.name}/{self.category}/seed{self.seed}"
+
+    @property
+    def slug(self) -> str:
+        return self.run_name.replace("/", "__")
+
+    @property
+    def image_size(self):
+        return _size(self.dataset.image_size)
+
+    @property
+    def crop_size(self):
+        return _size(self.dataset.crop_size)
+
+    def fit_config(self) -> dict[str, Any]:
+        """Everything that determines the fitted state."""
+        return {
+            "detector": self.detector.name,
+            "params": self.params,
+            "dataset": self.dataset.name,
+            "root": self.root,
+            "category": self.category,
+            "image_size": self.image_size,
+            "crop_size": self.crop_size,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "harness_version": __version__,
+        }
+
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the result."""
+        return {**self.fit_config(), "protocol": self.protocol, "metric_version": METRIC_VERSION}
+
+    @property
+    def fit_hash(self) -> str:
+        return _digest(self.fit_config())
+
+    @property
+    def config_hash(self) -> str:
+        return _digest(self.config())
+
+
+def plan_jobs(cfg: BenchConfig) -> list[Job]:
+    if not cfg.detectors:
+        raise ConfigError("no detectors configured: add [[detectors]] to the config or pass --detectors")
+    if not cfg.datasets:
+        raise ConfigError("no datasets configured: add [[datasets]] to the config or pass --datasets")
+    jobs = []
+    for det in cfg.detectors:
+        cls = get_detector_class(det.name)
+        params = resolved_params(det)
+        chosen = [d for d in cfg.datasets if (det.datasets is None and cls.modality in get_dataset(d.name).modalities)
+                  or (det.datasets is not None and d.name in det.datasets)]
+        if det.datasets is not None:
+            missing = set(det.datasets) - {d.name for d in cfg.datasets}
+            if missing:
+                raise ConfigError(f"detector {det.display!r} names dataset(s) {sorted(missing)} that are not configured")
+        for ds in chosen:
+            spec = get_dataset(ds.name)
+            if cls.modality not in spec.feeds:
+                raise ConfigError(f"detector {det.display!r} needs {cls.modality!r} input, which {ds.name} cannot provide")
+            root = spec.root(ds.root)
+            available = spec.categories(root)
+            categories = ds.categories or available
+            absent = sorted(set(categories) - set(available))
+            if absent:
+                raise ConfigError(f"dataset {ds.name} at {root} has no categor(ies) {absent}; found {available}")
+            for category in categories:
+                for seed in cfg.seeds:
+                    jobs.append(Job(det, ds, str(Path(root).resolve()), category, seed, params, cfg.batch_size, cfg.protocol))
+    if not jobs:
+        raise ConfigError("the config yields no job: no dataset feeds the configured detectors' modalities")
+    return jobs

@@ -1,0 +1,115 @@
+"""Leaderboards from the results folder: Markdown, CSV and a terminal table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from bench.results import ResultStore
+
+METRICS = ("image_auroc", "pixel_auroc", "au_pro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
+HEADLINE = ("image_auroc", "pixel_auroc", "au_pro", "pixel_ap")
+
+
+def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per job with the overall metrics, protocol and metric version."""
+    rows = []
+    for r in records:
+        row = {k: r[k] for k in ("detector", "dataset", "category", "seed", "protocol", "metric_version")}
+        row.update(r["metrics"]["all"])
+        row["fit_seconds"] = r["timings"]["fit_seconds"]
+        row["predict_images_per_second"] = r["timings"]["predict_images_per_second"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _check_comparable(frame: pd.DataFrame) -> None:
+    for dataset, group in frame.groupby("dataset"):
+        kinds = group[["protocol", "metric_version"]].drop_duplicates()
+        if len(kinds) > 1:
+            found = ", ".join(f"{p} v{v}" for p, v in kinds.itertuples(index=False))
+            raise ValueError(
+                f"results for {dataset} mix protocols/metric versions ({found}); "
+                "re-run with --force or report them under separate benchmark names"
+            )
+
+
+def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Mean over seeds, then unweighted mean over categories, per (detector, dataset)."""
+    frame = records_frame(records)
+    _check_comparable(frame)
+    per_cat = frame.groupby(["detector", "dataset", "category"])[list(METRICS)].mean()
+    return per_cat.groupby(["detector", "dataset"]).mean()
+
+
+def metric_table(records: list[dict[str, Any]], metric: str) -> pd.DataFrame:
+    """Detectors as rows, (dataset/category) and the per-dataset mean as columns."""
+    frame = records_frame(records)
+    _check_comparable(frame)
+    per_cat = frame.groupby(["detector", "dataset", "category"])[metric].mean().unstack(["dataset", "category"])
+    out = {}
+    for dataset in sorted({d for d, _ in per_cat.columns}):
+        cols = [c for c in per_cat.columns if c[0] == dataset]
+        for c in sorted(cols):
+            out[f"{dataset}/{c[1]}"] = per_cat[c]
+        out[f"{dataset}/mean"] = per_cat[cols].mean(axis=1, skipna=False)
+    return pd.DataFrame(out)
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    header = "| detector | " + " | ".join(table.columns) + " |"
+    lines = [header, "|" + "---|" * (len(table.columns) + 1)]
+    best = table.max(axis=0)
+    for det, row in table.iterrows():
+        cells = []
+        for col, v in row.items():
+            if v != v:
+                cells.append("–")
+            else:
+                text = f"{v:.4f}"
+                cells.append(f"**{text}**" if v == best[col] and table[col].notna().sum() > 1 else text)
+        lines.append(f"| {det} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
+    frame = records_frame(records)
+    protocols = ", ".join(sorted(set(frame["protocol"])))
+    versions = ", ".join(sorted(set(frame["metric_version"])))
+    parts = [f"# Leaderboard\n\nProtocol: {protocols}; metric version {versions}. "
+             "Categories are averaged without weights; seeds are averaged first.\n"]
+    for metric in METRICS:
+        table = metric_table(records, metric).dropna(axis=1, how="all")
+        parts.append(f"## {metric}\n\n{_markdown(table)}\n")
+    return "\n".join(parts)
+
+
+def write_report(output: str | Path, name: str) -> dict[str, Path]:
+    store = ResultStore(output, name)
+    records = store.records()
+    if not records:
+        raise FileNotFoundError(f"no finished jobs under {store.root / 'jobs'}; run `bench run` first")
+    md = store.root / "leaderboard.md"
+    md.write_text(leaderboard_markdown(records))
+    csv = store.root / "leaderboard.csv"
+    records_frame(records).to_csv(csv, index=False)
+    summary = store.root / "summary.csv"
+    summary_frame(records).to_csv(summary)
+    return {"markdown": md, "csv": csv, "summary": summary}
+
+
+def print_leaderboard(records: list[dict[str, Any]], console: Console | None = None) -> None:
+    console = console or Console()
+    summary = summary_frame(records)
+    frame = records_frame(records)
+    table = Table(title="Leaderboard (mean over categories)")
+    for col in ("detector", "dataset", "categories", *HEADLINE):
+        table.add_column(col, justify="left" if col in ("detector", "dataset") else "right")
+    for (detector, dataset), row in summary.iterrows():
+        n = frame[(frame.detector == detector) & (frame.dataset == dataset)]["category"].nunique()
+        table.add_row(detector, dataset, str(n), *("–" if row[m] != row[m] else f"{row[m]:.4f}" for m in HEADLINE))
+    console.print(table)

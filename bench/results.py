@@ -1,0 +1,63 @@
+"""The results folder is the source of truth: one JSON per finished job, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench.plan import Job
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)  # never a half-written result
+
+
+class ResultStore:
+    def __init__(self, output: str | Path, name: str) -> None:
+        self.root = Path(output) / name
+
+    def job_path(self, job: Job) -> Path:
+        return self.root / "jobs" / f"{job.slug}.json"
+
+    def state_dir(self, job: Job) -> Path:
+        """Checkpoints and fitted state; keyed by the fit config so re-evaluation reuses it."""
+        return self.root / "state" / f"{job.slug}-{job.fit_hash}"
+
+    def load(self, job: Job) -> dict[str, Any] | None:
+        """The finished record of ``job`` if one exists for the same config hash."""
+        path = self.job_path(job)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+        return record if record.get("config_hash") == job.config_hash else None
+
+    def save(self, record: dict[str, Any]) -> Path:
+        path = self.root / "jobs" / f"{record['run_name'].replace('/', '__')}.json"
+        write_json(path, record)
+        failure = self.failure_path(record["run_name"])
+        failure.unlink(missing_ok=True)
+        return path
+
+    def failure_path(self, run_name: str) -> Path:
+        return self.root / "failed" / f"{run_name.replace('/', '__')}.txt"
+
+    def save_failure(self, job: Job, err: BaseException) -> Path:
+        path = self.failure_path(job.run_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(err)))
+        return path
+
+    def records(self) -> list[dict[str, Any]]:
+        folder = self.root / "jobs"
+        if not folder.is_dir():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]

@@ -1,0 +1,158 @@
+"""Runs jobs: fit, predict, evaluate; measures time and memory; writes and tracks results."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from bench import __version__
+from bench.config import BenchConfig
+from bench.datasets import get_dataset
+from bench.loading import EpochLoader
+from bench.metrics import METRIC_VERSION, Evaluator
+from bench.plan import Job, plan_jobs
+from bench.progress import console, progress_bar
+from bench.registry import create_detector
+from bench.results import ResultStore
+from bench.system import device_description, resolve_device, seed_everything, track_peak_memory
+from bench.training import TrainableDetector, amp_dtype
+
+FITTED_STATE = "fitted.pt"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_job(job: Job, store: ResultStore, device: torch.device, num_workers: int = 0) -> dict[str, Any]:
+    """Fits (or loads the cached fitted state of) one detector and scores one category."""
+    seed_everything(job.seed)
+    spec = get_dataset(job.dataset.name)
+    opts = {"image_size": job.image_size, "crop_size": job.crop_size}
+    train_set = spec.open(job.category, "train", job.root, **opts)
+    test_set = spec.open(job.category, "test", job.root, **opts)
+    detector = create_detector(job.detector.name, **job.params)
+    trainable = isinstance(detector, TrainableDetector)
+    pin = device.type == "cuda"
+    train = EpochLoader(train_set, job.batch_size, shuffle=trainable, seed=job.seed, num_workers=num_workers,
+                        pin_memory=pin, drop_last=trainable and len(train_set) >= job.batch_size)
+    test = EpochLoader(test_set, job.batch_size, num_workers=num_workers, pin_memory=pin)
+    detector.workdir = store.state_dir(job)
+    detector.to(device)
+
+    state_file = detector.workdir / FITTED_STATE
+    with track_peak_memory(device) as fit_mem:
+        start = time.perf_counter()
+        cached = state_file.is_file()
+        if cached:
+            detector.load_state(state_file)
+        else:
+            detector.fit(train)
+            _sync(device)
+            detector.save_state(state_file)
+        fit_seconds = time.perf_counter() - start
+
+    evaluator = Evaluator(job.protocol)
+    dtype = amp_dtype(device, "auto") if detector.inference_amp else None
+    model_seconds = 0.0
+    with track_peak_memory(device) as predict_mem, progress_bar(f"predict {job.run_name}", len(test)) as bar:
+        start = time.perf_counter()
+        for batch in test:
+            batch = batch.to(device, non_blocking=True)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+                prediction = detector.predict(batch)
+            _sync(device)
+            model_seconds += time.perf_counter() - t0
+            evaluator.update(prediction, batch)
+            bar.advance(1)
+        predict_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = evaluator.compute()
+    eval_seconds = time.perf_counter() - start
+
+    return {
+        "run_name": job.run_name,
+        "config_hash": job.config_hash,
+        "fit_hash": job.fit_hash,
+        "detector": job.detector.display,
+        "detector_name": job.detector.name,
+        "modality": detector.modality,
+        "params": job.params,
+        "dataset": job.dataset.name,
+        "root": job.root,
+        "category": job.category,
+        "seed": job.seed,
+        "image_size": job.image_size,
+        "crop_size": job.crop_size,
+        "batch_size": job.batch_size,
+        "protocol": evaluator.protocol_label,
+        "metric_version": METRIC_VERSION,
+        "metrics": metrics,
+        "n_train": len(train_set),
+        "n_test": len(test_set),
+        "fit_cached": cached,
+        "timings": {
+            "fit_seconds": fit_seconds,
+            "predict_seconds": predict_seconds,
+            "predict_images_per_second": len(test_set) / predict_seconds if predict_seconds else None,
+            "model_images_per_second": len(test_set) / model_seconds if model_seconds else None,
+            "eval_seconds": eval_seconds,
+        },
+        "memory": {
+            "fit_peak_host_mb": fit_mem.host_bytes / 2**20,
+            "predict_peak_host_mb": predict_mem.host_bytes / 2**20,
+            "fit_peak_gpu_mb": fit_mem.gpu_bytes / 2**20,
+            "predict_peak_gpu_mb": predict_mem.gpu_bytes / 2**20,
+        },
+        "device": device_description(device),
+        "versions": {"adbench": __version__, "torch": torch.__version__, "cuda": torch.version.cuda},
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_benchmark(cfg: BenchConfig, force: bool = False, track: bool = True) -> tuple[list[dict], list[str]]:
+    """Runs every planned job not already finished; returns (records, failed run names)."""
+    from bench.tracking import Tracker
+
+    jobs = plan_jobs(cfg)
+    store = ResultStore(cfg.output, cfg.name)
+    device = resolve_device(cfg.device)
+    console.print(f"[bold]{cfg.name}[/]: {len(jobs)} job(s) on {device_description(device)}")
+    records, failed = [], []
+    tracker = Tracker.from_config(cfg) if track else None
+    with tracker if tracker is not None else nullcontext():
+        for i, job in enumerate(jobs, 1):
+            record = None if force else store.load(job)
+            if record is not None:
+                console.print(f"[{i}/{len(jobs)}] {job.run_name}: done before, skipped")
+            else:
+                console.print(f"[{i}/{len(jobs)}] {job.run_name}: running")
+                try:
+                    record = run_job(job, store, device, cfg.num_workers)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as err:
+                    path = store.save_failure(job, err)
+                    console.print(f"[red]  failed: {type(err).__name__}: {err}[/] (traceback in {path})")
+                    failed.append(job.run_name)
+                    continue
+                store.save(record)
+                m = record["metrics"]["all"]
+                console.print(f"  image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  "
+                              f"AU-PRO {m['au_pro']:.4f}  ({record['timings']['fit_seconds']:.1f}s fit, "
+                              f"{record['timings']['predict_images_per_second']:.1f} img/s)")
+            if tracker is not None and not record.get("mlflow_run_id"):
+                run_id = tracker.log_job(record)
+                if run_id:
+                    record["mlflow_run_id"] = run_id
+                    store.save(record)
+            records.append(record)
+        if tracker is not None:
+            tracker.log_summary(records)
+    return records, failed

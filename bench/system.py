@@ -1,0 +1,71 @@
+"""Device choice, seeding, and peak-memory measurement."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" picks CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but torch sees no CUDA GPU")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+@dataclass
+class PeakMemory:
+    host_bytes: int = 0
+    gpu_bytes: int = 0
+
+
+@contextmanager
+def track_peak_memory(device: torch.device, interval: float = 0.05):
+    """Peak resident memory of this process (sampled) and peak CUDA allocation in the block."""
+    peak = PeakMemory()
+    proc = psutil.Process()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            peak.host_bytes = max(peak.host_bytes, proc.memory_info().rss)
+            if stop.wait(interval):
+                return
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+        peak.host_bytes = max(peak.host_bytes, proc.memory_info().rss)
+        if device.type == "cuda":
+            peak.gpu_bytes = torch.cuda.max_memory_allocated(device)

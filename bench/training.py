@@ -1,0 +1,194 @@
+"""Training loop for detectors that learn for many iterations (Dinomaly, DictAS, CASL, ...).
+
+A subclass builds its modules, names its optimiser and scheduler, and returns the loss of one
+step; :class:`TrainableDetector.fit` does the rest: optimiser steps over an endless stream of
+batches, mixed precision on GPUs, gradient clipping, periodic checkpoints under ``workdir``, and
+exact resume (model, optimiser, scheduler, scaler, RNG states and the position in the data).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.detector import Detector
+from bench.progress import progress_bar
+from bench.types import Batch
+
+CHECKPOINT_NAME = "last.ckpt"
+
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """``amp`` is "auto" (bf16 where supported, else fp16, GPUs only), "bf16", "fp16" or "off"."""
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if amp in ("fp16", "auto"):
+        return torch.float16
+    raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
+
+
+class TrainableDetector(Detector):
+    """Base class for detectors trained by gradient descent.
+
+    Subclasses set ``self.iterations``, ``self.amp``, ``self.grad_clip`` and
+    ``self.checkpoint_every`` in ``__init__`` (they are part of the configuration) and implement
+    :meth:`build`, :meth:`configure_optimizers` and :meth:`training_step`.
+    """
+
+    iterations: int = 1000
+    amp: str = "auto"
+    grad_clip: float | None = None
+    checkpoint_every: int = 500
+
+    # -- to implement ------------------------------------------------------------------------
+    def build(self, example: Batch) -> None:
+        """Creates the modules (as ``*_`` attributes) given one training batch."""
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
+        """Returns (optimizer, scheduler or None); the scheduler is stepped once per iteration."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_training(self, train: Iterable[Batch]) -> None:
+        """Optional hook: statistics over the training set once the weights are final."""
+
+    # -- the loop ------------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in self.fitted_state().items() if isinstance(v, nn.Module)}
+
+    def fit(self, train: Iterable[Batch]) -> None:
+        example = next(iter(_epoch(train, 0)))
+        self.build(example.to(self.device))
+        self.to(self.device)
+        optimizer, scheduler = self.configure_optimizers()
+        dtype = amp_dtype(self.device, self.amp)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+        start = self._resume(optimizer, scheduler, scaler)
+        self.train_log_: list[tuple[int, float]] = getattr(self, "train_log_", [])
+        for module in self.modules().values():
+            module.train()
+        stream = _batches_from(train, start)
+        with progress_bar(f"train {self.registered_name}", total=self.iterations) as bar:
+            bar.advance(start)
+            for step in range(start, self.iterations):
+                batch = next(stream).to(self.device, non_blocking=True)
+                ctx = torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+                with ctx:
+                    loss = self.training_step(batch, step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.registered_name}: loss is {loss.item()} at step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if self.grad_clip:
+                    scaler.unscale_(optimizer)
+                    params = [p for m in self.modules().values() for p in m.parameters()]
+                    nn.utils.clip_grad_norm_(params, self.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if scheduler is not None:
+                    scheduler.step()
+                self.train_log_.append((step, float(loss.detach())))
+                bar.advance(1)
+                done = step + 1
+                if self.workdir is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
+                    self._save_checkpoint(done, optimizer, scheduler, scaler)
+        for module in self.modules().values():
+            module.eval()
+        with torch.no_grad():
+            self.after_training(train)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.workdir is None else Path(self.workdir) / CHECKPOINT_NAME
+
+    def _save_checkpoint(self, step: int, optimizer, scheduler, scaler) -> None:
+        path = self.checkpoint_path
+        assert path is not None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "step": step,
+            "params": self.get_params(),
+            "modules": {k: m.state_dict() for k, m in self.modules().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(),
+            "train_log": self.train_log_,
+            "rng": _rng_state(),
+        }
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+    def _resume(self, optimizer, scheduler, scaler) -> int:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return 0
+        blob = torch.load(path, map_location=self.device, weights_only=False)
+        if blob["params"] != self.get_params():
+            return 0  # a checkpoint of another configuration: start afresh
+        for name, module in self.modules().items():
+            module.load_state_dict(blob["modules"][name])
+        optimizer.load_state_dict(blob["optimizer"])
+        if scheduler is not None and blob["scheduler"] is not None:
+            scheduler.load_state_dict(blob["scheduler"])
+        scaler.load_state_dict(blob["scaler"])
+        self.train_log_ = list(blob["train_log"])
+        _set_rng_state(blob["rng"])
+        return int(blob["step"])
+
+
+def _epoch(train: Iterable[Batch], epoch: int) -> Iterable[Batch]:
+    set_epoch = getattr(train, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
+    return train
+
+
+def _batches_from(train: Iterable[Batch], start: int) -> Iterator[Batch]:
+    """Endless stream of batches over epochs, positioned at global step ``start``."""
+    per_epoch = len(train) if hasattr(train, "__len__") else None  # type: ignore[arg-type]
+    epoch, skip = (divmod(start, per_epoch) if per_epoch else (0, start))
+    while True:
+        it = iter(_epoch(train, epoch))
+        if skip:
+            it = itertools.islice(it, skip, None)
+            skip = 0
+        empty = True
+        for batch in it:
+            empty = False
+            yield batch
+        if empty and per_epoch is None:
+            raise ValueError("the training data yielded no batch")
+        epoch += 1
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

@@ -1,0 +1,80 @@
+"""Plain data types that flow between the stages: batches in, predictions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+MODALITIES = ("image", "point_cloud", "rgb+point_cloud")
+
+
+@dataclass
+class Batch:
+    """A batch of samples. 2D: ``image``; 3D: ``xyz`` + ``valid`` (+ ``rgb``).
+
+    ``mask`` stays at the ground truth's native size [B,H0,W0]; ``roi`` [B,4] is the box
+    (y0, x0, y1, x1) of the native frame that the model input covers (the whole frame unless
+    the input was cropped).
+    """
+
+    label: torch.Tensor
+    mask: torch.Tensor
+    roi: torch.Tensor
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    image: torch.Tensor | None = None
+    xyz: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    rgb: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Moves model inputs to ``device``; labels, masks and meta stay on the host."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("image", "xyz", "valid", "rgb") and value is not None:
+                value = value.to(device, non_blocking=non_blocking)
+            moved[f.name] = value
+        return Batch(**moved)
+
+
+@dataclass
+class Prediction:
+    """Detector output: image scores [B] and anomaly maps [B,h,w] at any size."""
+
+    score: torch.Tensor
+    anomaly_map: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.score.ndim != 1:
+            raise ValueError(f"Prediction.score must be [B], got shape {tuple(self.score.shape)}")
+        if self.anomaly_map.ndim != 3:
+            raise ValueError(
+                f"Prediction.anomaly_map must be [B,h,w], got shape {tuple(self.anomaly_map.shape)}"
+            )
+        if self.anomaly_map.shape[0] != self.score.shape[0]:
+            raise ValueError(
+                f"Prediction has {self.score.shape[0]} scores but {self.anomaly_map.shape[0]} maps"
+            )
+
+
+def collate(samples: list[dict[str, Any]]) -> Batch:
+    """Stacks per-sample dicts (as returned by the dataset classes) into a :class:`Batch`."""
+    out: dict[str, Any] = {"meta": [s["meta"] for s in samples]}
+    for key in ("label", "mask", "roi", "image", "xyz", "valid", "rgb"):
+        if key not in samples[0]:
+            continue
+        values = [s[key] for s in samples]
+        if key == "mask" and len({tuple(v.shape) for v in values}) > 1:
+            shapes = sorted({tuple(v.shape) for v in values})
+            paths = [s["meta"].get("path") for s in samples]
+            raise ValueError(
+                f"ground-truth masks of one batch differ in size {shapes}; files: {paths}. "
+                "Use batch_size=1 for categories with mixed image sizes."
+            )
+        out[key] = torch.stack(values)
+    return Batch(**out)

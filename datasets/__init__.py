@@ -1,0 +1,57 @@
+"""Dataset loaders (installed as ``bench.datasets``; the folder name is kept for the layout).
+
+Each named dataset knows its loader class, where its root is by default, and which detector
+modalities it feeds natively.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import mvtec_3d, mvtec_ad
+from .builtin import ensure_generated
+from .common import DatasetLayoutError
+from .mvtec_3d import MVTec3D
+from .mvtec_ad import MVTecAD
+
+__all__ = ["DATASETS", "DatasetLayoutError", "DatasetSpec", "MVTec3D", "MVTecAD", "get_dataset"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    loader: type
+    list_categories: Callable[[str | Path], list[str]]
+    default_root: Callable[[], Path]
+    modalities: tuple[str, ...]  # detectors it serves unless a detector names its datasets
+    feeds: tuple[str, ...]  # every modality its samples can provide
+
+    def root(self, root: str | Path | None = None) -> Path:
+        return Path(root) if root else self.default_root()
+
+    def categories(self, root: str | Path | None = None) -> list[str]:
+        return self.list_categories(self.root(root))
+
+    def open(self, category: str, split: str, root: str | Path | None = None, **options):
+        return self.loader(self.root(root), category, split, **options)
+
+
+def _env_root(var: str, fallback: str) -> Callable[[], Path]:
+    return lambda: Path(os.environ.get(var, fallback))
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mvtec_ad": DatasetSpec("mvtec_ad", MVTecAD, mvtec_ad.categories, _env_root("MVTEC_AD_ROOT", "data/mvtec_ad"), ("image",), ("image",)),
+    "mvtec_3d": DatasetSpec("mvtec_3d", MVTec3D, mvtec_3d.categories, _env_root("MVTEC_3D_ROOT", "data/mvtec_3d"), ("point_cloud", "rgb+point_cloud"), ("image", "point_cloud", "rgb+point_cloud")),
+    "builtin_ad": DatasetSpec("builtin_ad", MVTecAD, mvtec_ad.categories, lambda: ensure_generated("ad"), ("image",), ("image",)),
+    "builtin_3d": DatasetSpec("builtin_3d", MVTec3D, mvtec_3d.categories, lambda: ensure_generated("3d"), ("point_cloud", "rgb+point_cloud"), ("image", "point_cloud", "rgb+point_cloud")),
+}
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]

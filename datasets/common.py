@@ -1,0 +1,78 @@
+"""Shared helpers of the loaders: reading files with errors that name them, resize and crop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset folder is missing or does not have the expected layout."""
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """uint8 [3,H,W]; grayscale images are expanded to three channels."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except Exception as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def read_mask(path: Path, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """bool [H,W]; any non-zero pixel is anomalous."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("L")) > 0
+    except Exception as err:
+        raise ValueError(f"cannot read ground-truth mask {path}: {err}") from err
+    if shape is not None and array.shape != tuple(shape):
+        raise ValueError(f"ground-truth mask {path} is {array.shape}, expected {tuple(shape)}")
+    return torch.from_numpy(array.copy())
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _pair(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def input_geometry(native: tuple[int, int], image_size, crop_size) -> tuple[tuple[int, int], tuple[int, int, int, int] | None, torch.Tensor]:
+    """Resized size, crop box in resized pixels (or None), and the ROI in native pixels."""
+    h0, w0 = native
+    size = _pair(image_size) or (h0, w0)
+    crop = _pair(crop_size)
+    if crop is None or crop == size:
+        return size, None, torch.tensor([0, 0, h0, w0])
+    if crop[0] > size[0] or crop[1] > size[1]:
+        raise ValueError(f"crop_size {crop} is larger than image_size {size}")
+    top, left = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
+    box = (top, left, top + crop[0], left + crop[1])
+    sy, sx = h0 / size[0], w0 / size[1]
+    roi = torch.tensor([round(box[0] * sy), round(box[1] * sx), round(box[2] * sy), round(box[3] * sx)])
+    return size, box, roi
+
+
+def resize_crop(x: torch.Tensor, size: tuple[int, int], box, mode: str) -> torch.Tensor:
+    """Resizes [C,H,W] to ``size`` (bilinear with antialias, or nearest) and crops ``box``."""
+    if tuple(x.shape[-2:]) != size:
+        if mode == "nearest":
+            x = F.interpolate(x[None].float(), size=size, mode="nearest-exact")[0].to(x.dtype)
+        else:
+            x = F.interpolate(x[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    if box is not None:
+        x = x[..., box[0] : box[2], box[1] : box[3]]
+    return x

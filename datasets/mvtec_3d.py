@@ -1,0 +1,133 @@
+"""MVTec 3D-AD folders (real or generated): organised xyz point clouds with rgb and masks.
+
+xyz is an organised float32 HxWx3 tiff aligned pixel for pixel with rgb and gt; missing points
+are (0,0,0). Sizes vary per category, so nothing assumes 800x800.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import torch
+from torch.utils.data import Dataset
+
+from .common import DatasetLayoutError, input_geometry, read_mask, read_rgb, resize_crop
+
+LAYOUT = """expected MVTec 3D-AD layout:
+  <root>/<category>/{train,validation,test}/<defect or good>/rgb/<id>.png
+  <root>/<category>/{train,validation,test}/<defect or good>/xyz/<id>.tiff
+  <root>/<category>/{train,validation,test}/<defect or good>/gt/<id>.png  (defects; optional for good)"""
+
+SPLITS = ("train", "validation", "test")
+
+
+def categories(root: str | Path) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"MVTec 3D-AD root {root} does not exist; {LAYOUT}")
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good" / "xyz").is_dir())
+    if not found:
+        raise DatasetLayoutError(f"no category under {root} has a train/good/xyz folder; {LAYOUT}")
+    return found
+
+
+def read_xyz(path: Path) -> np.ndarray:
+    """The organised point cloud as float32 HxWx3; errors name the file."""
+    try:
+        xyz = tifffile.imread(path)
+    except Exception as err:
+        raise ValueError(f"cannot read point-cloud tiff {path}: {err}") from err
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise ValueError(f"point-cloud tiff {path} has shape {xyz.shape}, expected HxWx3 (organised xyz)")
+    if not np.issubdtype(xyz.dtype, np.floating):
+        raise ValueError(f"point-cloud tiff {path} has dtype {xyz.dtype}, expected float32")
+    xyz = np.nan_to_num(xyz.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    return xyz
+
+
+class MVTec3D(Dataset):
+    """One category and split. Items: ``xyz`` float [3,h,w] (nearest-resized organised grid),
+    ``valid`` bool [h,w], ``rgb`` float [3,h,w] in [0,1], ``mask`` bool at native size,
+    ``label``, ``roi``, ``meta``."""
+
+    modality = "point_cloud"
+
+    def __init__(
+        self,
+        root: str | Path,
+        category: str,
+        split: str = "train",
+        image_size: int | tuple[int, int] | None = 224,
+        crop_size: int | tuple[int, int] | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"MVTec 3D-AD split must be one of {SPLITS}, got {split!r}")
+        self.root, self.category, self.split = Path(root), category, split
+        self.image_size, self.crop_size = image_size, crop_size
+        self.items = self._index()
+
+    def _index(self) -> list[dict[str, Any]]:
+        split_dir = self.root / self.category / self.split
+        if not split_dir.is_dir():
+            raise DatasetLayoutError(f"missing folder {split_dir}; {LAYOUT}")
+        items = []
+        for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            defect = defect_dir.name
+            xyz_dir = defect_dir / "xyz"
+            if not xyz_dir.is_dir():
+                raise DatasetLayoutError(f"missing folder {xyz_dir}; {LAYOUT}")
+            for xyz_path in sorted(xyz_dir.glob("*.tif*")):
+                rgb_path = defect_dir / "rgb" / f"{xyz_path.stem}.png"
+                gt_path = defect_dir / "gt" / f"{xyz_path.stem}.png"
+                if not rgb_path.is_file():
+                    raise DatasetLayoutError(f"no rgb image for {xyz_path}: expected {rgb_path}; {LAYOUT}")
+                if not gt_path.is_file():
+                    if defect != "good":
+                        raise DatasetLayoutError(f"no ground truth for {xyz_path}: expected {gt_path}; {LAYOUT}")
+                    gt_path = None
+                items.append({"path": xyz_path, "rgb_path": rgb_path, "gt_path": gt_path, "defect": defect})
+        if not items:
+            raise DatasetLayoutError(f"no xyz tiffs under {split_dir}; {LAYOUT}")
+        return items
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted({it["defect"] for it in self.items})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        xyz = torch.from_numpy(read_xyz(item["path"])).permute(2, 0, 1).contiguous()
+        native = (xyz.shape[1], xyz.shape[2])
+        rgb = read_rgb(item["rgb_path"])
+        if tuple(rgb.shape[1:]) != native:
+            raise ValueError(f"rgb image {item['rgb_path']} is {tuple(rgb.shape[1:])}, expected {native} like its xyz")
+        size, box, roi = input_geometry(native, self.image_size, self.crop_size)
+        valid = (xyz != 0).any(0)
+        xyz = resize_crop(xyz, size, box, "nearest")
+        valid = resize_crop(valid[None], size, box, "nearest")[0].bool()
+        rgb = resize_crop(rgb.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
+        if item["gt_path"] is None:
+            mask = torch.zeros(native, dtype=torch.bool)
+        else:
+            mask = read_mask(item["gt_path"], native)
+        return {
+            "xyz": xyz,
+            "valid": valid,
+            "rgb": rgb,
+            "image": rgb,  # lets image detectors run on the RGB half of MVTec 3D-AD
+            "mask": mask,
+            "label": torch.tensor(int(item["defect"] != "good")),
+            "roi": roi,
+            "meta": {
+                "path": str(item["path"]),
+                "category": self.category,
+                "defect": item["defect"],
+                "split": self.split,
+            },
+        }
