@@ -26,7 +26,9 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
-def image_score(maps: torch.Tensor, reduction: str = "max", top_fraction: float = 0.01) -> torch.Tensor:
+def image_score(
+    maps: torch.Tensor, reduction: str = "max", top_fraction: float = 0.01
+) -> torch.Tensor:
     """Image score from [B,H,W] maps: the maximum, or the mean of the top ``top_fraction``."""
     flat = maps.flatten(1)
     if reduction == "max":

@@ -10,4 +10,12 @@ from bench.detector import Detector  # noqa: E402
 from bench.registry import create_detector, list_detectors, register_detector  # noqa: E402
 from bench.types import Batch, Prediction  # noqa: E402
 
-__all__ = ["Batch", "Detector", "Prediction", "__version__", "create_detector", "list_detectors", "register_detector"]
+__all__ = [
+    "Batch",
+    "Detector",
+    "Prediction",
+    "__version__",
+    "create_detector",
+    "list_detectors",
+    "register_detector",
+]

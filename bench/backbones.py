@@ -69,13 +69,20 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     )
 
 
-def create_backbone(name: str, weights: str = "pretrained", out_indices: tuple[int, ...] = (2, 3)) -> nn.Module:
+def create_backbone(
+    name: str, weights: str = "pretrained", out_indices: tuple[int, ...] = (2, 3)
+) -> nn.Module:
     """A frozen timm feature extractor returning the feature maps at ``out_indices``."""
     if weights == "pretrained" and name == "efficientnet_lite0":
         weights = str(packaged_efficientnet_lite0())
     if weights in ("pretrained", "random"):
         try:
-            model = timm.create_model(name, pretrained=weights == "pretrained", features_only=True, out_indices=out_indices)
+            model = timm.create_model(
+                name,
+                pretrained=weights == "pretrained",
+                features_only=True,
+                out_indices=out_indices,
+            )
         except RuntimeError as err:  # timm raises RuntimeError for unknown names
             raise ValueError(f"unknown timm backbone {name!r}: {err}") from err
         except Exception as err:  # hub unreachable and nothing in the local cache
@@ -84,11 +91,15 @@ def create_backbone(name: str, weights: str = "pretrained", out_indices: tuple[i
                 f"cache has none ({type(err).__name__}: {err}). Pass weights=<path to a checkpoint>."
             ) from err
     else:
-        model = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices)
+        model = timm.create_model(
+            name, pretrained=False, features_only=True, out_indices=out_indices
+        )
         full = timm.create_model(name, pretrained=False)
         load_weights(full, _state_dict_from_file(Path(weights)), weights)
         # features_only models keep the classifier-free subset of the names: copy by name
-        model.load_state_dict({k: v for k, v in full.state_dict().items() if k in model.state_dict()})
+        model.load_state_dict(
+            {k: v for k, v in full.state_dict().items() if k in model.state_dict()}
+        )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -7,7 +7,14 @@ import json
 import sys
 from typing import Any
 
-from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry, load_config, validate
+from bench.config import (
+    BenchConfig,
+    ConfigError,
+    DatasetEntry,
+    DetectorEntry,
+    load_config,
+    validate,
+)
 
 
 def _csv(text: str) -> list[str]:
@@ -25,30 +32,59 @@ def _value(text: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench", description="Benchmark anomaly detectors on MVTec AD / MVTec 3D-AD.")
+    p = argparse.ArgumentParser(
+        prog="bench", description="Benchmark anomaly detectors on MVTec AD / MVTec 3D-AD."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("list", help="registered detectors with their modality")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
 
     run = sub.add_parser("run", help="run a benchmark (resumes: finished jobs are skipped)")
-    run.add_argument("--config", "-c", help="TOML file or built-in config name (default: 'default')")
+    run.add_argument(
+        "--config", "-c", help="TOML file or built-in config name (default: 'default')"
+    )
     run.add_argument("--name", help="benchmark name: results/<name>/")
-    run.add_argument("--detectors", type=_csv, help="comma-separated detector names (replaces the config's)")
-    run.add_argument("--datasets", type=_csv, help="comma-separated dataset names (replaces the config's)")
-    run.add_argument("--categories", type=_csv, help="comma-separated categories (for every dataset)")
-    run.add_argument("--root", action="append", default=[], metavar="[DATASET=]PATH",
-                     help="dataset root folder (repeatable; DATASET= may be left out with one dataset)")
-    run.add_argument("--param", action="append", default=[], metavar="DETECTOR.KEY=VALUE",
-                     help="override a detector parameter (repeatable)")
-    run.add_argument("--seeds", type=lambda s: [int(x) for x in _csv(s)], help="comma-separated seeds")
+    run.add_argument(
+        "--detectors", type=_csv, help="comma-separated detector names (replaces the config's)"
+    )
+    run.add_argument(
+        "--datasets", type=_csv, help="comma-separated dataset names (replaces the config's)"
+    )
+    run.add_argument(
+        "--categories", type=_csv, help="comma-separated categories (for every dataset)"
+    )
+    run.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="[DATASET=]PATH",
+        help="dataset root folder (repeatable; DATASET= may be left out with one dataset)",
+    )
+    run.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="DETECTOR.KEY=VALUE",
+        help="override a detector parameter (repeatable)",
+    )
+    run.add_argument(
+        "--seeds", type=lambda s: [int(x) for x in _csv(s)], help="comma-separated seeds"
+    )
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--num-workers", type=int)
-    run.add_argument("--image-size", type=_value, help="model input size for every dataset (int, [h,w] or native)")
+    run.add_argument(
+        "--image-size",
+        type=_value,
+        help="model input size for every dataset (int, [h,w] or native)",
+    )
     run.add_argument("--protocol", choices=["official", "fast"])
     run.add_argument("--output", help="results folder (default: results)")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite store)")
+    run.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite store)",
+    )
     run.add_argument("--experiment", help="MLflow experiment name (default: adbench/<name>)")
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.add_argument("--force", action="store_true", help="re-run jobs that already have results")
@@ -73,11 +109,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         name, sep, path = text.partition("=")
         if not sep:
             if len(cfg.datasets) != 1:
-                raise ConfigError(f"--root {text}: name the dataset (DATASET=PATH) when {len(cfg.datasets)} are configured")
+                raise ConfigError(
+                    f"--root {text}: name the dataset (DATASET=PATH) when {len(cfg.datasets)} are configured"
+                )
             name, path = cfg.datasets[0].name, text
         match = [d for d in cfg.datasets if d.name == name]
         if not match:
-            raise ConfigError(f"--root {text}: dataset {name!r} is not configured ({[d.name for d in cfg.datasets]})")
+            raise ConfigError(
+                f"--root {text}: dataset {name!r} is not configured ({[d.name for d in cfg.datasets]})"
+            )
         match[0].root = path
     for text in args.param:
         key, sep, value = text.partition("=")
@@ -94,7 +134,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.image_size is not None:
         for ds in cfg.datasets:
             ds.image_size = args.image_size
-    for attr in ("name", "seeds", "device", "batch_size", "num_workers", "protocol", "output", "tracking_uri", "experiment"):
+    for attr in (
+        "name",
+        "seeds",
+        "device",
+        "batch_size",
+        "num_workers",
+        "protocol",
+        "output",
+        "tracking_uri",
+        "experiment",
+    ):
         value = getattr(args, attr)
         if value is not None:
             setattr(cfg, attr, value)
@@ -107,7 +157,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     infos = list_detectors()
     if args.json:
-        print(json.dumps([{"name": i.name, "modality": i.modality, "source": i.source, "summary": i.summary} for i in infos], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "modality": i.modality,
+                        "source": i.source,
+                        "summary": i.summary,
+                    }
+                    for i in infos
+                ],
+                indent=2,
+            )
+        )
         return 0
     from rich.console import Console
     from rich.table import Table

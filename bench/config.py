@@ -81,7 +81,9 @@ _TOP = {f for f in BenchConfig.__dataclass_fields__}
 
 def _entries(raw: Any, cls: type, where: str) -> list:
     if not isinstance(raw, list):
-        raise ConfigError(f"{where}: expected a list of tables ([[{where}]]), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{where}: expected a list of tables ([[{where}]]), got {type(raw).__name__}"
+        )
     out = []
     allowed = set(cls.__dataclass_fields__)
     for i, item in enumerate(raw):
@@ -91,7 +93,9 @@ def _entries(raw: Any, cls: type, where: str) -> list:
             raise ConfigError(f"{where}[{i}]: expected a table with a 'name' field, got {item!r}")
         unknown = set(item) - allowed
         if unknown:
-            raise ConfigError(f"{where}[{i}] ({item['name']}): unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+            raise ConfigError(
+                f"{where}[{i}] ({item['name']}): unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
         out.append(cls(**item))
     return out
 
@@ -112,17 +116,25 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
     if cfg.protocol not in PROTOCOLS:
         raise ConfigError(f"{source}: protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ConfigError(f"{source}: batch_size must be a positive integer, got {cfg.batch_size!r}")
+        raise ConfigError(
+            f"{source}: batch_size must be a positive integer, got {cfg.batch_size!r}"
+        )
     if not cfg.seeds or not all(isinstance(s, int) for s in cfg.seeds):
-        raise ConfigError(f"{source}: seeds must be a non-empty list of integers, got {cfg.seeds!r}")
+        raise ConfigError(
+            f"{source}: seeds must be a non-empty list of integers, got {cfg.seeds!r}"
+        )
     labels = [d.display for d in cfg.detectors]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
-        raise ConfigError(f"{source}: detector label(s) {dupes} appear twice; give each entry a distinct 'label'")
+        raise ConfigError(
+            f"{source}: detector label(s) {dupes} appear twice; give each entry a distinct 'label'"
+        )
 
 
 def builtin_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("bench.configs").iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("bench.configs").iterdir() if p.name.endswith(".toml")
+    )
 
 
 def load_config(path_or_name: str | Path) -> BenchConfig:

@@ -77,14 +77,18 @@ class Detector:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        torch.save({"class": type(self).__qualname__, "params": self.get_params(), "state": state}, tmp)
+        torch.save(
+            {"class": type(self).__qualname__, "params": self.get_params(), "state": state}, tmp
+        )
         os.replace(tmp, path)
         self.to(self.device)
 
     def load_state(self, path: str | Path) -> None:
         blob = torch.load(path, map_location="cpu", weights_only=False)
         if blob.get("class") != type(self).__qualname__:
-            raise ValueError(f"{path} holds state of {blob.get('class')}, not {type(self).__qualname__}")
+            raise ValueError(
+                f"{path} holds state of {blob.get('class')}, not {type(self).__qualname__}"
+            )
         for name, value in blob["state"].items():
             setattr(self, name, value)
         self.to(self.device)

@@ -14,8 +14,16 @@ class EpochLoader:
     """Re-iterable batches; with ``shuffle`` the order of epoch ``e`` depends only on
     (``seed``, ``e``), never on global RNG state, so a resumed run sees the same batches."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+    ) -> None:
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.epoch = 0

@@ -173,7 +173,9 @@ class Evaluator:
 
     def update(self, prediction: Prediction, batch: Batch) -> None:
         if len(prediction.score) != len(batch):
-            raise ValueError(f"{len(prediction.score)} predictions for a batch of {len(batch)} samples")
+            raise ValueError(
+                f"{len(prediction.score)} predictions for a batch of {len(batch)} samples"
+            )
         scores = prediction.score.detach().float().cpu()
         maps = prediction.anomaly_map.detach().float().cpu()
         for i in range(len(batch)):
@@ -191,7 +193,9 @@ class Evaluator:
                 size = tuple(mask.shape)
             else:
                 size = (self.fast_size, self.fast_size)
-                mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].bool()
+                mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[
+                    0, 0
+                ].bool()
             if tuple(amap.shape[-2:]) != size:
                 amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
             self.maps.append(amap[0, 0].contiguous())
@@ -211,7 +215,9 @@ class Evaluator:
         out = {"all": self._metrics(list(range(len(self.scores))))}
         good = [i for i, y in enumerate(self.labels) if y == 0]
         for defect in sorted({d for d, y in zip(self.defects, self.labels) if y == 1}):
-            idx = good + [i for i, d in enumerate(self.defects) if d == defect and self.labels[i] == 1]
+            idx = good + [
+                i for i, d in enumerate(self.defects) if d == defect and self.labels[i] == 1
+            ]
             out[defect] = self._metrics(idx)
         return out
 
@@ -244,7 +250,9 @@ class Evaluator:
             pixel_auroc=auroc_from_curve(pixel),
             pixel_ap=ap_from_curve(pixel),
             pixel_f1max=f1max_from_curve(pixel),
-            au_pro=math.nan if fpr is None else trapezoid_to(fpr, pro, self.pro_limit) / self.pro_limit,
+            au_pro=math.nan
+            if fpr is None
+            else trapezoid_to(fpr, pro, self.pro_limit) / self.pro_limit,
         )
         return result
 

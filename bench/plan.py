@@ -24,8 +24,14 @@ def resolved_params(entry: DetectorEntry) -> dict[str, Any]:
     names = cls.param_names()
     unknown = set(entry.params) - set(names)
     if unknown:
-        raise ConfigError(f"detector {entry.display!r}: unknown parameter(s) {sorted(unknown)}; {entry.name} takes {names}")
-    out = {n: sig.parameters[n].default for n in names if sig.parameters[n].default is not inspect.Parameter.empty}
+        raise ConfigError(
+            f"detector {entry.display!r}: unknown parameter(s) {sorted(unknown)}; {entry.name} takes {names}"
+        )
+    out = {
+        n: sig.parameters[n].default
+        for n in names
+        if sig.parameters[n].default is not inspect.Parameter.empty
+    }
     out.update(entry.params)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
@@ -95,32 +101,59 @@ class Job:
 
 def plan_jobs(cfg: BenchConfig) -> list[Job]:
     if not cfg.detectors:
-        raise ConfigError("no detectors configured: add [[detectors]] to the config or pass --detectors")
+        raise ConfigError(
+            "no detectors configured: add [[detectors]] to the config or pass --detectors"
+        )
     if not cfg.datasets:
-        raise ConfigError("no datasets configured: add [[datasets]] to the config or pass --datasets")
+        raise ConfigError(
+            "no datasets configured: add [[datasets]] to the config or pass --datasets"
+        )
     jobs = []
     for det in cfg.detectors:
         cls = get_detector_class(det.name)
         params = resolved_params(det)
-        chosen = [d for d in cfg.datasets if (det.datasets is None and cls.modality in get_dataset(d.name).modalities)
-                  or (det.datasets is not None and d.name in det.datasets)]
+        chosen = [
+            d
+            for d in cfg.datasets
+            if (det.datasets is None and cls.modality in get_dataset(d.name).modalities)
+            or (det.datasets is not None and d.name in det.datasets)
+        ]
         if det.datasets is not None:
             missing = set(det.datasets) - {d.name for d in cfg.datasets}
             if missing:
-                raise ConfigError(f"detector {det.display!r} names dataset(s) {sorted(missing)} that are not configured")
+                raise ConfigError(
+                    f"detector {det.display!r} names dataset(s) {sorted(missing)} that are not configured"
+                )
         for ds in chosen:
             spec = get_dataset(ds.name)
             if cls.modality not in spec.feeds:
-                raise ConfigError(f"detector {det.display!r} needs {cls.modality!r} input, which {ds.name} cannot provide")
+                raise ConfigError(
+                    f"detector {det.display!r} needs {cls.modality!r} input, which {ds.name} cannot provide"
+                )
             root = spec.root(ds.root)
             available = spec.categories(root)
             categories = ds.categories or available
             absent = sorted(set(categories) - set(available))
             if absent:
-                raise ConfigError(f"dataset {ds.name} at {root} has no categor(ies) {absent}; found {available}")
+                raise ConfigError(
+                    f"dataset {ds.name} at {root} has no categor(ies) {absent}; found {available}"
+                )
             for category in categories:
                 for seed in cfg.seeds:
-                    jobs.append(Job(det, ds, str(Path(root).resolve()), category, seed, params, cfg.batch_size, cfg.protocol))
+                    jobs.append(
+                        Job(
+                            det,
+                            ds,
+                            str(Path(root).resolve()),
+                            category,
+                            seed,
+                            params,
+                            cfg.batch_size,
+                            cfg.protocol,
+                        )
+                    )
     if not jobs:
-        raise ConfigError("the config yields no job: no dataset feeds the configured detectors' modalities")
+        raise ConfigError(
+            "the config yields no job: no dataset feeds the configured detectors' modalities"
+        )
     return jobs

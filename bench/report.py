@@ -11,7 +11,15 @@ from rich.table import Table
 
 from bench.results import ResultStore
 
-METRICS = ("image_auroc", "pixel_auroc", "au_pro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
+METRICS = (
+    "image_auroc",
+    "pixel_auroc",
+    "au_pro",
+    "image_ap",
+    "pixel_ap",
+    "image_f1max",
+    "pixel_f1max",
+)
 HEADLINE = ("image_auroc", "pixel_auroc", "au_pro", "pixel_ap")
 
 
@@ -19,7 +27,10 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per job with the overall metrics, protocol and metric version."""
     rows = []
     for r in records:
-        row = {k: r[k] for k in ("detector", "dataset", "category", "seed", "protocol", "metric_version")}
+        row = {
+            k: r[k]
+            for k in ("detector", "dataset", "category", "seed", "protocol", "metric_version")
+        }
         row.update(r["metrics"]["all"])
         row["fit_seconds"] = r["timings"]["fit_seconds"]
         row["predict_images_per_second"] = r["timings"]["predict_images_per_second"]
@@ -50,7 +61,11 @@ def metric_table(records: list[dict[str, Any]], metric: str) -> pd.DataFrame:
     """Detectors as rows, (dataset/category) and the per-dataset mean as columns."""
     frame = records_frame(records)
     _check_comparable(frame)
-    per_cat = frame.groupby(["detector", "dataset", "category"])[metric].mean().unstack(["dataset", "category"])
+    per_cat = (
+        frame.groupby(["detector", "dataset", "category"])[metric]
+        .mean()
+        .unstack(["dataset", "category"])
+    )
     out = {}
     for dataset in sorted({d for d, _ in per_cat.columns}):
         cols = [c for c in per_cat.columns if c[0] == dataset]
@@ -71,7 +86,9 @@ def _markdown(table: pd.DataFrame) -> str:
                 cells.append("–")
             else:
                 text = f"{v:.4f}"
-                cells.append(f"**{text}**" if v == best[col] and table[col].notna().sum() > 1 else text)
+                cells.append(
+                    f"**{text}**" if v == best[col] and table[col].notna().sum() > 1 else text
+                )
         lines.append(f"| {det} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -80,8 +97,10 @@ def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
     frame = records_frame(records)
     protocols = ", ".join(sorted(set(frame["protocol"])))
     versions = ", ".join(sorted(set(frame["metric_version"])))
-    parts = [f"# Leaderboard\n\nProtocol: {protocols}; metric version {versions}. "
-             "Categories are averaged without weights; seeds are averaged first.\n"]
+    parts = [
+        f"# Leaderboard\n\nProtocol: {protocols}; metric version {versions}. "
+        "Categories are averaged without weights; seeds are averaged first.\n"
+    ]
     for metric in METRICS:
         table = metric_table(records, metric).dropna(axis=1, how="all")
         parts.append(f"## {metric}\n\n{_markdown(table)}\n")
@@ -92,7 +111,9 @@ def write_report(output: str | Path, name: str) -> dict[str, Path]:
     store = ResultStore(output, name)
     records = store.records()
     if not records:
-        raise FileNotFoundError(f"no finished jobs under {store.root / 'jobs'}; run `bench run` first")
+        raise FileNotFoundError(
+            f"no finished jobs under {store.root / 'jobs'}; run `bench run` first"
+        )
     md = store.root / "leaderboard.md"
     md.write_text(leaderboard_markdown(records))
     csv = store.root / "leaderboard.csv"
@@ -111,5 +132,10 @@ def print_leaderboard(records: list[dict[str, Any]], console: Console | None = N
         table.add_column(col, justify="left" if col in ("detector", "dataset") else "right")
     for (detector, dataset), row in summary.iterrows():
         n = frame[(frame.detector == detector) & (frame.dataset == dataset)]["category"].nunique()
-        table.add_row(detector, dataset, str(n), *("–" if row[m] != row[m] else f"{row[m]:.4f}" for m in HEADLINE))
+        table.add_row(
+            detector,
+            dataset,
+            str(n),
+            *("–" if row[m] != row[m] else f"{row[m]:.4f}" for m in HEADLINE),
+        )
     console.print(table)

@@ -29,7 +29,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_job(job: Job, store: ResultStore, device: torch.device, num_workers: int = 0) -> dict[str, Any]:
+def run_job(
+    job: Job, store: ResultStore, device: torch.device, num_workers: int = 0
+) -> dict[str, Any]:
     """Fits (or loads the cached fitted state of) one detector and scores one category."""
     seed_everything(job.seed)
     spec = get_dataset(job.dataset.name)
@@ -39,8 +41,15 @@ def run_job(job: Job, store: ResultStore, device: torch.device, num_workers: int
     detector = create_detector(job.detector.name, **job.params)
     trainable = isinstance(detector, TrainableDetector)
     pin = device.type == "cuda"
-    train = EpochLoader(train_set, job.batch_size, shuffle=trainable, seed=job.seed, num_workers=num_workers,
-                        pin_memory=pin, drop_last=trainable and len(train_set) >= job.batch_size)
+    train = EpochLoader(
+        train_set,
+        job.batch_size,
+        shuffle=trainable,
+        seed=job.seed,
+        num_workers=num_workers,
+        pin_memory=pin,
+        drop_last=trainable and len(train_set) >= job.batch_size,
+    )
     test = EpochLoader(test_set, job.batch_size, num_workers=num_workers, pin_memory=pin)
     detector.workdir = store.state_dir(job)
     detector.to(device)
@@ -60,7 +69,10 @@ def run_job(job: Job, store: ResultStore, device: torch.device, num_workers: int
     evaluator = Evaluator(job.protocol)
     dtype = amp_dtype(device, "auto") if detector.inference_amp else None
     model_seconds = 0.0
-    with track_peak_memory(device) as predict_mem, progress_bar(f"predict {job.run_name}", len(test)) as bar:
+    with (
+        track_peak_memory(device) as predict_mem,
+        progress_bar(f"predict {job.run_name}", len(test)) as bar,
+    ):
         start = time.perf_counter()
         for batch in test:
             batch = batch.to(device, non_blocking=True)
@@ -100,7 +112,9 @@ def run_job(job: Job, store: ResultStore, device: torch.device, num_workers: int
         "timings": {
             "fit_seconds": fit_seconds,
             "predict_seconds": predict_seconds,
-            "predict_images_per_second": len(test_set) / predict_seconds if predict_seconds else None,
+            "predict_images_per_second": len(test_set) / predict_seconds
+            if predict_seconds
+            else None,
             "model_images_per_second": len(test_set) / model_seconds if model_seconds else None,
             "eval_seconds": eval_seconds,
         },
@@ -111,12 +125,18 @@ def run_job(job: Job, store: ResultStore, device: torch.device, num_workers: int
             "predict_peak_gpu_mb": predict_mem.gpu_bytes / 2**20,
         },
         "device": device_description(device),
-        "versions": {"adbench": __version__, "torch": torch.__version__, "cuda": torch.version.cuda},
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "adbench": __version__,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
-def run_benchmark(cfg: BenchConfig, force: bool = False, track: bool = True) -> tuple[list[dict], list[str]]:
+def run_benchmark(
+    cfg: BenchConfig, force: bool = False, track: bool = True
+) -> tuple[list[dict], list[str]]:
     """Runs every planned job not already finished; returns (records, failed run names)."""
     from bench.tracking import Tracker
 
@@ -139,14 +159,18 @@ def run_benchmark(cfg: BenchConfig, force: bool = False, track: bool = True) -> 
                     raise
                 except Exception as err:
                     path = store.save_failure(job, err)
-                    console.print(f"[red]  failed: {type(err).__name__}: {err}[/] (traceback in {path})")
+                    console.print(
+                        f"[red]  failed: {type(err).__name__}: {err}[/] (traceback in {path})"
+                    )
                     failed.append(job.run_name)
                     continue
                 store.save(record)
                 m = record["metrics"]["all"]
-                console.print(f"  image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  "
-                              f"AU-PRO {m['au_pro']:.4f}  ({record['timings']['fit_seconds']:.1f}s fit, "
-                              f"{record['timings']['predict_images_per_second']:.1f} img/s)")
+                console.print(
+                    f"  image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  "
+                    f"AU-PRO {m['au_pro']:.4f}  ({record['timings']['fit_seconds']:.1f}s fit, "
+                    f"{record['timings']['predict_images_per_second']:.1f} img/s)"
+                )
             if tracker is not None and not record.get("mlflow_run_id"):
                 run_id = tracker.log_job(record)
                 if run_id:

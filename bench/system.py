@@ -15,7 +15,7 @@ import torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" picks CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    """ "auto" picks CUDA when available, else CPU; "cuda" without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)

@@ -16,7 +16,15 @@ from typing import Any
 from bench.config import BenchConfig
 from bench.progress import console
 
-METRIC_ORDER = ("image_auroc", "pixel_auroc", "au_pro", "image_ap", "pixel_ap", "image_f1max", "pixel_f1max")
+METRIC_ORDER = (
+    "image_auroc",
+    "pixel_auroc",
+    "au_pro",
+    "image_ap",
+    "pixel_ap",
+    "image_f1max",
+    "pixel_f1max",
+)
 
 
 def default_tracking_uri(output: str | Path) -> str:
@@ -24,13 +32,21 @@ def default_tracking_uri(output: str | Path) -> str:
 
 
 def resolve_tracking_uri(cfg: BenchConfig) -> str:
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output)
+    return (
+        cfg.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or default_tracking_uri(cfg.output)
+    )
 
 
 def git_state() -> dict[str, str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
     except Exception:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
@@ -50,7 +66,9 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, artifact_root: Path, benchmark: str, config: dict) -> None:
+    def __init__(
+        self, uri: str, experiment: str, artifact_root: Path, benchmark: str, config: dict
+    ) -> None:
         self.uri, self.experiment, self.artifact_root = uri, experiment, artifact_root
         self.benchmark, self.config = benchmark, config
         self.parent_id: str | None = None
@@ -58,13 +76,20 @@ class Tracker:
 
     @classmethod
     def from_config(cls, cfg: BenchConfig) -> Tracker:
-        return cls(resolve_tracking_uri(cfg), cfg.experiment or f"adbench/{cfg.name}",
-                   Path(cfg.output).resolve() / "mlartifacts", cfg.name, cfg.to_dict())
+        return cls(
+            resolve_tracking_uri(cfg),
+            cfg.experiment or f"adbench/{cfg.name}",
+            Path(cfg.output).resolve() / "mlartifacts",
+            cfg.name,
+            cfg.to_dict(),
+        )
 
     def _fail(self, err: Exception) -> None:
         if not self.failed:
-            console.print(f"[yellow]MLflow tracking at {self.uri} failed ({type(err).__name__}: {err}); "
-                          "results are still written to the results folder.[/]")
+            console.print(
+                f"[yellow]MLflow tracking at {self.uri} failed ({type(err).__name__}: {err}); "
+                "results are still written to the results folder.[/]"
+            )
         self.failed = True
 
     def __enter__(self) -> Tracker:
@@ -79,7 +104,9 @@ class Tracker:
             else:
                 exp_id = exp.experiment_id
             self.experiment_id = exp_id
-            run = self.client.create_run(exp_id, run_name=self.benchmark, tags={"adbench.kind": "benchmark", **git_state()})
+            run = self.client.create_run(
+                exp_id, run_name=self.benchmark, tags={"adbench.kind": "benchmark", **git_state()}
+            )
             self.parent_id = run.info.run_id
             self.client.log_dict(self.parent_id, self.config, "config.json")
         except Exception as err:
@@ -89,7 +116,9 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.parent_id and not self.failed:
             try:
-                self.client.set_terminated(self.parent_id, "FINISHED" if exc_type is None else "KILLED")
+                self.client.set_terminated(
+                    self.parent_id, "FINISHED" if exc_type is None else "KILLED"
+                )
             except Exception as err:
                 self._fail(err)
 
@@ -97,21 +126,45 @@ class Tracker:
         if self.failed or self.parent_id is None:
             return None
         try:
-            tags = {"mlflow.parentRunId": self.parent_id, "adbench.kind": "job", "config_hash": record["config_hash"],
-                    "protocol": record["protocol"], "metric_version": record["metric_version"],
-                    "device": record["device"], **git_state(),
-                    **{f"version.{k}": str(v) for k, v in record["versions"].items()}}
+            tags = {
+                "mlflow.parentRunId": self.parent_id,
+                "adbench.kind": "job",
+                "config_hash": record["config_hash"],
+                "protocol": record["protocol"],
+                "metric_version": record["metric_version"],
+                "device": record["device"],
+                **git_state(),
+                **{f"version.{k}": str(v) for k, v in record["versions"].items()},
+            }
             run = self.client.create_run(self.experiment_id, run_name=record["run_name"], tags=tags)
             rid = run.info.run_id
             params = {f"detector.{k}": str(v)[:500] for k, v in record["params"].items()}
-            params.update({k: str(record[k]) for k in ("detector", "detector_name", "dataset", "category", "seed",
-                                                       "image_size", "crop_size", "batch_size", "protocol")})
+            params.update(
+                {
+                    k: str(record[k])
+                    for k in (
+                        "detector",
+                        "detector_name",
+                        "dataset",
+                        "category",
+                        "seed",
+                        "image_size",
+                        "crop_size",
+                        "batch_size",
+                        "protocol",
+                    )
+                }
+            )
+            import time
+
             from mlflow.entities import Metric, Param
 
-            import time
             now = int(time.time() * 1000)
-            self.client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in flat_metrics(record).items()],
-                                  params=[Param(k, v) for k, v in params.items()])
+            self.client.log_batch(
+                rid,
+                metrics=[Metric(k, v, now, 0) for k, v in flat_metrics(record).items()],
+                params=[Param(k, v) for k, v in params.items()],
+            )
             self.client.set_terminated(rid, "FINISHED")
             return rid
         except Exception as err:
@@ -128,7 +181,9 @@ class Tracker:
             for (detector, dataset), row in summary.iterrows():
                 for metric, value in row.items():
                     if value == value:
-                        self.client.log_metric(self.parent_id, f"{detector}.{dataset}.{metric}", float(value))
+                        self.client.log_metric(
+                            self.parent_id, f"{detector}.{dataset}.{metric}", float(value)
+                        )
             self.client.log_text(self.parent_id, leaderboard_markdown(records), "leaderboard.md")
         except Exception as err:
             self._fail(err)

@@ -90,7 +90,9 @@ class TrainableDetector(Detector):
                 with ctx:
                     loss = self.training_step(batch, step)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.registered_name}: loss is {loss.item()} at step {step}")
+                    raise FloatingPointError(
+                        f"{self.registered_name}: loss is {loss.item()} at step {step}"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if self.grad_clip:
@@ -104,7 +106,9 @@ class TrainableDetector(Detector):
                 self.train_log_.append((step, float(loss.detach())))
                 bar.advance(1)
                 done = step + 1
-                if self.workdir is not None and (done % self.checkpoint_every == 0 or done == self.iterations):
+                if self.workdir is not None and (
+                    done % self.checkpoint_every == 0 or done == self.iterations
+                ):
                     self._save_checkpoint(done, optimizer, scheduler, scaler)
         for module in self.modules().values():
             module.eval()
@@ -162,7 +166,7 @@ def _epoch(train: Iterable[Batch], epoch: int) -> Iterable[Batch]:
 def _batches_from(train: Iterable[Batch], start: int) -> Iterator[Batch]:
     """Endless stream of batches over epochs, positioned at global step ``start``."""
     per_epoch = len(train) if hasattr(train, "__len__") else None  # type: ignore[arg-type]
-    epoch, skip = (divmod(start, per_epoch) if per_epoch else (0, start))
+    epoch, skip = divmod(start, per_epoch) if per_epoch else (0, start)
     while True:
         it = iter(_epoch(train, epoch))
         if skip:

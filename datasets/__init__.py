@@ -7,9 +7,9 @@ modalities it feeds natively.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import mvtec_3d, mvtec_ad
 from .builtin import ensure_generated
@@ -44,10 +44,38 @@ def _env_root(var: str, fallback: str) -> Callable[[], Path]:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mvtec_ad": DatasetSpec("mvtec_ad", MVTecAD, mvtec_ad.categories, _env_root("MVTEC_AD_ROOT", "data/mvtec_ad"), ("image",), ("image",)),
-    "mvtec_3d": DatasetSpec("mvtec_3d", MVTec3D, mvtec_3d.categories, _env_root("MVTEC_3D_ROOT", "data/mvtec_3d"), ("point_cloud", "rgb+point_cloud"), ("image", "point_cloud", "rgb+point_cloud")),
-    "builtin_ad": DatasetSpec("builtin_ad", MVTecAD, mvtec_ad.categories, lambda: ensure_generated("ad"), ("image",), ("image",)),
-    "builtin_3d": DatasetSpec("builtin_3d", MVTec3D, mvtec_3d.categories, lambda: ensure_generated("3d"), ("point_cloud", "rgb+point_cloud"), ("image", "point_cloud", "rgb+point_cloud")),
+    "mvtec_ad": DatasetSpec(
+        "mvtec_ad",
+        MVTecAD,
+        mvtec_ad.categories,
+        _env_root("MVTEC_AD_ROOT", "data/mvtec_ad"),
+        ("image",),
+        ("image",),
+    ),
+    "mvtec_3d": DatasetSpec(
+        "mvtec_3d",
+        MVTec3D,
+        mvtec_3d.categories,
+        _env_root("MVTEC_3D_ROOT", "data/mvtec_3d"),
+        ("point_cloud", "rgb+point_cloud"),
+        ("image", "point_cloud", "rgb+point_cloud"),
+    ),
+    "builtin_ad": DatasetSpec(
+        "builtin_ad",
+        MVTecAD,
+        mvtec_ad.categories,
+        lambda: ensure_generated("ad"),
+        ("image",),
+        ("image",),
+    ),
+    "builtin_3d": DatasetSpec(
+        "builtin_3d",
+        MVTec3D,
+        mvtec_3d.categories,
+        lambda: ensure_generated("3d"),
+        ("point_cloud", "rgb+point_cloud"),
+        ("image", "point_cloud", "rgb+point_cloud"),
+    ),
 }
 
 

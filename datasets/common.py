@@ -50,7 +50,9 @@ def _pair(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | N
     return (int(size[0]), int(size[1]))
 
 
-def input_geometry(native: tuple[int, int], image_size, crop_size) -> tuple[tuple[int, int], tuple[int, int, int, int] | None, torch.Tensor]:
+def input_geometry(
+    native: tuple[int, int], image_size, crop_size
+) -> tuple[tuple[int, int], tuple[int, int, int, int] | None, torch.Tensor]:
     """Resized size, crop box in resized pixels (or None), and the ROI in native pixels."""
     h0, w0 = native
     size = _pair(image_size) or (h0, w0)
@@ -62,7 +64,9 @@ def input_geometry(native: tuple[int, int], image_size, crop_size) -> tuple[tupl
     top, left = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
     box = (top, left, top + crop[0], left + crop[1])
     sy, sx = h0 / size[0], w0 / size[1]
-    roi = torch.tensor([round(box[0] * sy), round(box[1] * sx), round(box[2] * sy), round(box[3] * sx)])
+    roi = torch.tensor(
+        [round(box[0] * sy), round(box[1] * sx), round(box[2] * sy), round(box[3] * sx)]
+    )
     return size, box, roi
 
 
@@ -72,7 +76,9 @@ def resize_crop(x: torch.Tensor, size: tuple[int, int], box, mode: str) -> torch
         if mode == "nearest":
             x = F.interpolate(x[None].float(), size=size, mode="nearest-exact")[0].to(x.dtype)
         else:
-            x = F.interpolate(x[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            x = F.interpolate(
+                x[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+            )[0]
     if box is not None:
         x = x[..., box[0] : box[2], box[1] : box[3]]
     return x

@@ -41,7 +41,9 @@ def read_xyz(path: Path) -> np.ndarray:
     except Exception as err:
         raise ValueError(f"cannot read point-cloud tiff {path}: {err}") from err
     if xyz.ndim != 3 or xyz.shape[2] != 3:
-        raise ValueError(f"point-cloud tiff {path} has shape {xyz.shape}, expected HxWx3 (organised xyz)")
+        raise ValueError(
+            f"point-cloud tiff {path} has shape {xyz.shape}, expected HxWx3 (organised xyz)"
+        )
     if not np.issubdtype(xyz.dtype, np.floating):
         raise ValueError(f"point-cloud tiff {path} has dtype {xyz.dtype}, expected float32")
     xyz = np.nan_to_num(xyz.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
@@ -83,12 +85,18 @@ class MVTec3D(Dataset):
                 rgb_path = defect_dir / "rgb" / f"{xyz_path.stem}.png"
                 gt_path = defect_dir / "gt" / f"{xyz_path.stem}.png"
                 if not rgb_path.is_file():
-                    raise DatasetLayoutError(f"no rgb image for {xyz_path}: expected {rgb_path}; {LAYOUT}")
+                    raise DatasetLayoutError(
+                        f"no rgb image for {xyz_path}: expected {rgb_path}; {LAYOUT}"
+                    )
                 if not gt_path.is_file():
                     if defect != "good":
-                        raise DatasetLayoutError(f"no ground truth for {xyz_path}: expected {gt_path}; {LAYOUT}")
+                        raise DatasetLayoutError(
+                            f"no ground truth for {xyz_path}: expected {gt_path}; {LAYOUT}"
+                        )
                     gt_path = None
-                items.append({"path": xyz_path, "rgb_path": rgb_path, "gt_path": gt_path, "defect": defect})
+                items.append(
+                    {"path": xyz_path, "rgb_path": rgb_path, "gt_path": gt_path, "defect": defect}
+                )
         if not items:
             raise DatasetLayoutError(f"no xyz tiffs under {split_dir}; {LAYOUT}")
         return items
@@ -106,7 +114,9 @@ class MVTec3D(Dataset):
         native = (xyz.shape[1], xyz.shape[2])
         rgb = read_rgb(item["rgb_path"])
         if tuple(rgb.shape[1:]) != native:
-            raise ValueError(f"rgb image {item['rgb_path']} is {tuple(rgb.shape[1:])}, expected {native} like its xyz")
+            raise ValueError(
+                f"rgb image {item['rgb_path']} is {tuple(rgb.shape[1:])}, expected {native} like its xyz"
+            )
         size, box, roi = input_geometry(native, self.image_size, self.crop_size)
         valid = (xyz != 0).any(0)
         xyz = resize_crop(xyz, size, box, "nearest")

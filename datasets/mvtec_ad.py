@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .common import DatasetLayoutError, input_geometry, list_images, read_mask, read_rgb, resize_crop
+from .common import (
+    DatasetLayoutError,
+    input_geometry,
+    list_images,
+    read_mask,
+    read_rgb,
+    resize_crop,
+)
 
 LAYOUT = """expected MVTec AD layout:
   <root>/<category>/train/good/<id>.png
@@ -55,7 +62,9 @@ class MVTecAD(Dataset):
         for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             defect = defect_dir.name
             if self.split == "train" and defect != "good":
-                raise DatasetLayoutError(f"unexpected folder {defect_dir}: train holds only 'good'; {LAYOUT}")
+                raise DatasetLayoutError(
+                    f"unexpected folder {defect_dir}: train holds only 'good'; {LAYOUT}"
+                )
             for path in list_images(defect_dir):
                 mask_path = None
                 if defect != "good":

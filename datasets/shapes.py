@@ -54,12 +54,16 @@ def zigzag(rng: np.random.Generator, centre: np.ndarray, length: float) -> np.nd
     return np.concatenate([main, densify(np.array(branch))])
 
 
-def blob(shape: tuple[int, int], rng: np.random.Generator, centre: np.ndarray, radius: float) -> np.ndarray:
+def blob(
+    shape: tuple[int, int], rng: np.random.Generator, centre: np.ndarray, radius: float
+) -> np.ndarray:
     """An irregular spot: an ellipse whose radius wobbles smoothly with the angle."""
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
     dy, dx = rows - centre[0], cols - centre[1]
     angle = np.arctan2(dy, dx)
-    wobble = sum(rng.uniform(0, 0.18) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    wobble = sum(
+        rng.uniform(0, 0.18) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
+    )
     stretch = rng.uniform(0.7, 1.0)
     rot = rng.uniform(0, np.pi)
     u = dx * np.cos(rot) + dy * np.sin(rot)

@@ -60,7 +60,9 @@ def _defect(rng, shape, support, defect, pitch):
             mask = shapes.disc(shape, centre, rng.uniform(2.5, 5))
             disp = np.where(mask, -rng.uniform(3e-3, 5e-3), 0.0)
         else:
-            mask = shapes.stroke(shape, shapes.zigzag(rng, centre, rng.uniform(25, 45)), rng.uniform(1.5, 2.5))
+            mask = shapes.stroke(
+                shape, shapes.zigzag(rng, centre, rng.uniform(25, 45)), rng.uniform(1.5, 2.5)
+            )
             disp = np.where(mask, -rng.uniform(0.6e-3, 1.0e-3), 0.0)
         mask &= support
         disp = np.where(mask, disp, 0.0)
@@ -97,7 +99,11 @@ def _shade(category, rng, h, support, mask, defect, pitch):
     light = np.array([0.3, -0.35, 0.89])
     light /= np.linalg.norm(light)
     intensity = 0.35 + 0.65 * np.clip(normal @ light, 0, 1)
-    albedo = np.where(support[..., None], [0.82, 0.6, 0.36] if category == "dome" else [0.32, 0.33, 0.36], [0.72, 0.72, 0.7])
+    albedo = np.where(
+        support[..., None],
+        [0.82, 0.6, 0.36] if category == "dome" else [0.32, 0.33, 0.36],
+        [0.72, 0.72, 0.7],
+    )
     rgb = albedo * intensity[..., None]
     if defect in ("crack", "hole"):
         rgb[mask] *= 0.55
@@ -118,7 +124,9 @@ def generate(
     root = Path(root)
     for ci, category in enumerate(categories):
         if category not in CATEGORIES:
-            raise ValueError(f"unknown built-in 3D category {category!r}; choose from {tuple(CATEGORIES)}")
+            raise ValueError(
+                f"unknown built-in 3D category {category!r}; choose from {tuple(CATEGORIES)}"
+            )
         rng = np.random.default_rng([seed, 100 + ci])
         shape = CATEGORIES[category]
         plan = [("train", "good", i) for i in range(n_train)]
@@ -133,5 +141,7 @@ def generate(
             name = f"{i:03d}"
             tifffile.imwrite(folder / "xyz" / f"{name}.tiff", xyz)
             Image.fromarray(rgb).save(folder / "rgb" / f"{name}.png", compress_level=1)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "gt" / f"{name}.png", compress_level=1)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(
+                folder / "gt" / f"{name}.png", compress_level=1
+            )
     return root

@@ -26,7 +26,9 @@ def _texture(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     period = rng.uniform(11, 12.5)
     u = cols * np.cos(theta) + rows * np.sin(theta)
     v = -cols * np.sin(theta) + rows * np.cos(theta)
-    weave = np.sin(2 * np.pi * u / period + rng.uniform(0, 6.3)) * np.sin(2 * np.pi * v / period + rng.uniform(0, 6.3))
+    weave = np.sin(2 * np.pi * u / period + rng.uniform(0, 6.3)) * np.sin(
+        2 * np.pi * v / period + rng.uniform(0, 6.3)
+    )
     noise = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 1.5)
     shade = 0.55 + 0.22 * weave + 0.12 * noise / noise.std()
     colour = np.array([0.62, 0.5, 0.34]) * rng.uniform(0.95, 1.05)
@@ -58,9 +60,17 @@ def _defect(rng, image, support, defect, size, clean) -> np.ndarray:
         k = rng.integers(len(ys))
         centre = np.array([ys[k], xs[k]], dtype=float)
         if defect == "scratch":
-            mask = shapes.stroke(image.shape[:2], shapes.curve(rng, centre, rng.uniform(0.15, 0.3) * size), rng.uniform(1.5, 2.5))
+            mask = shapes.stroke(
+                image.shape[:2],
+                shapes.curve(rng, centre, rng.uniform(0.15, 0.3) * size),
+                rng.uniform(1.5, 2.5),
+            )
         elif defect == "crack":
-            mask = shapes.stroke(image.shape[:2], shapes.zigzag(rng, centre, rng.uniform(0.12, 0.22) * size), rng.uniform(1.2, 2.0))
+            mask = shapes.stroke(
+                image.shape[:2],
+                shapes.zigzag(rng, centre, rng.uniform(0.12, 0.22) * size),
+                rng.uniform(1.2, 2.0),
+            )
         elif defect == "spot":
             mask = shapes.blob(image.shape[:2], rng, centre, rng.uniform(0.025, 0.05) * size)
         else:
@@ -116,7 +126,13 @@ def generate(
             name = f"{i:03d}"
             if defect != "good":
                 mask = _defect(rng, image, support, defect, size, clean)
-                _save_png(base / "ground_truth" / defect / f"{name}_mask.png", mask.astype(np.uint8) * 255)
-            pixels = np.clip(image * 255 + rng.normal(0, 1.0, image.shape), 0, 255).round().astype(np.uint8)
+                _save_png(
+                    base / "ground_truth" / defect / f"{name}_mask.png", mask.astype(np.uint8) * 255
+                )
+            pixels = (
+                np.clip(image * 255 + rng.normal(0, 1.0, image.shape), 0, 255)
+                .round()
+                .astype(np.uint8)
+            )
             _save_png(base / split / defect / f"{name}.png", pixels)
     return root

@@ -64,11 +64,19 @@ class AutoEncoder(TrainableDetector):
     def _input(self, batch: Batch) -> torch.Tensor:
         x = batch.image.to(self.device)
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(self.input_size, self.input_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         return x
 
     def build(self, example: Batch) -> None:
-        self.model_ = nn.Sequential(_encoder(self.latent, self.width), _decoder(self.latent, self.width))
+        self.model_ = nn.Sequential(
+            _encoder(self.latent, self.width), _decoder(self.latent, self.width)
+        )
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -45,7 +45,12 @@ class FeatureStats(Detector):
         maps = self.extractor_(normalize(image))
         size = maps[0].shape[-2:]
         maps = [F.avg_pool2d(m, 3, 1, 1) for m in maps]
-        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        maps = [
+            m
+            if m.shape[-2:] == size
+            else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
         return torch.cat(maps, 1).float()
 
     @torch.no_grad()
@@ -69,6 +74,8 @@ class FeatureStats(Detector):
         image = batch.image.to(self.device)
         f = self.features(image)
         dist = ((f - self.mean_) ** 2 / self.var_).mean(1)
-        maps = F.interpolate(dist[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        maps = F.interpolate(
+            dist[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False
+        )[:, 0]
         maps = gaussian_blur(maps, self.sigma)
         return Prediction(score=image_score(maps, self.score), anomaly_map=maps)

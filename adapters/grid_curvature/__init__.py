@@ -14,7 +14,9 @@ from bench.types import Batch, Prediction
 from ..common import gaussian_blur, image_score
 
 
-def surface_variation(xyz: torch.Tensor, valid: torch.Tensor, window: int = 5, min_points: int = 6) -> torch.Tensor:
+def surface_variation(
+    xyz: torch.Tensor, valid: torch.Tensor, window: int = 5, min_points: int = 6
+) -> torch.Tensor:
     """l0 / (l0 + l1 + l2) of the covariance of each point's ``window`` x ``window`` grid
     neighbourhood (valid points only); 0 where the point is invalid or has too few neighbours.
 
@@ -48,11 +50,15 @@ class GridCurvature(Detector):
     modality = "point_cloud"
     inference_amp = False  # covariance eigenvalues need full precision
 
-    def __init__(self, window: int = 5, tolerance: int = 3, sigma: float = 2.0, score: str = "max") -> None:
+    def __init__(
+        self, window: int = 5, tolerance: int = 3, sigma: float = 2.0, score: str = "max"
+    ) -> None:
         self.window, self.tolerance, self.sigma, self.score = window, tolerance, sigma, score
 
     def _curvature(self, batch: Batch) -> torch.Tensor:
-        return surface_variation(batch.xyz.to(self.device), batch.valid.to(self.device), self.window)
+        return surface_variation(
+            batch.xyz.to(self.device), batch.valid.to(self.device), self.window
+        )
 
     @torch.no_grad()
     def fit(self, train: Iterable[Batch]) -> None:
@@ -69,7 +75,9 @@ class GridCurvature(Detector):
     def predict(self, batch: Batch) -> Prediction:
         c = self._curvature(batch)
         if c.shape[-2:] != self.mean_.shape:
-            raise ValueError(f"grid size {tuple(c.shape[-2:])} differs from the training size {tuple(self.mean_.shape)}")
+            raise ValueError(
+                f"grid size {tuple(c.shape[-2:])} differs from the training size {tuple(self.mean_.shape)}"
+            )
         excess = ((c - self.mean_) / self.std_).clamp_min(0)
         excess = torch.where(batch.valid.to(self.device), excess, 0.0)
         maps = gaussian_blur(excess, self.sigma)

@@ -1,0 +1,74 @@
+# The user interface of the harness. `make bench` and `make test` set everything up themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RESULTS ?= results
+PORT ?= 5000
+SHARED_DATA ?= $(abspath ../shared/data)
+export MVTEC_AD_ROOT ?= $(SHARED_DATA)/mvtec_ad
+# torch and torchvision are installed as a matched pair from the package index. `===` pins the
+# exact release string: some machines carry a local CPU-only torch build (version 2.x+cpu) that
+# plain `==` would pick, and PyPI's torchvision cannot load against it.
+TORCH_SPEC ?= torch===2.13.0 torchvision===0.28.0
+
+.PHONY: install bench bench-2d bench-3d report test lint format ui clean help
+
+help:
+	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
+	@echo "make bench-2d  2D detectors on MVTec AD at MVTEC_AD_ROOT ($(MVTEC_AD_ROOT))"
+	@echo "make bench-3d  3D detectors on MVTec 3D-AD at MVTEC_3D_ROOT (built-in 3D data when unset)"
+	@echo "make report    rebuild the leaderboard of results/default"
+	@echo "make test      run the test suite"
+	@echo "make lint      ruff"
+	@echo "make ui        MLflow UI on the local store (PORT=$(PORT))"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libusb-1.0-0 (needed by open3d)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0 >/dev/null; \
+	  else \
+	    echo "open3d needs the system library libusb-1.0 (Debian/Ubuntu: sudo apt-get install libusb-1.0-0)"; exit 1; \
+	  fi; \
+	fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24" setuptools wheel
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
+	$(BIN)/python -c "import torchvision.ops, open3d, timm, mlflow, bench.adapters; print('environment ready:', 'torch', __import__('torch').__version__)"
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/bench run --config default --output $(RESULTS)
+
+bench-2d: $(STAMP)
+	$(BIN)/bench run --config bench-2d --output $(RESULTS)
+
+bench-3d: $(STAMP)
+	@if [ -n "$$MVTEC_3D_ROOT" ]; then $(BIN)/bench run --config bench-3d --output $(RESULTS); \
+	else echo "MVTEC_3D_ROOT is not set: running on the built-in 3D data"; \
+	  $(BIN)/bench run --config bench-3d --datasets builtin_3d --image-size native --output $(RESULTS); fi
+
+report: $(STAMP)
+	$(BIN)/bench report --output $(RESULTS)
+
+test: $(STAMP)
+	ADBENCH_PROGRESS=0 $(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+
+ui: $(STAMP)
+	@mkdir -p $(RESULTS)
+	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(abspath $(RESULTS))/mlflow.db)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RESULTS))/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
