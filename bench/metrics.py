@@ -108,41 +108,52 @@ def trapezoid_to(x: torch.Tensor, y: torch.Tensor, x_max: float) -> float:
     return float(torch.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1]))) + correction
 
 
-def pro_curve(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FPR, PRO) at every distinct threshold, from (0,0) to (1,1), for maps/masks [N,H,W]."""
-    regions = region_labels(masks)
-    return _pro_curve_from_regions(maps.reshape(-1), regions.reshape(-1))
-
-
-def region_labels(masks: torch.Tensor) -> torch.Tensor:
-    """Category-wide ids of the 8-connected regions of each mask (0 = defect-free)."""
-    out = torch.zeros(masks.shape, dtype=torch.int64)
-    offset = 0
-    for i, m in enumerate(masks.cpu().numpy().astype(bool)):
-        labels, count = ndimage.label(m, structure=_EIGHT_CONNECTED)
-        labels = labels.astype(np.int64)
-        labels[labels > 0] += offset
-        out[i] = torch.from_numpy(labels)
+def region_labels(masks: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Ids of the 8-connected regions of each mask, unique across the masks (0 = defect-free)."""
+    out, offset = [], 0
+    for m in masks:
+        labels, count = ndimage.label(m.cpu().numpy().astype(bool), structure=_EIGHT_CONNECTED)
+        labels = torch.from_numpy(labels.astype(np.int64))
+        out.append(torch.where(labels > 0, labels + offset, 0))
         offset += count
-    return out
+    return torch.stack(out) if isinstance(masks, torch.Tensor) else out
 
 
-def _pro_curve_from_regions(scores: torch.Tensor, regions: torch.Tensor):
-    regions = regions.to(scores.device)
-    n_regions = int(regions.max()) if regions.numel() else 0
-    ok = regions == 0
-    n_ok = int(ok.sum())
-    if n_regions == 0 or n_ok == 0:
-        return None, None
-    sizes = torch.bincount(regions, minlength=n_regions + 1).to(torch.float64)
-    pro_weight = torch.where(ok, 0.0, 1.0 / (n_regions * sizes[regions]))
-    fp_weight = ok.to(torch.float64) / n_ok
-    order = torch.argsort(scores, descending=True, stable=True)
-    last = _last_of_ties(scores[order])
-    fpr = torch.cumsum(fp_weight[order], 0)[last].clamp(0, 1)
-    pro = torch.cumsum(pro_weight[order], 0)[last].clamp(0, 1)
+def _region_sizes(regions: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(regions.reshape(-1)).to(torch.float64)
+
+
+def _sorted_pixel_curves(scores: torch.Tensor, regions: torch.Tensor, sizes: torch.Tensor):
+    """ROC and (FPR, PRO) curves from pixels sorted by descending score and their region ids
+    (0 = defect-free), both at every distinct threshold.
+
+    Returns (Curve, fpr, pro); fpr/pro start at (0,0) and are None when there is no region or
+    no defect-free pixel.
+    """
+    last = _last_of_ties(scores)
+    positive = regions > 0
+    pos = positive.to(torch.float64)
+    tps = torch.cumsum(pos, 0)[last]
+    fps = torch.cumsum(1.0 - pos, 0)[last]
+    curve = Curve(scores[last], tps, fps)
+    present = torch.unique(regions[positive])
+    if present.numel() == 0 or fps[-1] == 0:
+        return curve, None, None
+    weight = torch.where(positive, 1.0 / (present.numel() * sizes[regions]), 0.0)
     zero = torch.zeros(1, dtype=torch.float64, device=scores.device)
-    return torch.cat([zero, fpr]), torch.cat([zero, pro])
+    fpr = torch.cat([zero, (fps / fps[-1]).clamp(0, 1)])
+    pro = torch.cat([zero, torch.cumsum(weight, 0)[last].clamp(0, 1)])
+    return curve, fpr, pro
+
+
+def pro_curve(maps: torch.Tensor, masks: torch.Tensor):
+    """(FPR, PRO) at every distinct threshold, from (0,0) to (1,1), for maps/masks [N,H,W]."""
+    regions = region_labels(masks).reshape(-1).to(maps.device)
+    order = torch.argsort(maps.reshape(-1), descending=True, stable=True)
+    _, fpr, pro = _sorted_pixel_curves(
+        maps.reshape(-1)[order], regions[order], _region_sizes(regions)
+    )
+    return fpr, pro
 
 
 def au_pro(maps: torch.Tensor, masks: torch.Tensor, limit: float = 0.3) -> float:
@@ -209,62 +220,46 @@ class Evaluator:
         return self.protocol + ("-cropped" if self.cropped else "")
 
     def compute(self) -> dict[str, dict[str, float]]:
-        """Metrics for all test images (key "all") and per defect type (vs the good images)."""
+        """Metrics for all test images (key "all") and per defect type (vs the good images).
+
+        The pixels of the whole category are sorted once; a subset keeps its pixels in that order.
+        """
         if not self.scores:
             raise ValueError("no predictions were given to the evaluator")
-        out = {"all": self._metrics(list(range(len(self.scores))))}
+        regions = torch.cat([r.reshape(-1) for r in region_labels(self.masks)])
+        sizes = _region_sizes(regions)
+        image_of = torch.cat(
+            [torch.full((m.numel(),), i, dtype=torch.int32) for i, m in enumerate(self.maps)]
+        )
+        scores = torch.cat([m.reshape(-1) for m in self.maps])
+        order = torch.argsort(scores, descending=True, stable=True)
+        pixels = (scores[order], regions[order], image_of[order])
+        del scores, regions, image_of, order
+        out = {"all": self._metrics(list(range(len(self.scores))), pixels, sizes)}
         good = [i for i, y in enumerate(self.labels) if y == 0]
         for defect in sorted({d for d, y in zip(self.defects, self.labels) if y == 1}):
-            idx = good + [
-                i for i, d in enumerate(self.defects) if d == defect and self.labels[i] == 1
-            ]
-            out[defect] = self._metrics(idx)
+            bad = [i for i, d in enumerate(self.defects) if d == defect and self.labels[i] == 1]
+            out[defect] = self._metrics(good + bad, pixels, sizes)
         return out
 
-    def _metrics(self, idx: list[int]) -> dict[str, float]:
+    def _metrics(self, idx: list[int], pixels, sizes) -> dict[str, float]:
         scores = torch.tensor([self.scores[i] for i in idx], dtype=torch.float64)
         labels = torch.tensor([self.labels[i] for i in idx])
         image = binary_curve(scores, labels)
-        result = {
+        px_scores, px_regions, px_image = pixels
+        if len(idx) < len(self.scores):
+            keep = torch.zeros(len(self.scores), dtype=torch.bool)
+            keep[idx] = True
+            keep = keep[px_image.long()]
+            px_scores, px_regions = px_scores[keep], px_regions[keep]
+        pixel, fpr, pro = _sorted_pixel_curves(px_scores, px_regions, sizes)
+        limit = self.pro_limit
+        return {
             "image_auroc": auroc_from_curve(image),
             "image_ap": ap_from_curve(image),
             "image_f1max": f1max_from_curve(image),
+            "pixel_auroc": auroc_from_curve(pixel),
+            "pixel_ap": ap_from_curve(pixel),
+            "pixel_f1max": f1max_from_curve(pixel),
+            "au_pro": math.nan if fpr is None else trapezoid_to(fpr, pro, limit) / limit,
         }
-        shapes = {tuple(self.maps[i].shape) for i in idx}
-        if len(shapes) == 1:
-            maps = torch.stack([self.maps[i] for i in idx])
-            masks = torch.stack([self.masks[i] for i in idx])
-        else:  # mixed native sizes: flatten, regions stay per image
-            maps = torch.cat([self.maps[i].reshape(-1) for i in idx])
-            masks = None
-        if masks is None:
-            regions = torch.cat([region_labels(self.masks[i][None]).reshape(-1) for i in idx])
-            regions = _renumber(regions, [self.masks[i] for i in idx])
-            target = torch.cat([self.masks[i].reshape(-1) for i in idx])
-        else:
-            regions = region_labels(masks).reshape(-1)
-            target = masks.reshape(-1)
-        pixel = binary_curve(maps.reshape(-1), target)
-        fpr, pro = _pro_curve_from_regions(maps.reshape(-1), regions)
-        result.update(
-            pixel_auroc=auroc_from_curve(pixel),
-            pixel_ap=ap_from_curve(pixel),
-            pixel_f1max=f1max_from_curve(pixel),
-            au_pro=math.nan
-            if fpr is None
-            else trapezoid_to(fpr, pro, self.pro_limit) / self.pro_limit,
-        )
-        return result
-
-
-def _renumber(regions: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """Makes per-image region ids (each starting at 1) unique across images."""
-    out, start, offset = regions.clone(), 0, 0
-    for m in masks:
-        n = m.numel()
-        seg = out[start : start + n]
-        count = int(seg.max()) if n else 0
-        seg[seg > 0] += offset
-        offset += count
-        start += n
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,14 @@ def write_report(output: str | Path, name: str) -> dict[str, Path]:
 
 
 def print_leaderboard(records: list[dict[str, Any]], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     summary = summary_frame(records)
     frame = records_frame(records)
     table = Table(title="Leaderboard (mean over categories)")
     for col in ("detector", "dataset", "categories", *HEADLINE):
-        table.add_column(col, justify="left" if col in ("detector", "dataset") else "right")
+        table.add_column(
+            col, justify="left" if col in ("detector", "dataset") else "right", no_wrap=True
+        )
     for (detector, dataset), row in summary.iterrows():
         n = frame[(frame.detector == detector) & (frame.dataset == dataset)]["category"].nunique()
         table.add_row(

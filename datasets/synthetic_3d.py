@@ -139,7 +139,12 @@ def generate(
             for sub in ("xyz", "rgb", "gt"):
                 (folder / sub).mkdir(parents=True, exist_ok=True)
             name = f"{i:03d}"
-            tifffile.imwrite(folder / "xyz" / f"{name}.tiff", xyz)
+            tifffile.imwrite(
+                folder / "xyz" / f"{name}.tiff",
+                xyz,
+                photometric="minisblack",
+                planarconfig="contig",
+            )
             Image.fromarray(rgb).save(folder / "rgb" / f"{name}.png", compress_level=1)
             Image.fromarray(mask.astype(np.uint8) * 255).save(
                 folder / "gt" / f"{name}.png", compress_level=1

@@ -1,0 +1,151 @@
+"""The CLI end to end: run on generated 2D and 3D data, MLflow store, resume, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+BIN = Path(sys.executable).parent
+
+
+def bench(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ADBENCH_PROGRESS": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [str(BIN / "bench"), *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, ad_root, ad3d_root):
+    out = tmp_path_factory.mktemp("results")
+    config = out / "small.toml"
+    config.write_text(
+        f"""
+name = "small"
+batch_size = 4
+num_workers = 0
+
+[[detectors]]
+name = "feature_stats"
+
+[[detectors]]
+name = "autoencoder"
+params = {{ iterations = 30, width = 8, checkpoint_every = 10 }}
+
+[[detectors]]
+name = "grid_curvature"
+
+[[datasets]]
+name = "mvtec_ad"
+root = "{ad_root}"
+categories = ["washer"]
+image_size = 128
+
+[[datasets]]
+name = "mvtec_3d"
+root = "{ad3d_root}"
+categories = ["dome"]
+image_size = "native"
+"""
+    )
+    first = bench("run", "--config", str(config), "--output", str(out))
+    assert first.returncode == 0, first.stdout + first.stderr
+    return out, config, first
+
+
+def test_run_writes_one_result_per_job_with_real_metrics(finished):
+    out, _, first = finished
+    jobs = sorted(p.name for p in (out / "small" / "jobs").glob("*.json"))
+    assert jobs == [
+        "autoencoder__mvtec_ad__washer__seed0.json",
+        "feature_stats__mvtec_ad__washer__seed0.json",
+        "grid_curvature__mvtec_3d__dome__seed0.json",
+    ]
+    curv = json.loads((out / "small" / "jobs" / jobs[2]).read_text())
+    assert curv["metrics"]["all"]["image_auroc"] > 0.9  # dents and bumps stand out
+    assert curv["metrics"]["all"]["au_pro"] > 0.8
+    assert set(curv["metrics"]) == {"all", "dent", "bump", "hole", "crack"}
+    assert curv["protocol"] == "official" and curv["n_test"] == 4 + 3 * 4
+    feats = json.loads((out / "small" / "jobs" / jobs[1]).read_text())
+    assert feats["metrics"]["all"]["image_auroc"] > 0.8  # pretrained EfficientNet-Lite0 features
+    for record in (curv, feats):
+        assert (
+            record["timings"]["fit_seconds"] > 0
+            and record["timings"]["predict_images_per_second"] > 0
+        )
+        assert record["memory"]["predict_peak_host_mb"] > 100
+    assert "Leaderboard" in first.stdout and "grid_curvature" in first.stdout
+    board = (out / "small" / "leaderboard.md").read_text()
+    assert "## au_pro" in board and "mvtec_3d/dome" in board
+
+
+def test_trainable_detector_left_checkpoint_and_fitted_state(finished):
+    out, _, _ = finished
+    (state,) = (out / "small" / "state").glob("autoencoder__*")
+    assert (state / "last.ckpt").is_file() and (state / "fitted.pt").is_file()
+
+
+def test_mlflow_store_mirrors_the_results(finished):
+    out, _, _ = finished
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("adbench/small")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("adbench.kind") == "benchmark"]
+    children = [r for r in runs if r.data.tags.get("adbench.kind") == "job"]
+    assert len(parents) == 1 and len(children) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    for run in children:
+        record = json.loads(
+            (out / "small" / "jobs" / f"{run.info.run_name.replace('/', '__')}.json").read_text()
+        )
+        assert record["mlflow_run_id"] == run.info.run_id
+        for key in ("image_auroc", "pixel_auroc", "au_pro"):
+            assert run.data.metrics[key] == pytest.approx(record["metrics"]["all"][key], abs=1e-12)
+        assert run.data.params["dataset"] == record["dataset"]
+        assert run.data.tags["config_hash"] == record["config_hash"]
+
+
+def test_second_run_skips_finished_jobs_and_logs_no_duplicates(finished):
+    out, config, _ = finished
+    again = bench("run", "--config", str(config), "--output", str(out))
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("done before, skipped") == 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("adbench/small")
+    jobs = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("adbench.kind") == "job"
+    ]
+    assert len(jobs) == 3
+
+
+def test_report_rebuilds_the_leaderboard(finished):
+    out, _, _ = finished
+    (out / "small" / "leaderboard.md").unlink()
+    rep = bench("report", "--name", "small", "--output", str(out))
+    assert rep.returncode == 0, rep.stderr
+    assert "feature_stats" in (out / "small" / "leaderboard.md").read_text()
+
+
+def test_list_via_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "bench", "list"], capture_output=True, text=True)
+    assert out.returncode == 0 and "grid_curvature" in out.stdout and "point_cloud" in out.stdout
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    missing = bench("run", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and "neither a file nor a built-in config" in missing.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[[detectors]]\nname = "feature_stats"\nparams = { sigmaa = 2 }\n[[datasets]]\nname = "builtin_ad"\n'
+    )
+    out = bench("run", "--config", str(bad), "--no-tracking", "--output", str(tmp_path))
+    assert out.returncode == 2 and "unknown parameter(s) ['sigmaa']" in out.stderr

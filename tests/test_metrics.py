@@ -1,0 +1,225 @@
+"""Metrics against scikit-learn and an independent per-threshold AU-PRO written here."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from bench.metrics import Evaluator, au_pro, auroc, average_precision, f1_max, trapezoid_to
+from bench.types import Batch, Prediction
+
+
+def regions_8(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """8-connected components by breadth-first search (independent of scipy)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    out = []
+    for r, c in zip(*np.nonzero(mask)):
+        if seen[r, c]:
+            continue
+        comp, queue = [], deque([(r, c)])
+        seen[r, c] = True
+        while queue:
+            y, x = queue.popleft()
+            comp.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if (
+                        0 <= v < mask.shape[0]
+                        and 0 <= u < mask.shape[1]
+                        and mask[v, u]
+                        and not seen[v, u]
+                    ):
+                        seen[v, u] = True
+                        queue.append((v, u))
+        out.append(comp)
+    return out
+
+
+def reference_au_pro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
+    """The definition, threshold by threshold: every distinct score, (0,0) first."""
+    regions = [(i, comp) for i, m in enumerate(masks) for comp in regions_8(m)]
+    ok = maps[~masks]
+    points = [(0.0, 0.0)]
+    for t in sorted(set(maps.ravel().tolist()), reverse=True):
+        fpr = float(np.mean(ok >= t))
+        pro = float(np.mean([np.mean([maps[i][p] >= t for p in comp]) for i, comp in regions]))
+        points.append((fpr, pro))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+        if x1 <= limit:
+            area += 0.5 * (y0 + y1) * (x1 - x0)
+        elif x0 < limit:
+            y_lim = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            area += 0.5 * (y0 + y_lim) * (limit - x0)
+    return area / limit
+
+
+def t(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_ap_f1_match_sklearn_on_random_scores_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 20, 300) / 7.0  # many ties
+    labels = rng.random(300) < 0.3
+    assert auroc(t(scores), t(labels)) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert average_precision(t(scores), t(labels)) == pytest.approx(
+        average_precision_score(labels, scores), abs=1e-12
+    )
+    p, r, _ = precision_recall_curve(labels, scores)
+    f1 = np.max(np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0))
+    assert f1_max(t(scores), t(labels)) == pytest.approx(f1, abs=1e-12)
+
+
+def test_constant_scores_give_chance_auroc_and_prevalence_ap():
+    labels = np.array([0, 1, 1, 0, 0, 1, 0, 0])
+    scores = np.full(8, 0.7)
+    assert auroc(t(scores), t(labels)) == pytest.approx(0.5)
+    assert average_precision(t(scores), t(labels)) == pytest.approx(3 / 8)
+    assert roc_auc_score(labels, scores) == pytest.approx(0.5)
+
+
+def test_auroc_is_nan_with_one_class():
+    assert math.isnan(auroc(t([0.1, 0.2]), t([0, 0])))
+
+
+def test_au_pro_perfect_map_is_one():
+    masks = np.zeros((3, 16, 16), dtype=bool)
+    masks[0, 2:5, 3:9] = True
+    masks[1, 10:14, 10:12] = True
+    masks[1, 1:2, 1:2] = True
+    maps = masks.astype(np.float64) + 0.01 * np.random.default_rng(0).random(masks.shape)
+    maps[masks] += 1
+    assert au_pro(t(maps), t(masks)) == pytest.approx(1.0)
+
+
+def test_au_pro_constant_map_follows_the_diagonal():
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, 1:3, 1:3] = True
+    # one threshold: the curve is (0,0)->(1,1); area up to 0.3 is 0.045, normalised 0.15
+    assert au_pro(t(np.ones((2, 8, 8))), t(masks)) == pytest.approx(0.15)
+
+
+def test_au_pro_hand_derived_row():
+    # regions {0} and {2}; defect-free pixels score .5, .2, .1 -> curve
+    # (0,0) (0,.5) (1/3,.5) (1/3,1) (2/3,1) (1,1): area to 0.3 = 0.15 -> 0.5
+    maps = np.array([[[0.9, 0.5, 0.3, 0.2, 0.1]]])
+    masks = np.array([[[1, 0, 1, 0, 0]]], dtype=bool)
+    assert au_pro(t(maps), t(masks)) == pytest.approx(0.5)
+
+
+def test_au_pro_regions_are_eight_connected():
+    # one diagonal region of 3 pixels (two regions under 4-connectivity, which would give 0.5)
+    masks = np.array([[[1, 0, 0], [0, 1, 0], [0, 1, 0]]], dtype=bool)
+    maps = np.array([[[0.9, 0.5, 0.4], [0.3, 0.01, 0.2], [0.15, 0.01, 0.1]]])
+    assert au_pro(t(maps), t(masks)) == pytest.approx(1 / 3)
+    assert reference_au_pro(maps, masks) == pytest.approx(1 / 3)
+
+
+def test_trapezoid_interpolates_at_the_limit():
+    x = torch.tensor([0.0, 0.2, 0.4, 1.0])
+    y = torch.tensor([0.0, 0.2, 0.6, 1.0])
+    # up to 0.2: 0.02; 0.2..0.3 with y 0.2 -> 0.4: 0.03
+    assert trapezoid_to(x, y, 0.3) == pytest.approx(0.05)
+
+
+@st.composite
+def maps_and_masks(draw):
+    n = draw(st.integers(1, 3))
+    h, w = draw(st.integers(2, 7)), draw(st.integers(2, 7))
+    values = draw(st.lists(st.integers(0, 12), min_size=n * h * w, max_size=n * h * w))
+    bits = draw(st.lists(st.booleans(), min_size=n * h * w, max_size=n * h * w))
+    maps = np.array(values, dtype=np.float64).reshape(n, h, w)
+    masks = np.array(bits).reshape(n, h, w)
+    masks.reshape(-1)[0] = True  # at least one region
+    masks.reshape(-1)[-1] = False  # at least one defect-free pixel
+    return maps, masks
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps_and_masks())
+def test_au_pro_matches_the_definition(case):
+    maps, masks = case
+    assert au_pro(t(maps), t(masks)) == pytest.approx(reference_au_pro(maps, masks), abs=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(maps_and_masks(), st.randoms(use_true_random=False))
+def test_au_pro_invariances(case, rnd):
+    maps, masks = case
+    value = au_pro(t(maps), t(masks))
+    assert 0.0 <= value <= 1.0
+    assert au_pro(t(maps * 3 + 7), t(masks)) == pytest.approx(value, abs=1e-12)
+    order = list(range(len(maps)))
+    rnd.shuffle(order)
+    assert au_pro(t(maps[order]), t(masks[order])) == pytest.approx(value, abs=1e-12)
+
+
+def _batch(masks: torch.Tensor, labels, paths) -> Batch:
+    n, h, w = masks.shape
+    return Batch(
+        label=torch.tensor(labels),
+        mask=masks,
+        roi=torch.tensor([[0, 0, h, w]] * n),
+        meta=[{"path": p, "defect": "good" if y == 0 else "crack"} for p, y in zip(paths, labels)],
+    )
+
+
+def test_evaluator_official_protocol_upsamples_to_native_size_and_matches_direct_metrics():
+    rng = np.random.default_rng(3)
+    masks = torch.zeros(4, 40, 40, dtype=torch.bool)
+    masks[2, 5:15, 5:12] = True
+    masks[3, 20:30, 25:35] = True
+    low = torch.tensor(rng.random((4, 10, 10)), dtype=torch.float32)
+    low[2, 1:4, 1:3] += 1
+    low[3, 5:8, 6:9] += 1
+    ev = Evaluator("official")
+    batch = _batch(masks, [0, 0, 1, 1], ["a", "b", "c", "d"])
+    ev.update(Prediction(score=low.flatten(1).amax(1), anomaly_map=low), batch)
+    result = ev.compute()
+    up = F.interpolate(low[:, None], size=(40, 40), mode="bilinear", align_corners=False)[:, 0]
+    assert result["all"]["pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks.reshape(-1), up.reshape(-1)), abs=1e-9
+    )
+    assert result["all"]["au_pro"] == pytest.approx(au_pro(up, masks), abs=1e-12)
+    assert result["all"]["image_auroc"] == pytest.approx(
+        roc_auc_score([0, 0, 1, 1], low.flatten(1).amax(1))
+    )
+    assert set(result) == {"all", "crack"}
+    assert ev.protocol_label == "official"
+
+
+def test_evaluator_rejects_nan_maps_and_names_the_file():
+    ev = Evaluator()
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    amap = torch.zeros(1, 4, 4)
+    amap[0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="img_007.png"):
+        ev.update(
+            Prediction(score=torch.zeros(1), anomaly_map=amap), _batch(masks, [0], ["img_007.png"])
+        )
+
+
+def test_evaluator_crops_the_mask_to_the_model_roi():
+    masks = torch.zeros(2, 20, 20, dtype=torch.bool)
+    masks[1, 0:3, 0:3] = True  # outside the central crop: not scored
+    masks[1, 8:12, 8:12] = True
+    batch = _batch(masks, [0, 1], ["a", "b"])
+    batch.roi = torch.tensor([[5, 5, 15, 15]] * 2)
+    ev = Evaluator()
+    amap = torch.zeros(2, 10, 10)
+    amap[1, 3:7, 3:7] = 1.0
+    ev.update(Prediction(score=torch.tensor([0.0, 1.0]), anomaly_map=amap), batch)
+    assert ev.masks[1].shape == (10, 10) and int(ev.masks[1].sum()) == 16
+    assert ev.protocol_label == "official-cropped"
+    assert ev.compute()["all"]["au_pro"] == pytest.approx(1.0)

@@ -1,0 +1,95 @@
+"""The training loop: exact resume after a crash, checkpoints on disk, cached fitted state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.adapters.autoencoder import AutoEncoder
+from bench.adapters.grid_curvature import GridCurvature
+from bench.datasets import MVTec3D, MVTecAD
+from bench.loading import EpochLoader
+from bench.system import seed_everything
+from bench.training import CHECKPOINT_NAME, amp_dtype
+from bench.types import collate
+
+PARAMS = dict(input_size=128, width=4, latent=8, iterations=12, checkpoint_every=5, lr=1e-3)
+
+
+class CrashAt7(AutoEncoder):
+    def training_step(self, batch, step):
+        if step == 7:
+            raise KeyboardInterrupt("simulated interruption")
+        return super().training_step(batch, step)
+
+
+def _loader(ad_root):
+    ds = MVTecAD(ad_root, "washer", "train", image_size=128)
+    return EpochLoader(ds, 4, shuffle=True, seed=3, drop_last=True)  # 3 batches an epoch
+
+
+def test_interrupted_training_resumes_to_identical_weights(ad_root, tmp_path):
+    seed_everything(0)
+    straight = AutoEncoder(**PARAMS)
+    straight.workdir = tmp_path / "straight"
+    straight.fit(_loader(ad_root))
+
+    seed_everything(0)
+    crashed = CrashAt7(**PARAMS)
+    crashed.workdir = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit(_loader(ad_root))
+    ckpt = torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["step"] == 5
+
+    seed_everything(1234)  # the checkpoint restores every RNG, so the global seed must not matter
+    resumed = AutoEncoder(**PARAMS)
+    resumed.workdir = tmp_path / "resumed"
+    resumed.fit(_loader(ad_root))
+
+    assert [s for s, _ in resumed.train_log_] == list(range(12))
+    assert resumed.train_log_ == straight.train_log_
+    for (k, a), (_, b) in zip(
+        straight.model_.state_dict().items(), resumed.model_.state_dict().items()
+    ):
+        assert torch.equal(a, b), k
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)["step"] == 12
+
+
+def test_training_reduces_the_loss(ad_root):
+    seed_everything(0)
+    det = AutoEncoder(**{**PARAMS, "iterations": 60})
+    det.fit(_loader(ad_root))
+    first = sum(v for _, v in det.train_log_[:5]) / 5
+    last = sum(v for _, v in det.train_log_[-5:]) / 5
+    assert last < 0.7 * first
+
+
+def test_checkpoint_of_another_config_is_not_resumed(ad_root, tmp_path):
+    seed_everything(0)
+    a = AutoEncoder(**{**PARAMS, "iterations": 5})
+    a.workdir = tmp_path
+    a.fit(_loader(ad_root))
+    b = AutoEncoder(**{**PARAMS, "iterations": 6, "lr": 5e-4})
+    b.workdir = tmp_path
+    b.fit(_loader(ad_root))
+    assert [s for s, _ in b.train_log_] == list(range(6))
+
+
+def test_fitted_state_round_trips(ad3d_root, tmp_path):
+    train = EpochLoader(MVTec3D(ad3d_root, "dome", "train", image_size=64), 4)
+    test = collate([MVTec3D(ad3d_root, "dome", "test", image_size=64)[i] for i in range(3)])
+    det = GridCurvature()
+    det.fit(train)
+    det.save_state(tmp_path / "fitted.pt")
+    again = GridCurvature()
+    again.load_state(tmp_path / "fitted.pt")
+    assert torch.equal(det.predict(test).anomaly_map, again.predict(test).anomaly_map)
+    with pytest.raises(ValueError, match="holds state of GridCurvature"):
+        AutoEncoder().load_state(tmp_path / "fitted.pt")
+
+
+def test_mixed_precision_is_for_gpus_only():
+    assert amp_dtype(torch.device("cpu"), "auto") is None
+    with pytest.raises(ValueError, match="amp must be"):
+        amp_dtype(torch.device("cuda"), "int8")
