@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--datasets", type=_csv, help="comma-separated dataset names (replaces the config's)"
     )
     run.add_argument(
-        "--categories", type=_csv, help="comma-separated categories (for every dataset)"
+        "--categories",
+        type=_csv,
+        help="comma-separated categories, kept in whichever datasets have them",
     )
     run.add_argument(
         "--root",
@@ -129,8 +131,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             raise ConfigError(f"--param {text}: detector {det_name!r} is not configured")
         match[0].params = {**match[0].params, field: _value(value)}
     if args.categories:
-        for ds in cfg.datasets:
-            ds.categories = args.categories
+        cfg.categories = args.categories
     if args.image_size is not None:
         for ds in cfg.datasets:
             ds.image_size = args.image_size

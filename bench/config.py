@@ -64,6 +64,8 @@ class BenchConfig:
     detectors: list[DetectorEntry] = field(default_factory=list)
     datasets: list[DatasetEntry] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
+    #: keep only these categories, in whichever datasets have them (None: no filter)
+    categories: list[str] | None = None
     device: str = "auto"
     batch_size: int = 8
     num_workers: int = 2

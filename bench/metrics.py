@@ -136,10 +136,11 @@ def _sorted_pixel_curves(scores: torch.Tensor, regions: torch.Tensor, sizes: tor
     tps = torch.cumsum(pos, 0)[last]
     fps = torch.cumsum(1.0 - pos, 0)[last]
     curve = Curve(scores[last], tps, fps)
-    present = torch.unique(regions[positive])
-    if present.numel() == 0 or fps[-1] == 0:
+    counts = torch.bincount(regions, minlength=sizes.numel())[1:]
+    n_regions = int((counts > 0).sum())
+    if n_regions == 0 or fps[-1] == 0:
         return curve, None, None
-    weight = torch.where(positive, 1.0 / (present.numel() * sizes[regions]), 0.0)
+    weight = torch.where(positive, 1.0 / (n_regions * sizes[regions]), 0.0)
     zero = torch.zeros(1, dtype=torch.float64, device=scores.device)
     fpr = torch.cat([zero, (fps / fps[-1]).clamp(0, 1)])
     pro = torch.cat([zero, torch.cumsum(weight, 0)[last].clamp(0, 1)])
@@ -231,10 +232,9 @@ class Evaluator:
         image_of = torch.cat(
             [torch.full((m.numel(),), i, dtype=torch.int32) for i, m in enumerate(self.maps)]
         )
-        scores = torch.cat([m.reshape(-1) for m in self.maps])
-        order = torch.argsort(scores, descending=True, stable=True)
-        pixels = (scores[order], regions[order], image_of[order])
-        del scores, regions, image_of, order
+        scores, order = torch.sort(torch.cat([m.reshape(-1) for m in self.maps]), descending=True)
+        pixels = (scores, regions[order], image_of[order])
+        del regions, image_of, order
         out = {"all": self._metrics(list(range(len(self.scores))), pixels, sizes)}
         good = [i for i, y in enumerate(self.labels) if y == 0]
         for defect in sorted({d for d, y in zip(self.defects, self.labels) if y == 1}):

@@ -108,7 +108,8 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
         raise ConfigError(
             "no datasets configured: add [[datasets]] to the config or pass --datasets"
         )
-    jobs = []
+    jobs: list[Job] = []
+    seen: set[str] = set()
     for det in cfg.detectors:
         cls = get_detector_class(det.name)
         params = resolved_params(det)
@@ -138,6 +139,9 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
                 raise ConfigError(
                     f"dataset {ds.name} at {root} has no categor(ies) {absent}; found {available}"
                 )
+            if cfg.categories is not None:
+                categories = [c for c in categories if c in cfg.categories]
+                seen.update(categories)
             for category in categories:
                 for seed in cfg.seeds:
                     jobs.append(
@@ -152,6 +156,10 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
                             cfg.protocol,
                         )
                     )
+    if cfg.categories is not None and set(cfg.categories) - seen:
+        raise ConfigError(
+            f"categor(ies) {sorted(set(cfg.categories) - seen)} are in none of the configured datasets"
+        )
     if not jobs:
         raise ConfigError(
             "the config yields no job: no dataset feeds the configured detectors' modalities"

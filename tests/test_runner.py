@@ -1,0 +1,127 @@
+"""The runner in-process on CPU: failures are isolated and recorded, re-runs resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import Detector, Prediction, register_detector
+from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry
+from bench.plan import plan_jobs
+from bench.registry import _REGISTRY
+from bench.runner import run_benchmark
+
+
+@pytest.fixture
+def flaky(tmp_path):
+    marker = tmp_path / "break"
+    marker.touch()
+
+    @register_detector("flaky_test")
+    class Flaky(Detector):
+        """Fails while the marker file exists."""
+
+        modality = "point_cloud"
+
+        def fit(self, train):
+            if marker.exists():
+                raise RuntimeError("simulated crash in fit")
+            self.ok_ = True
+
+        def predict(self, batch):
+            z = batch.xyz[:, 2]
+            return Prediction(score=z.flatten(1).amax(1), anomaly_map=z)
+
+    yield marker
+    _REGISTRY.pop("flaky_test", None)
+
+
+def _config(tmp_path, ad3d_root, *detectors: str) -> BenchConfig:
+    return BenchConfig(
+        name="runner",
+        detectors=[DetectorEntry(d) for d in detectors],
+        datasets=[
+            DatasetEntry("mvtec_3d", root=str(ad3d_root), categories=["dome"], image_size=64)
+        ],
+        batch_size=4,
+        num_workers=0,
+        output=str(tmp_path / "out"),
+    )
+
+
+def test_a_failing_job_is_recorded_and_the_rerun_does_only_what_is_missing(
+    tmp_path, ad3d_root, flaky
+):
+    cfg = _config(tmp_path, ad3d_root, "grid_curvature", "flaky_test")
+    records, failed = run_benchmark(cfg, track=False)
+    assert failed == ["flaky_test/mvtec_3d/dome/seed0"]
+    assert [r["run_name"] for r in records] == ["grid_curvature/mvtec_3d/dome/seed0"]
+    failure = tmp_path / "out" / "runner" / "failed" / "flaky_test__mvtec_3d__dome__seed0.txt"
+    assert "simulated crash in fit" in failure.read_text()
+    assert not (
+        tmp_path / "out" / "runner" / "jobs" / "flaky_test__mvtec_3d__dome__seed0.json"
+    ).exists()
+    first = json.loads(
+        (
+            tmp_path / "out" / "runner" / "jobs" / "grid_curvature__mvtec_3d__dome__seed0.json"
+        ).read_text()
+    )
+
+    flaky.unlink()  # the bug is fixed
+    records, failed = run_benchmark(cfg, track=False)
+    assert failed == [] and len(records) == 2
+    assert records[0]["finished"] == first["finished"]  # skipped, not recomputed
+    assert (
+        records[1]["metrics"]["all"]["image_auroc"] == records[1]["metrics"]["all"]["image_auroc"]
+    )
+    assert not failure.exists()
+
+
+def test_runner_measures_time_memory_and_device(tmp_path, ad3d_root):
+    (record,), _ = run_benchmark(_config(tmp_path, ad3d_root, "grid_curvature"), track=False)
+    assert record["device"].startswith("cpu")
+    assert (
+        record["timings"]["model_images_per_second"]
+        >= record["timings"]["predict_images_per_second"]
+        > 0
+    )
+    assert (
+        record["memory"]["fit_peak_host_mb"] > 50 and record["memory"]["predict_peak_gpu_mb"] == 0
+    )
+    assert record["versions"]["torch"] == torch.__version__
+
+
+def test_category_filter_keeps_the_categories_each_dataset_has(tmp_path, ad_root, ad3d_root):
+    cfg = BenchConfig(
+        detectors=[
+            DetectorEntry("feature_stats", params={"weights": "random"}),
+            DetectorEntry("grid_curvature"),
+        ],
+        datasets=[
+            DatasetEntry("mvtec_ad", root=str(ad_root)),
+            DatasetEntry("mvtec_3d", root=str(ad3d_root)),
+        ],
+        categories=["dome", "weave"],
+    )
+    assert sorted(j.run_name for j in plan_jobs(cfg)) == [
+        "feature_stats/mvtec_ad/weave/seed0",
+        "grid_curvature/mvtec_3d/dome/seed0",
+    ]
+    cfg.categories = ["dome", "carpet"]
+    with pytest.raises(ConfigError, match=r"\['carpet'\] are in none of the configured datasets"):
+        plan_jobs(cfg)
+
+
+def test_config_hash_changes_with_params_and_protocol_but_fit_hash_ignores_protocol(
+    tmp_path, ad3d_root
+):
+    base = _config(tmp_path, ad3d_root, "grid_curvature")
+    (a,) = plan_jobs(base)
+    base.protocol = "fast"
+    (b,) = plan_jobs(base)
+    base.detectors[0].params = {"window": 7}
+    (c,) = plan_jobs(base)
+    assert a.fit_hash == b.fit_hash and a.config_hash != b.config_hash
+    assert c.fit_hash != b.fit_hash
