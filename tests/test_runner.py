@@ -73,9 +73,8 @@ def test_a_failing_job_is_recorded_and_the_rerun_does_only_what_is_missing(
     records, failed = run_benchmark(cfg, track=False)
     assert failed == [] and len(records) == 2
     assert records[0]["finished"] == first["finished"]  # skipped, not recomputed
-    assert (
-        records[1]["metrics"]["all"]["image_auroc"] == records[1]["metrics"]["all"]["image_auroc"]
-    )
+    assert records[1]["run_name"] == "flaky_test/mvtec_3d/dome/seed0"
+    assert 0.0 <= records[1]["metrics"]["all"]["image_auroc"] <= 1.0
     assert not failure.exists()
 
 
