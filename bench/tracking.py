@@ -16,16 +16,6 @@ from typing import Any
 from bench.config import BenchConfig
 from bench.progress import console
 
-METRIC_ORDER = (
-    "image_auroc",
-    "pixel_auroc",
-    "au_pro",
-    "image_ap",
-    "pixel_ap",
-    "image_f1max",
-    "pixel_f1max",
-)
-
 
 def default_tracking_uri(output: str | Path) -> str:
     return f"sqlite:///{(Path(output) / 'mlflow.db').resolve()}"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -82,3 +84,50 @@ def resize_crop(x: torch.Tensor, size: tuple[int, int], box, mode: str) -> torch
     if box is not None:
         x = x[..., box[0] : box[2], box[1] : box[3]]
     return x
+
+
+class CategoryDataset(Dataset):
+    """One category and split of an MVTec-style folder; subclasses index ``items`` (dicts with at
+    least "path", "defect" and the ground-truth path under ``gt_key``) and load the inputs."""
+
+    modality = "image"
+    splits: tuple[str, ...] = ("train", "test")
+    gt_key = "gt_path"
+
+    def __init__(
+        self, root, category: str, split: str = "train", image_size=256, crop_size=None
+    ) -> None:
+        if split not in self.splits:
+            raise ValueError(
+                f"{type(self).__name__} split must be one of {self.splits}, got {split!r}"
+            )
+        self.root, self.category, self.split = Path(root), category, split
+        self.image_size, self.crop_size = image_size, crop_size
+        self.items = self._index()
+
+    def _index(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted({it["defect"] for it in self.items})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def target(
+        self, item: dict[str, Any], native: tuple[int, int], roi: torch.Tensor
+    ) -> dict[str, Any]:
+        """Mask at native size (empty for good samples), label, ROI and metadata of ``item``."""
+        gt = item[self.gt_key]
+        return {
+            "mask": torch.zeros(native, dtype=torch.bool) if gt is None else read_mask(gt, native),
+            "label": torch.tensor(int(item["defect"] != "good")),
+            "roi": roi,
+            "meta": {
+                "path": str(item["path"]),
+                "category": self.category,
+                "defect": item["defect"],
+                "split": self.split,
+            },
+        }

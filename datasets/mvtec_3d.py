@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import tifffile
 import torch
-from torch.utils.data import Dataset
 
-from .common import DatasetLayoutError, input_geometry, read_mask, read_rgb, resize_crop
+from .common import CategoryDataset, DatasetLayoutError, input_geometry, read_rgb, resize_crop
 
 LAYOUT = """expected MVTec 3D-AD layout:
   <root>/<category>/{train,validation,test}/<defect or good>/rgb/<id>.png
@@ -50,26 +49,16 @@ def read_xyz(path: Path) -> np.ndarray:
     return xyz
 
 
-class MVTec3D(Dataset):
+class MVTec3D(CategoryDataset):
     """One category and split. Items: ``xyz`` float [3,h,w] (nearest-resized organised grid),
-    ``valid`` bool [h,w], ``rgb`` float [3,h,w] in [0,1], ``mask`` bool at native size,
-    ``label``, ``roi``, ``meta``."""
+    ``valid`` bool [h,w], ``rgb`` (also as ``image``) float [3,h,w] in [0,1], ``mask`` bool at
+    native size, ``label``, ``roi``, ``meta``."""
 
     modality = "point_cloud"
+    splits = SPLITS
 
-    def __init__(
-        self,
-        root: str | Path,
-        category: str,
-        split: str = "train",
-        image_size: int | tuple[int, int] | None = 224,
-        crop_size: int | tuple[int, int] | None = None,
-    ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"MVTec 3D-AD split must be one of {SPLITS}, got {split!r}")
-        self.root, self.category, self.split = Path(root), category, split
-        self.image_size, self.crop_size = image_size, crop_size
-        self.items = self._index()
+    def __init__(self, root, category, split="train", image_size=224, crop_size=None) -> None:
+        super().__init__(root, category, split, image_size, crop_size)
 
     def _index(self) -> list[dict[str, Any]]:
         split_dir = self.root / self.category / self.split
@@ -101,13 +90,6 @@ class MVTec3D(Dataset):
             raise DatasetLayoutError(f"no xyz tiffs under {split_dir}; {LAYOUT}")
         return items
 
-    @property
-    def defect_types(self) -> list[str]:
-        return sorted({it["defect"] for it in self.items})
-
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         xyz = torch.from_numpy(read_xyz(item["path"])).permute(2, 0, 1).contiguous()
@@ -122,22 +104,10 @@ class MVTec3D(Dataset):
         xyz = resize_crop(xyz, size, box, "nearest")
         valid = resize_crop(valid[None], size, box, "nearest")[0].bool()
         rgb = resize_crop(rgb.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
-        if item["gt_path"] is None:
-            mask = torch.zeros(native, dtype=torch.bool)
-        else:
-            mask = read_mask(item["gt_path"], native)
         return {
             "xyz": xyz,
             "valid": valid,
             "rgb": rgb,
-            "image": rgb,  # lets image detectors run on the RGB half of MVTec 3D-AD
-            "mask": mask,
-            "label": torch.tensor(int(item["defect"] != "good")),
-            "roi": roi,
-            "meta": {
-                "path": str(item["path"]),
-                "category": self.category,
-                "defect": item["defect"],
-                "split": self.split,
-            },
+            "image": rgb,
+            **self.target(item, native, roi),
         }

@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import Dataset
-
 from .common import (
+    CategoryDataset,
     DatasetLayoutError,
     input_geometry,
     list_images,
-    read_mask,
     read_rgb,
     resize_crop,
 )
@@ -33,25 +30,13 @@ def categories(root: str | Path) -> list[str]:
     return found
 
 
-class MVTecAD(Dataset):
+class MVTecAD(CategoryDataset):
     """One category and split. Items: ``image`` float [3,h,w] in [0,1] (resized, optionally
     centre-cropped), ``mask`` bool at native size, ``label``, ``roi``, ``meta``."""
 
     modality = "image"
-
-    def __init__(
-        self,
-        root: str | Path,
-        category: str,
-        split: str = "train",
-        image_size: int | tuple[int, int] | None = 256,
-        crop_size: int | tuple[int, int] | None = None,
-    ) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"MVTec AD split must be 'train' or 'test', got {split!r}")
-        self.root, self.category, self.split = Path(root), category, split
-        self.image_size, self.crop_size = image_size, crop_size
-        self.items = self._index()
+    splits = ("train", "test")
+    gt_key = "mask_path"
 
     def _index(self) -> list[dict[str, Any]]:
         base = self.root / self.category
@@ -78,32 +63,10 @@ class MVTecAD(Dataset):
             raise DatasetLayoutError(f"no images under {split_dir}; {LAYOUT}")
         return items
 
-    @property
-    def defect_types(self) -> list[str]:
-        return sorted({it["defect"] for it in self.items})
-
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         raw = read_rgb(item["path"])
         native = (raw.shape[1], raw.shape[2])
         size, box, roi = input_geometry(native, self.image_size, self.crop_size)
         image = resize_crop(raw.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
-        if item["mask_path"] is None:
-            mask = torch.zeros(native, dtype=torch.bool)
-        else:
-            mask = read_mask(item["mask_path"], native)
-        return {
-            "image": image,
-            "mask": mask,
-            "label": torch.tensor(int(item["defect"] != "good")),
-            "roi": roi,
-            "meta": {
-                "path": str(item["path"]),
-                "category": self.category,
-                "defect": item["defect"],
-                "split": self.split,
-            },
-        }
+        return {"image": image, **self.target(item, native, roi)}
