@@ -12,8 +12,9 @@ import torch
 from bench import __version__
 from bench.config import BenchConfig
 from bench.datasets import get_dataset
+from bench.evaluation import Evaluator
 from bench.loading import EpochLoader
-from bench.metrics import METRIC_VERSION, Evaluator
+from bench.metrics import METRIC_VERSION
 from bench.plan import Job, plan_jobs
 from bench.progress import console, progress_bar
 from bench.registry import create_detector

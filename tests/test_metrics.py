@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from bench.metrics import Evaluator, au_pro, auroc, average_precision, f1_max, trapezoid_to
+from bench.evaluation import Evaluator
+from bench.metrics import au_pro, auroc, average_precision, f1_max, pixel_metrics, trapezoid_to
 from bench.types import Batch, Prediction
 
 
@@ -223,3 +224,69 @@ def test_evaluator_crops_the_mask_to_the_model_roi():
     assert ev.masks[1].shape == (10, 10) and int(ev.masks[1].sum()) == 16
     assert ev.protocol_label == "official-cropped"
     assert ev.compute()["all"]["au_pro"] == pytest.approx(1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps_and_masks(), st.integers(1, 9))
+def test_streaming_chunks_split_tie_runs_without_changing_any_value(case, chunk):
+    maps, masks = case
+    whole = pixel_metrics(t(maps), t(masks))
+    tiny = pixel_metrics(t(maps), t(masks), chunk=chunk)
+    for key, value in whole.items():
+        assert tiny[key] == pytest.approx(value, abs=1e-12, nan_ok=True), key
+    flat_scores, flat_mask = maps.reshape(-1), masks.reshape(-1)
+    if flat_mask.any() and not flat_mask.all():
+        assert tiny["pixel_auroc"] == pytest.approx(
+            roc_auc_score(flat_mask, flat_scores), abs=1e-12
+        )
+        assert tiny["pixel_ap"] == pytest.approx(
+            average_precision_score(flat_mask, flat_scores), abs=1e-12
+        )
+        assert tiny["au_pro"] == pytest.approx(reference_au_pro(maps, masks), abs=1e-10)
+
+
+def test_per_defect_metrics_equal_scoring_that_subset_alone():
+    rng = np.random.default_rng(11)
+    n, size = 9, 24
+    defects = ["good", "good", "good", "crack", "crack", "hole", "hole", "hole", "crack"]
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    for i, d in enumerate(defects):
+        if d != "good":
+            y, x = rng.integers(2, 16, 2)
+            masks[i, y : y + 5, x : x + rng.integers(2, 7)] = True
+    maps = torch.tensor(rng.random((n, size, size)), dtype=torch.float32) + 0.8 * masks
+    scores = maps.flatten(1).amax(1)
+    batch = Batch(
+        label=torch.tensor([int(d != "good") for d in defects]),
+        mask=masks,
+        roi=torch.tensor([[0, 0, size, size]] * n),
+        meta=[{"path": f"{i}.png", "defect": d, "category": "toy"} for i, d in enumerate(defects)],
+    )
+    ev = Evaluator(chunk=50)  # many chunks
+    ev.update(Prediction(score=scores, anomaly_map=maps), batch)
+    result = ev.compute()
+    assert set(result) == {"all", "crack", "hole"}
+    for name in ("all", "crack", "hole"):
+        idx = [i for i, d in enumerate(defects) if name == "all" or d in ("good", name)]
+        direct = pixel_metrics(maps[idx], masks[idx])
+        for key, value in direct.items():
+            assert result[name][key] == pytest.approx(value, abs=1e-12), (name, key)
+        labels = [int(defects[i] != "good") for i in idx]
+        assert result[name]["image_auroc"] == pytest.approx(
+            roc_auc_score(labels, scores[idx].numpy())
+        )
+
+
+def test_undefined_metrics_are_nan_with_a_warning_naming_the_category():
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    batch = Batch(
+        label=torch.tensor([0, 0]),
+        mask=masks,
+        roi=torch.tensor([[0, 0, 8, 8]] * 2),
+        meta=[{"path": "a", "defect": "good", "category": "screw"}] * 2,
+    )
+    ev = Evaluator()
+    ev.update(Prediction(score=torch.tensor([0.1, 0.2]), anomaly_map=torch.rand(2, 8, 8)), batch)
+    result = ev.compute()["all"]
+    assert all(math.isnan(result[k]) for k in ("image_auroc", "pixel_auroc", "au_pro"))
+    assert any("screw: no anomalous test image" in w for w in ev.warnings)

@@ -1,0 +1,204 @@
+"""The streaming evaluator: ``update(prediction, batch)`` per test batch, ``compute()`` at the end.
+
+Memory: each map is kept once, as float32 at the ground truth's size (official protocol) on the
+device that produced it, and each mask as one byte per pixel on the host; ``compute`` adds one
+sort of all pixels (values and int64 order), int32 region ids and int16/int32 image ids in
+sorted order, and O(chunk) work buffers: about 4 GiB for 115 M pixels (110 maps of 1024x1024).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+
+from bench.metrics import (
+    CHUNK,
+    METRIC_VERSION,
+    PROTOCOLS,
+    image_metrics,
+    integrate_sorted,
+    label_regions,
+)
+from bench.types import Batch, Prediction
+
+
+def export_path(root: str | Path, meta: dict) -> Path:
+    """``<root>/<category>/test/<defect>/<id>.tiff``: the official evaluation scripts' layout."""
+    return (
+        Path(root) / meta["category"] / "test" / meta["defect"] / f"{Path(meta['path']).stem}.tiff"
+    )
+
+
+class Evaluator:
+    """Collects predictions of one category and computes every metric exactly.
+
+    ``protocol="official"`` upsamples each map bilinearly to its ground truth's native size;
+    ``"fast"`` compares both at ``fast_size`` (maps bilinear, masks nearest) and is labelled so.
+    ``export_dir`` writes every map, at native size, in the official layout.
+    """
+
+    def __init__(
+        self,
+        protocol: str = "official",
+        pro_limit: float = 0.3,
+        fast_size: int = 256,
+        export_dir: str | Path | None = None,
+        chunk: int = CHUNK,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if not 0 < pro_limit <= 1:
+            raise ValueError(f"pro_limit must be in (0, 1], got {pro_limit}")
+        self.protocol, self.pro_limit, self.fast_size, self.chunk = (
+            protocol,
+            pro_limit,
+            fast_size,
+            chunk,
+        )
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        self.scores: list[float] = []
+        self.labels: list[int] = []
+        self.defects: list[str] = []
+        self.categories: set[str] = set()
+        self.maps: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+        self.cropped = False
+        self.warnings: list[str] = []
+
+    @property
+    def protocol_label(self) -> str:
+        return self.protocol + ("-cropped" if self.cropped else "")
+
+    @property
+    def category(self) -> str:
+        return ", ".join(sorted(self.categories)) or "unknown category"
+
+    def update(self, prediction: Prediction, batch: Batch) -> None:
+        if len(prediction.score) != len(batch):
+            raise ValueError(
+                f"{len(prediction.score)} predictions for a batch of {len(batch)} samples"
+            )
+        scores = prediction.score.detach().float()
+        maps = prediction.anomaly_map.detach().float()
+        for i in range(len(batch)):
+            meta = batch.meta[i]
+            where = meta.get("path", f"sample {len(self.scores)}")
+            if not torch.isfinite(scores[i]):
+                raise ValueError(f"image score is {float(scores[i])} for {where}")
+            if not torch.isfinite(maps[i]).all():
+                raise ValueError(f"anomaly map has NaN or infinite values for {where}")
+            y0, x0, y1, x1 = (int(v) for v in batch.roi[i])
+            mask = batch.mask[i].bool().cpu()
+            self.cropped |= (y0, x0, y1, x1) != (0, 0, mask.shape[0], mask.shape[1])
+            mask = mask[y0:y1, x0:x1]
+            native = _resize(maps[i], tuple(mask.shape))
+            if self.export_dir is not None:
+                path = export_path(self.export_dir, meta)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(path, native.cpu().numpy().astype(np.float32))
+            if self.protocol == "fast":
+                size = (self.fast_size, self.fast_size)
+                native = _resize(maps[i], size)
+                mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[
+                    0, 0
+                ].bool()
+            self.maps.append(native.contiguous())
+            self.masks.append(mask.contiguous())
+            self.scores.append(float(scores[i]))
+            self.labels.append(int(batch.label[i]))
+            self.defects.append(str(meta.get("defect", "unknown")))
+            self.categories.add(str(meta.get("category", "unknown category")))
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """Metrics for all test images (key "all") and per defect type (each vs the good images).
+
+        A metric that is undefined (no anomalous or no good image) is NaN, with a message in
+        ``self.warnings`` naming the category.
+        """
+        n = len(self.scores)
+        if n == 0:
+            raise ValueError("no predictions were given to the evaluator")
+        self.warnings = []
+        labels = torch.tensor(self.labels)
+        if not (labels == 1).any() or not (labels == 0).any():
+            missing = "anomalous" if not (labels == 1).any() else "good"
+            self.warnings.append(
+                f"{self.category}: no {missing} test image; image AUROC/AP/F1 are undefined (NaN)"
+            )
+        subsets = {"all": torch.ones(n, dtype=torch.bool)}
+        for defect in sorted({d for d, y in zip(self.defects, self.labels) if y == 1}):
+            subsets[defect] = torch.tensor(
+                [y == 0 or d == defect for d, y in zip(self.defects, self.labels)]
+            )
+        pixel = self._pixel_metrics(subsets)
+        out = {}
+        for name, sel in subsets.items():
+            img = image_metrics(torch.tensor(self.scores, dtype=torch.float64)[sel], labels[sel])
+            out[name] = {**img, **pixel[name]}
+        if math.isnan(out["all"]["au_pro"]):
+            self.warnings.append(
+                f"{self.category}: no ground-truth region or no defect-free pixel; AU-PRO is undefined (NaN)"
+            )
+        return out
+
+    def _pixel_metrics(self, subsets: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        device = self.maps[0].device
+        n = len(self.maps)
+        region_ids, region_image, positives, offset = [], [torch.zeros(1, dtype=torch.int32)], [], 0
+        for i, mask in enumerate(self.masks):
+            labels, count = label_regions(mask)
+            region_ids.append(
+                torch.from_numpy(np.where(labels > 0, labels + offset, 0).astype(np.int32)).reshape(
+                    -1
+                )
+            )
+            region_image.append(torch.full((count,), i, dtype=torch.int32))
+            positives.append(float(mask.sum()))
+            offset += count
+        pixels = torch.tensor([float(m.numel()) for m in self.masks], dtype=torch.float64)
+        regions = torch.cat(region_ids).to(device)
+        del region_ids
+        sizes = torch.bincount(regions, minlength=offset + 1).to(torch.float64)
+        scores, order = torch.sort(torch.cat([m.reshape(-1) for m in self.maps]), descending=True)
+        regions = regions[order]
+        image = None
+        if len(subsets) > 1:
+            dtype = torch.int16 if n < 2**15 else torch.int32
+            sizes_px = torch.tensor([m.numel() for m in self.maps], device=device)
+            image = torch.repeat_interleave(torch.arange(n, dtype=dtype, device=device), sizes_px)[
+                order
+            ]
+        del order
+        return integrate_sorted(
+            scores,
+            regions,
+            image,
+            subsets,
+            torch.tensor(positives, dtype=torch.float64),
+            pixels,
+            sizes,
+            torch.cat(region_image),
+            self.pro_limit,
+            self.chunk,
+        )
+
+    def record(self) -> dict:
+        """Metrics with their provenance, for results files."""
+        return {
+            "metrics": self.compute(),
+            "protocol": self.protocol_label,
+            "metric_version": METRIC_VERSION,
+            "pro_limit": self.pro_limit,
+            "warnings": list(self.warnings),
+        }
+
+
+def _resize(amap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(amap.shape) == size:
+        return amap
+    return F.interpolate(amap[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
