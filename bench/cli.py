@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from bench.config import (
@@ -84,12 +85,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--protocol", choices=["official", "fast"])
     run.add_argument("--output", help="results folder (default: results)")
     run.add_argument(
+        "--export-maps",
+        metavar="DIR",
+        help="write every anomaly map to DIR/<detector>/<dataset>/seedN/<category>/test/<defect>/<id>.tiff",
+    )
+    run.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite store)",
     )
     run.add_argument("--experiment", help="MLflow experiment name (default: adbench/<name>)")
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.add_argument("--force", action="store_true", help="re-run jobs that already have results")
+
+    ev = sub.add_parser("evaluate", help="score anomaly maps stored in the official layout")
+    ev.add_argument(
+        "--maps", required=True, help="folder: <maps>/<category>/test/<defect>/<id>.tiff"
+    )
+    ev.add_argument("--data", required=True, help="MVTec AD or MVTec 3D-AD root (ground truth)")
+    ev.add_argument(
+        "--categories", type=_csv, help="comma-separated (default: every category with maps)"
+    )
+    ev.add_argument(
+        "--scores",
+        action="append",
+        default=[],
+        help="CSV with category,defect,id,score (repeatable)",
+    )
+    ev.add_argument("--protocol", choices=["official", "fast"], default="official")
+    ev.add_argument("--pro-limit", type=float, default=0.3, help="AU-PRO integration limit (FPR)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument(
+        "--output", help="metrics file stem (default: <maps>/metrics -> .json and .csv)"
+    )
 
     rep = sub.add_parser("report", help="leaderboard (Markdown, CSV) from the results folder")
     rep.add_argument("--name", default="default")
@@ -145,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "output",
         "tracking_uri",
         "experiment",
+        "export_maps",
     ):
         value = getattr(args, attr)
         if value is not None:
@@ -212,10 +240,50 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.rescore import evaluate_maps, records_table
+    from bench.results import write_json
+    from bench.system import resolve_device
+
+    device = str(resolve_device(args.device))
+    records = evaluate_maps(
+        args.maps, args.data, args.categories, args.scores, args.protocol, args.pro_limit, device
+    )
+    table = records_table(records)
+    stem = Path(args.output) if args.output else Path(args.maps) / "metrics"
+    write_json(stem.with_suffix(".json"), records)
+    table.to_csv(stem.with_suffix(".csv"), index=False)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    out = Table(
+        title=f"{args.maps}: protocol {records[0]['protocol']}, metric version {records[0]['metric_version']}"
+    )
+    cols = ["category", "defect", "image_auroc", "pixel_auroc", "au_pro", "pixel_ap", "image_ap"]
+    for col in cols:
+        out.add_column(col, no_wrap=True)
+    for row in table.itertuples(index=False):
+        out.add_row(
+            *(
+                getattr(row, c) if isinstance(getattr(row, c), str) else f"{getattr(row, c):.4f}"
+                for c in cols
+            )
+        )
+    console.print(out)
+    for rec in records:
+        for warning in rec["warnings"]:
+            console.print(f"[yellow]{warning}[/]")
+    console.print(f"metrics: {stem.with_suffix('.json')}  ({stem.with_suffix('.csv')})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"list": cmd_list, "run": cmd_run, "report": cmd_report}[args.command](args)
+        return {"list": cmd_list, "run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report}[
+            args.command
+        ](args)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2

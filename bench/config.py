@@ -71,6 +71,8 @@ class BenchConfig:
     num_workers: int = 2
     protocol: str = "official"
     output: str = "results"
+    #: write every anomaly map (float32 tiff, native size, official layout) under this folder
+    export_maps: str | None = None
     experiment: str | None = None
     tracking_uri: str | None = None
 

@@ -69,6 +69,7 @@ class Evaluator:
         self.masks: list[torch.Tensor] = []
         self.cropped = False
         self.warnings: list[str] = []
+        self._exported: list[tuple[str, str, str, float]] = []
 
     @property
     def protocol_label(self) -> str:
@@ -88,10 +89,10 @@ class Evaluator:
         for i in range(len(batch)):
             meta = batch.meta[i]
             where = meta.get("path", f"sample {len(self.scores)}")
-            if not torch.isfinite(scores[i]):
-                raise ValueError(f"image score is {float(scores[i])} for {where}")
             if not torch.isfinite(maps[i]).all():
                 raise ValueError(f"anomaly map has NaN or infinite values for {where}")
+            if not torch.isfinite(scores[i]):
+                raise ValueError(f"image score is {float(scores[i])} for {where}")
             y0, x0, y1, x1 = (int(v) for v in batch.roi[i])
             mask = batch.mask[i].bool().cpu()
             self.cropped |= (y0, x0, y1, x1) != (0, 0, mask.shape[0], mask.shape[1])
@@ -101,6 +102,9 @@ class Evaluator:
                 path = export_path(self.export_dir, meta)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tifffile.imwrite(path, native.cpu().numpy().astype(np.float32))
+                self._exported.append(
+                    (meta["category"], meta["defect"], Path(meta["path"]).stem, float(scores[i]))
+                )
             if self.protocol == "fast":
                 size = (self.fast_size, self.fast_size)
                 native = _resize(maps[i], size)
@@ -136,6 +140,7 @@ class Evaluator:
                 [y == 0 or d == defect for d, y in zip(self.defects, self.labels)]
             )
         pixel = self._pixel_metrics(subsets)
+        self._write_scores()
         out = {}
         for name, sel in subsets.items():
             img = image_metrics(torch.tensor(self.scores, dtype=torch.float64)[sel], labels[sel])
@@ -145,6 +150,16 @@ class Evaluator:
                 f"{self.category}: no ground-truth region or no defect-free pixel; AU-PRO is undefined (NaN)"
             )
         return out
+
+    def _write_scores(self) -> None:
+        """Image scores next to the exported maps, as ``bench evaluate --scores`` reads them."""
+        if self.export_dir is None or not self._exported:
+            return
+        for category in sorted({row[0] for row in self._exported}):
+            path = self.export_dir / category / "scores.csv"
+            rows = [r for r in self._exported if r[0] == category]
+            lines = ["category,defect,id,score", *(f"{c},{d},{i},{s!r}" for c, d, i, s in rows)]
+            path.write_text("\n".join(lines) + "\n")
 
     def _pixel_metrics(self, subsets: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
         device = self.maps[0].device

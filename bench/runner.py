@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +32,11 @@ def _sync(device: torch.device) -> None:
 
 
 def run_job(
-    job: Job, store: ResultStore, device: torch.device, num_workers: int = 0
+    job: Job,
+    store: ResultStore,
+    device: torch.device,
+    num_workers: int = 0,
+    export_maps: str | None = None,
 ) -> dict[str, Any]:
     """Fits (or loads the cached fitted state of) one detector and scores one category."""
     seed_everything(job.seed)
@@ -67,7 +72,10 @@ def run_job(
             detector.save_state(state_file)
         fit_seconds = time.perf_counter() - start
 
-    evaluator = Evaluator(job.protocol)
+    export = None
+    if export_maps is not None:
+        export = Path(export_maps) / job.detector.display / job.dataset.name / f"seed{job.seed}"
+    evaluator = Evaluator(job.protocol, export_dir=export)
     dtype = amp_dtype(device, "auto") if detector.inference_amp else None
     model_seconds = 0.0
     with (
@@ -107,6 +115,8 @@ def run_job(
         "protocol": evaluator.protocol_label,
         "metric_version": METRIC_VERSION,
         "metrics": metrics,
+        "warnings": evaluator.warnings,
+        "maps_exported_to": None if export is None else str(export),
         "n_train": len(train_set),
         "n_test": len(test_set),
         "fit_cached": cached,
@@ -155,7 +165,7 @@ def run_benchmark(
             else:
                 console.print(f"[{i}/{len(jobs)}] {job.run_name}: running")
                 try:
-                    record = run_job(job, store, device, cfg.num_workers)
+                    record = run_job(job, store, device, cfg.num_workers, cfg.export_maps)
                 except KeyboardInterrupt:
                     raise
                 except Exception as err:
@@ -166,6 +176,8 @@ def run_benchmark(
                     failed.append(job.run_name)
                     continue
                 store.save(record)
+                for warning in record["warnings"]:
+                    console.print(f"[yellow]  {warning}[/]")
                 m = record["metrics"]["all"]
                 console.print(
                     f"  image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  "

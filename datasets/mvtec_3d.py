@@ -90,6 +90,11 @@ class MVTec3D(CategoryDataset):
             raise DatasetLayoutError(f"no xyz tiffs under {split_dir}; {LAYOUT}")
         return items
 
+    def native_size(self, item: dict[str, Any]) -> tuple[int, int]:
+        """(H, W) of an item's organised grid, read from the tiff header only."""
+        with tifffile.TiffFile(item["path"]) as tif:
+            return tuple(tif.pages[0].shape[:2])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         xyz = torch.from_numpy(read_xyz(item["path"])).permute(2, 0, 1).contiguous()

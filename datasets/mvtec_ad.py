@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .common import (
     CategoryDataset,
     DatasetLayoutError,
@@ -62,6 +64,11 @@ class MVTecAD(CategoryDataset):
         if not items:
             raise DatasetLayoutError(f"no images under {split_dir}; {LAYOUT}")
         return items
+
+    def native_size(self, item: dict[str, Any]) -> tuple[int, int]:
+        """(H, W) of an item's image, read from the file header only."""
+        with Image.open(item["path"]) as img:
+            return img.size[1], img.size[0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
