@@ -21,8 +21,7 @@ from bench.metrics import (
     METRIC_VERSION,
     PROTOCOLS,
     image_metrics,
-    integrate_sorted,
-    label_regions,
+    score_metrics,
 )
 from bench.types import Batch, Prediction
 
@@ -134,17 +133,17 @@ class Evaluator:
             self.warnings.append(
                 f"{self.category}: no {missing} test image; image AUROC/AP/F1 are undefined (NaN)"
             )
-        subsets = {"all": torch.ones(n, dtype=torch.bool)}
-        for defect in sorted({d for d, y in zip(self.defects, self.labels) if y == 1}):
-            subsets[defect] = torch.tensor(
-                [y == 0 or d == defect for d, y in zip(self.defects, self.labels)]
-            )
-        pixel = self._pixel_metrics(subsets)
+        kinds = sorted({d for d, y in zip(self.defects, self.labels) if y == 1})
+        group_of = {"good": 0, **{d: i + 1 for i, d in enumerate(kinds)}}
+        groups = [group_of[d] if y == 1 else 0 for d, y in zip(self.defects, self.labels)]
+        subsets = {"all": list(range(len(kinds) + 1)), **{d: [0, group_of[d]] for d in kinds}}
+        pixel = score_metrics(self.maps, self.masks, groups, subsets, self.pro_limit, self.chunk)
         self._write_scores()
         out = {}
-        for name, sel in subsets.items():
-            img = image_metrics(torch.tensor(self.scores, dtype=torch.float64)[sel], labels[sel])
-            out[name] = {**img, **pixel[name]}
+        scores = torch.tensor(self.scores, dtype=torch.float64)
+        for name, members in subsets.items():
+            sel = torch.tensor([g in members for g in groups])
+            out[name] = {**image_metrics(scores[sel], labels[sel]), **pixel[name]}
         if math.isnan(out["all"]["au_pro"]):
             self.warnings.append(
                 f"{self.category}: no ground-truth region or no defect-free pixel; AU-PRO is undefined (NaN)"
@@ -160,47 +159,6 @@ class Evaluator:
             rows = [r for r in self._exported if r[0] == category]
             lines = ["category,defect,id,score", *(f"{c},{d},{i},{s!r}" for c, d, i, s in rows)]
             path.write_text("\n".join(lines) + "\n")
-
-    def _pixel_metrics(self, subsets: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-        device = self.maps[0].device
-        n = len(self.maps)
-        region_ids, region_image, positives, offset = [], [torch.zeros(1, dtype=torch.int32)], [], 0
-        for i, mask in enumerate(self.masks):
-            labels, count = label_regions(mask)
-            region_ids.append(
-                torch.from_numpy(np.where(labels > 0, labels + offset, 0).astype(np.int32)).reshape(
-                    -1
-                )
-            )
-            region_image.append(torch.full((count,), i, dtype=torch.int32))
-            positives.append(float(mask.sum()))
-            offset += count
-        pixels = torch.tensor([float(m.numel()) for m in self.masks], dtype=torch.float64)
-        regions = torch.cat(region_ids).to(device)
-        del region_ids
-        sizes = torch.bincount(regions, minlength=offset + 1).to(torch.float64)
-        scores, order = torch.sort(torch.cat([m.reshape(-1) for m in self.maps]), descending=True)
-        regions = regions[order]
-        image = None
-        if len(subsets) > 1:
-            dtype = torch.int16 if n < 2**15 else torch.int32
-            sizes_px = torch.tensor([m.numel() for m in self.maps], device=device)
-            image = torch.repeat_interleave(torch.arange(n, dtype=dtype, device=device), sizes_px)[
-                order
-            ]
-        del order
-        return integrate_sorted(
-            scores,
-            regions,
-            image,
-            subsets,
-            torch.tensor(positives, dtype=torch.float64),
-            pixels,
-            sizes,
-            torch.cat(region_image),
-            self.pro_limit,
-            self.chunk,
-        )
 
     def record(self) -> dict:
         """Metrics with their provenance, for results files."""

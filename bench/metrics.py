@@ -136,163 +136,171 @@ def region_labels(masks) -> torch.Tensor:
     return torch.stack(out)
 
 
-# -- streaming pixel metrics -----------------------------------------------------------------------
-def _prepend(value: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.tensor([value], dtype=x.dtype, device=x.device), x])
+# -- pixel metrics ---------------------------------------------------------------------------------
+# Every pixel curve (ROC, precision-recall, PRO) changes its slope only at the scores of defective
+# pixels: between two consecutive distinct positive scores only defect-free pixels are passed, so
+# TP and PRO stay constant and the trapezoids there are rectangles whatever the order of those
+# pixels. The curves are therefore exact given, for each distinct positive score u_k, the
+# positives at u_k and the defect-free pixels equal to u_k or strictly between u_k and the next.
+# Event ids (ascending): 2k+1 = "equal to u_k", 2k = "strictly between u_(k-1) and u_k", and
+# 2K = "above every positive". Only the positives are sorted; defect-free pixels are counted into
+# events chunk by chunk, so memory stays O(positives + chunk) beyond the stored maps.
 
 
-@dataclass
-class _Running:
-    """Integrals of one image subset's pixel curves, fed chunk by chunk in descending order."""
-
-    positives: float
-    negatives: float
-    regions: int
-    limit: float
-    tp: float = 0.0  # counts so far
-    fp: float = 0.0
-    pro: float = 0.0  # PRO so far
-    auroc: float = 0.0
-    ap: float = 0.0
-    f1: float = 0.0
-    pro_area: float = 0.0
-    pro_done: bool = False
-
-    def add(self, tp: torch.Tensor, fp: torch.Tensor, pro_sum: torch.Tensor) -> None:
-        """The next threshold points: cumulative counts from the top score, and the cumulative
-        sum of 1/|region| over the region pixels (float64)."""
-        if tp.numel() == 0:
-            return
-        pro = (pro_sum / max(self.regions, 1)).clamp(0, 1)
-        if self.positives > 0:
-            recall = tp / self.positives
-            prev_recall = _prepend(self.tp / self.positives, recall[:-1])
-            precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), 0.0)
-            self.ap += float(torch.sum((recall - prev_recall) * precision))
-            self.f1 = max(self.f1, float((2 * tp / (tp + fp + self.positives)).max()))
-        if self.positives > 0 and self.negatives > 0:
-            x = _prepend(self.fp / self.negatives, fp / self.negatives)
-            y = _prepend(self.tp / self.positives, tp / self.positives)
-            self.auroc += float(torch.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1])))
-        if self.regions > 0 and self.negatives > 0 and not self.pro_done:
-            x = _prepend(self.fp / self.negatives, (fp / self.negatives).clamp(0, 1))
-            y = _prepend(self.pro, pro)
-            inside = x[1:] <= self.limit
-            self.pro_area += float(torch.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1]) * inside))
-            beyond = torch.nonzero(~inside).reshape(-1)
-            if beyond.numel():  # the segment that crosses the limit: interpolate PRO there
-                k = int(beyond[0])
-                x0, x1, y0, y1 = float(x[k]), float(x[k + 1]), float(y[k]), float(y[k + 1])
-                y_lim = y0 + (y1 - y0) * (self.limit - x0) / (x1 - x0)
-                self.pro_area += 0.5 * (y0 + y_lim) * (self.limit - x0)
-                self.pro_done = True
-        self.tp, self.fp, self.pro = float(tp[-1]), float(fp[-1]), float(pro[-1])
-
-    def result(self) -> dict[str, float]:
-        has_pos, has_neg = self.positives > 0, self.negatives > 0
-        return {
-            "pixel_auroc": self.auroc if has_pos and has_neg else math.nan,
-            "pixel_ap": self.ap if has_pos else math.nan,
-            "pixel_f1max": self.f1 if has_pos else math.nan,
-            "au_pro": self.pro_area / self.limit if self.regions > 0 and has_neg else math.nan,
-        }
+def _bin_of(x: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, nbins: int) -> torch.Tensor:
+    """Monotone (non-decreasing) bin index in [0, nbins + 2] of float scores: a multiply-add,
+    clamping and truncation of non-negatives each preserve order under IEEE rounding."""
+    return torch.addcmul(offset, x, scale).clamp_(0, nbins + 2).to(torch.int32)
 
 
-def integrate_sorted(
-    scores: torch.Tensor,
-    regions: torch.Tensor,
-    image: torch.Tensor | None,
-    subsets: dict[str, torch.Tensor],
-    image_positives: torch.Tensor,
-    image_pixels: torch.Tensor,
-    region_sizes: torch.Tensor,
-    region_image: torch.Tensor,
+def _binning(u: torch.Tensor):
+    """A linear binning of the positives' range (~16 bins per distinct positive score) and, per
+    bin, the event of any score falling in it, or -1 where the bin holds a positive score."""
+    k = u.numel()
+    if k < 64:
+        return None
+    lo, hi = u[0], u[-1]
+    nbins = int(min(1 << 24, 16 * k))
+    scale = (
+        (nbins / (hi - lo)).to(u.dtype)
+        if hi > lo
+        else torch.ones((), dtype=u.dtype, device=u.device)
+    )
+    offset = (1.5 - lo * scale).to(u.dtype)  # u_0 lands near 1.5: scores far below it in bin 0
+    ub = _bin_of(u, offset, scale, nbins).long()
+    per_bin = torch.bincount(ub, minlength=nbins + 3)
+    first = torch.cat([per_bin.new_zeros(1), per_bin.cumsum(0)])  # number of u_k in lower bins
+    table = torch.where(first[1:] == first[:-1], 2 * first[:-1], -1).to(torch.int32)
+    return offset, scale, nbins, table
+
+
+def _events(x: torch.Tensor, u: torch.Tensor, bins: tuple | None) -> torch.Tensor:
+    """Event id of each score in ``x`` against the sorted distinct positive scores ``u``:
+    2k+1 if equal to u_k, else 2 * (number of u_k below it)."""
+    k = u.numel()
+    if k == 0:
+        return torch.zeros(x.shape, dtype=torch.int32, device=x.device)
+    if bins is None:
+        ambiguous, events = None, None
+    else:  # only scores sharing a bin with some u_k need the binary search
+        offset, scale, nbins, table = bins
+        events = table[_bin_of(x, offset, scale, nbins)]
+        ambiguous = torch.nonzero(events < 0).reshape(-1)
+        if ambiguous.numel() == 0:
+            return events
+        x = x[ambiguous]
+    below = torch.searchsorted(u, x)
+    equal = below < k
+    equal &= u[below.clamp(max=k - 1)] == x
+    exact = 2 * below + equal
+    if events is None:
+        return exact
+    events[ambiguous] = exact.to(events.dtype)
+    return events
+
+
+def _curve_metrics(d_pos, d_neg, d_pro, positives, negatives, regions, limit) -> dict[str, float]:
+    """Metrics from per-event increments given in descending score order (float64)."""
+    has_pos, has_neg = positives > 0, negatives > 0
+    out = dict.fromkeys(("pixel_auroc", "pixel_ap", "pixel_f1max", "au_pro"), math.nan)
+    zero = torch.zeros(1, dtype=torch.float64, device=d_pos.device)
+    tp = torch.cat([zero, torch.cumsum(d_pos, 0)])
+    fp = torch.cat([zero, torch.cumsum(d_neg, 0)])
+    if has_pos:
+        step = d_pos > 0
+        precision = tp[1:][step] / (tp[1:][step] + fp[1:][step])
+        out["pixel_ap"] = float(torch.sum(d_pos[step] / positives * precision))
+        out["pixel_f1max"] = float(
+            (2 * tp[1:][step] / (tp[1:][step] + fp[1:][step] + positives)).max()
+        )
+    if has_pos and has_neg:
+        out["pixel_auroc"] = float(torch.trapezoid(tp / positives, fp / negatives))
+    if regions > 0 and has_neg:
+        fpr = (fp / negatives).clamp(0, 1)
+        pro = torch.cat([zero, torch.cumsum(d_pro, 0) / regions]).clamp(0, 1)
+        out["au_pro"] = trapezoid_to(fpr, pro, limit) / limit
+    return out
+
+
+def score_metrics(
+    maps: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    groups: list[int],
+    subsets: dict[str, list[int]],
     limit: float = 0.3,
     chunk: int = CHUNK,
 ) -> dict[str, dict[str, float]]:
-    """Pixel metrics of several image subsets from one descending sort of all pixels.
+    """Pixel AUROC, AP, F1-max and AU-PRO of image subsets, exactly.
 
-    ``scores`` [P] sorted descending, ``regions`` [P] their region ids (0 = defect-free),
-    ``image`` [P] their image index (None when every subset is all images); ``subsets`` maps a
-    name to a bool selection [n_images]; ``image_positives``/``image_pixels`` [n_images] count
-    defective/all pixels per image; ``region_sizes`` [R+1] and ``region_image`` [R+1] give each
-    region id's size and image. Threshold points are taken at every distinct score of the whole
-    set: a subset's repeated points add no area, so each subset gets its exact curve. Work
-    memory is O(chunk) on top of the inputs.
+    ``maps``/``masks``: one [H,W] pair per image (sizes may differ between images); ``groups``:
+    an int per image (e.g. its defect type); ``subsets``: name -> the groups it contains.
+    Only the defective pixels are sorted; every pixel is then counted into its event, group by
+    group, ``chunk`` pixels at a time.
     """
-    device = scores.device
-    inv_size = torch.where(region_sizes > 0, 1.0 / region_sizes.clamp_min(1), 0.0).to(
-        device, torch.float64
-    )
-    running = {}
-    for name, sel in subsets.items():
-        sel_cpu = sel.cpu()
-        in_regions = sel_cpu[region_image.cpu().long()]
-        in_regions[0] = False
-        pos = float(image_positives.cpu()[sel_cpu].sum())
-        running[name] = _Running(
-            pos, float(image_pixels.cpu()[sel_cpu].sum()) - pos, int(in_regions.sum()), limit
+    device = maps[0].device
+    n_groups = max(groups) + 1
+    pos_scores, pos_weight, pos_group, regions_per_group = [], [], [], [0] * n_groups
+    for amap, mask, g in zip(maps, masks, groups):
+        labels, count = label_regions(mask)
+        if count:
+            flat = labels.reshape(-1)
+            where = torch.from_numpy(np.flatnonzero(flat)).to(device)
+            ids = torch.from_numpy(flat[where.cpu().numpy()].astype(np.int64)).to(device)
+            sizes = torch.bincount(ids, minlength=count + 1).to(torch.float64)
+            pos_scores.append(amap.reshape(-1)[where].float())
+            pos_weight.append(1.0 / sizes[ids])
+            pos_group.append(torch.full((ids.numel(),), g, dtype=torch.int64, device=device))
+            regions_per_group[g] += count
+    if pos_scores:
+        u, k_of_pos = torch.unique(torch.cat(pos_scores), sorted=True, return_inverse=True)
+    else:
+        u = torch.zeros(0, dtype=torch.float32, device=device)
+    n_events = 2 * u.numel() + 1
+    pos = torch.zeros(n_groups * n_events, dtype=torch.float64, device=device)
+    pro = torch.zeros(n_groups * n_events, dtype=torch.float64, device=device)
+    if pos_scores:
+        event = torch.cat(pos_group) * n_events + 2 * k_of_pos + 1
+        pos += torch.bincount(event, minlength=pos.numel()).to(torch.float64)
+        pro += torch.bincount(event, weights=torch.cat(pos_weight), minlength=pro.numel())
+    bins = _binning(u)
+    every = torch.zeros(n_groups, n_events, dtype=torch.float64, device=device)
+    for g in sorted(set(groups)):
+        members = [m.reshape(-1) for m, gm in zip(maps, groups) if gm == g]
+        for part in _chunks(members, chunk):
+            every[g] += torch.bincount(_events(part.float(), u, bins), minlength=n_events)
+    neg = every.reshape(-1) - pos  # integer counts in float64: exact
+    pos, pro, neg = (t.view(n_groups, n_events) for t in (pos, pro, neg))
+    out = {}
+    for name, members in subsets.items():
+        idx = torch.tensor(sorted(set(members)), dtype=torch.long, device=device)
+        d_pos, d_pro, d_neg = (t[idx].sum(0).flip(0) for t in (pos, pro, neg))
+        regions = sum(regions_per_group[m] for m in set(members))
+        out[name] = _curve_metrics(
+            d_pos, d_neg, d_pro, float(d_pos.sum()), float(d_neg.sum()), regions, limit
         )
-    subsets = {name: sel.to(device) for name, sel in subsets.items()}
-    # totals of every pixel before the current chunk: a tie run may span chunks
-    base = {name: torch.zeros(3, dtype=torch.float64, device=device) for name in subsets}
-    n = scores.numel()
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        s = scores[start:end]
-        tail = (
-            torch.ones(1, dtype=torch.bool, device=device)
-            if end == n
-            else scores[end - 1 : end] != scores[end : end + 1]
-        )
-        last = torch.nonzero(torch.cat([s[1:] != s[:-1], tail])).reshape(-1)
-        r = regions[start:end].long()
-        img = None if image is None else image[start:end].long()
-        for name, sel in subsets.items():
-            pos, neg = r > 0, r == 0
-            if img is not None and not bool(sel.all()):
-                keep = sel[img]
-                pos, neg = pos & keep, neg & keep
-            sums = (
-                torch.stack(
-                    [
-                        pos.to(torch.float64),
-                        neg.to(torch.float64),
-                        torch.where(pos, inv_size[r], 0.0),
-                    ]
-                ).cumsum(1)
-                + base[name][:, None]
-            )
-            running[name].add(sums[0, last], sums[1, last], sums[2, last])
-            base[name] = sums[:, -1]
-    return {name: run.result() for name, run in running.items()}
+    return out
+
+
+def _chunks(flat_maps: list[torch.Tensor], chunk: int):
+    """Concatenations of consecutive flat maps of about ``chunk`` pixels (large maps split)."""
+    buffer, size = [], 0
+    for m in flat_maps:
+        for piece in m.split(chunk):
+            buffer.append(piece)
+            size += piece.numel()
+            if size >= chunk:
+                yield torch.cat(buffer)
+                buffer, size = [], 0
+    if buffer:
+        yield torch.cat(buffer)
 
 
 def pixel_metrics(
     maps: torch.Tensor, masks: torch.Tensor, limit: float = 0.3, chunk: int = CHUNK
 ) -> dict[str, float]:
-    """Pixel AUROC, AP, F1-max and AU-PRO of maps/masks [N,H,W] of the same size."""
-    device = maps.device
-    regions = region_labels(masks).to(device)
-    sizes = torch.bincount(regions.reshape(-1)).to(torch.float64)
-    region_image = torch.zeros(sizes.numel(), dtype=torch.int32)
-    scores, order = torch.sort(maps.reshape(-1).to(torch.float32), descending=True)
-    subsets = {"all": torch.ones(maps.shape[0], dtype=torch.bool)}
-    positives = masks.reshape(masks.shape[0], -1).sum(1).to(torch.float64)
-    pixels = torch.full((maps.shape[0],), float(masks[0].numel()), dtype=torch.float64)
-    out = integrate_sorted(
-        scores,
-        regions.reshape(-1)[order],
-        None,
-        subsets,
-        positives,
-        pixels,
-        sizes,
-        region_image,
-        limit,
-        chunk,
-    )
-    return out["all"]
+    """Pixel AUROC, AP, F1-max and AU-PRO of maps/masks [N,H,W]."""
+    n = maps.shape[0]
+    return score_metrics(list(maps), list(masks), [0] * n, {"all": [0]}, limit, chunk)["all"]
 
 
 def au_pro(maps: torch.Tensor, masks: torch.Tensor, limit: float = 0.3) -> float:
