@@ -12,8 +12,13 @@ export MVTEC_AD_ROOT ?= $(SHARED_DATA)/mvtec_ad
 # exact release string: some machines carry a local CPU-only torch build (version 2.x+cpu) that
 # plain `==` would pick, and PyPI's torchvision cannot load against it.
 TORCH_SPEC ?= torch===2.13.0 torchvision===0.28.0
+# the reference implementation the benchmarks compare against: installed only into .venv-perf,
+# which layers over .venv (a .pth adds .venv's site-packages), never into the project's own env
+ANOMALIB_VERSION ?= 2.7.0
+PERF_VENV := .venv-perf
+PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-2d bench-3d report test lint format ui clean help
+.PHONY: install bench bench-2d bench-3d report test lint format ui perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -23,6 +28,7 @@ help:
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff"
 	@echo "make ui        MLflow UI on the local store (PORT=$(PORT))"
+	@echo "make perf      speed benchmarks (vs anomalib $(ANOMALIB_VERSION)), written to $(RESULTS)/perf/"
 
 install: $(STAMP)
 
@@ -70,5 +76,18 @@ ui: $(STAMP)
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(abspath $(RESULTS))/mlflow.db)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RESULTS))/mlflow.db --host 127.0.0.1 --port $(PORT)
 
+$(PERF_STAMP): $(STAMP)
+	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
+	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python$$($(BIN)/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages')" \
+	  > $$($(PERF_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_adbench_base.pth
+	$(PERF_VENV)/bin/pip install --quiet --no-deps anomalib==$(ANOMALIB_VERSION)
+	$(PERF_VENV)/bin/pip install --quiet kornia lightning lightning-utilities "torchmetrics>=1.8.2" omegaconf \
+	  "jsonargparse[signatures]<4.47.0" einops freia opencv-python-headless scikit-image imagecodecs rich-argparse \
+	  docstring-parser platformdirs
+	touch $(PERF_STAMP)
+
+perf: $(PERF_STAMP)
+	$(PERF_VENV)/bin/python -m bench.perf metrics --output $(RESULTS)/perf
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PERF_VENV) .pytest_cache .ruff_cache

@@ -290,3 +290,32 @@ def test_undefined_metrics_are_nan_with_a_warning_naming_the_category():
     result = ev.compute()["all"]
     assert all(math.isnan(result[k]) for k in ("image_auroc", "pixel_auroc", "au_pro"))
     assert any("screw: no anomalous test image" in w for w in ev.warnings)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_and_cpu_give_the_same_values():
+    rng = np.random.default_rng(4)
+    masks = torch.from_numpy(rng.random((6, 64, 64)) < 0.03)
+    maps = torch.from_numpy(rng.random((6, 64, 64)).astype(np.float32)) + masks * 0.3
+    cpu = pixel_metrics(maps, masks)
+    gpu = pixel_metrics(maps.cuda(), masks)
+    for key, value in cpu.items():
+        assert gpu[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_binned_path_matches_sklearn_and_the_official_algorithm_at_scale(quantised):
+    """Thousands of distinct defective scores: the binned event counting is in use."""
+    from bench.perf.metrics_perf import make_category, official_reference
+
+    maps, masks, _ = make_category(24, 96, seed=2)
+    if quantised:  # heavy ties, including ties between defective and defect-free pixels
+        maps = (maps * 64).round() / 64
+    result = pixel_metrics(maps, masks)
+    flat_m, flat_s = masks.reshape(-1).numpy(), maps.reshape(-1).numpy()
+    assert torch.unique(maps[masks]).numel() > (50 if quantised else 1000)
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(flat_m, flat_s), abs=1e-10)
+    assert result["pixel_ap"] == pytest.approx(average_precision_score(flat_m, flat_s), abs=1e-10)
+    assert result["au_pro"] == pytest.approx(
+        official_reference(maps.numpy(), masks.numpy()), abs=1e-10
+    )
