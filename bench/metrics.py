@@ -7,9 +7,9 @@ defect-free pixels of the category, PRO = mean over regions of the covered fract
 from (0,0), trapezoid up to ``limit`` with the PRO value linearly interpolated there, divided by
 ``limit``.
 
-Pixel metrics come from one sort of all pixels and one streaming pass over the sorted order in
-chunks (:func:`integrate_sorted`), which integrates the ROC, precision-recall and PRO curves of
-several image subsets at once without materialising the curves.
+Pixel metrics sort only the defective pixels and count every other pixel into the interval of
+defective scores it falls in (:func:`score_metrics`), which determines the ROC, precision-recall
+and PRO curves exactly without sorting or copying all pixels.
 """
 
 from __future__ import annotations
@@ -124,16 +124,6 @@ def label_regions(mask: torch.Tensor | np.ndarray) -> tuple[np.ndarray, int]:
     m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     labels, count = ndimage.label(m.astype(bool), structure=_EIGHT_CONNECTED)
     return labels.astype(np.int32, copy=False), int(count)
-
-
-def region_labels(masks) -> torch.Tensor:
-    """Region ids of [N,H,W] masks, unique across images (0 = defect-free), int32."""
-    out, offset = [], 0
-    for m in masks:
-        labels, count = label_regions(m)
-        out.append(torch.from_numpy(np.where(labels > 0, labels + offset, 0).astype(np.int32)))
-        offset += count
-    return torch.stack(out)
 
 
 # -- pixel metrics ---------------------------------------------------------------------------------
