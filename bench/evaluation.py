@@ -97,7 +97,9 @@ class Evaluator:
             mask = batch.mask[i].bool().cpu()
             self.cropped |= (y0, x0, y1, x1) != (0, 0, mask.shape[0], mask.shape[1])
             mask = mask[y0:y1, x0:x1]
-            native = _resize(maps[i], tuple(mask.shape))
+            native = None
+            if self.export_dir is not None or self.protocol == "official":
+                native = _resize(maps[i], tuple(mask.shape))
             if self.export_dir is not None:
                 path = export_path(self.export_dir, meta)
                 path.parent.mkdir(parents=True, exist_ok=True)

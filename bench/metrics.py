@@ -15,7 +15,6 @@ and PRO curves exactly without sorting or copying all pixels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,79 +28,50 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 CHUNK = 1 << 22
 
 
-# -- image-level (small inputs) -------------------------------------------------------------------
-@dataclass
-class Curve:
-    """Cumulative counts at each distinct threshold, thresholds descending."""
-
-    thresholds: torch.Tensor
-    tps: torch.Tensor  # float64 cumulative positives
-    fps: torch.Tensor  # float64 cumulative negatives
-
-
-def _last_of_ties(sorted_scores: torch.Tensor) -> torch.Tensor:
-    """Index of the last element of every run of equal values in a sorted vector."""
-    change = torch.nonzero(sorted_scores[1:] != sorted_scores[:-1]).reshape(-1)
-    end = torch.tensor([sorted_scores.numel() - 1], device=sorted_scores.device)
-    return torch.cat([change, end])
-
-
-def binary_curve(scores: torch.Tensor, target: torch.Tensor) -> Curve:
-    scores, target = scores.reshape(-1), target.reshape(-1)
-    sorted_scores, order = torch.sort(scores, descending=True)
-    pos = target[order].to(torch.float64)
-    last = _last_of_ties(sorted_scores)
-    return Curve(sorted_scores[last], torch.cumsum(pos, 0)[last], torch.cumsum(1.0 - pos, 0)[last])
+# -- ROC and precision-recall from per-threshold increments ---------------------------------------
+def _roc_pr(d_pos: torch.Tensor, d_neg: torch.Tensor) -> tuple[float, float, float, torch.Tensor]:
+    """(AUROC, AP, F1-max, cumulative FP) from the positives and negatives that each threshold
+    adds, thresholds in descending order (float64). Undefined values are NaN."""
+    positives, negatives = float(d_pos.sum()), float(d_neg.sum())
+    zero = torch.zeros(1, dtype=torch.float64, device=d_pos.device)
+    tp = torch.cat([zero, torch.cumsum(d_pos, 0)])
+    fp = torch.cat([zero, torch.cumsum(d_neg, 0)])
+    auroc = ap = f1 = math.nan
+    if positives > 0:
+        step = d_pos > 0  # AP and the F1 maximum only move where positives are added
+        tp_s, fp_s = tp[1:][step], fp[1:][step]
+        ap = float(torch.sum(d_pos[step] / positives * tp_s / (tp_s + fp_s)))
+        f1 = float((2 * tp_s / (tp_s + fp_s + positives)).max())
+        if negatives > 0:
+            auroc = float(torch.trapezoid(tp / positives, fp / negatives))
+    return auroc, ap, f1, fp
 
 
-def auroc_from_curve(c: Curve) -> float:
-    if c.tps[-1] == 0 or c.fps[-1] == 0:
-        return math.nan
-    zero = torch.zeros(1, dtype=torch.float64, device=c.tps.device)
-    tpr = torch.cat([zero, c.tps / c.tps[-1]])
-    fpr = torch.cat([zero, c.fps / c.fps[-1]])
-    return float(torch.trapezoid(tpr, fpr))
-
-
-def ap_from_curve(c: Curve) -> float:
-    if c.tps[-1] == 0:
-        return math.nan
-    precision = c.tps / (c.tps + c.fps)
-    recall = c.tps / c.tps[-1]
-    steps = torch.diff(recall, prepend=torch.zeros(1, dtype=recall.dtype, device=recall.device))
-    return float(torch.sum(steps * precision))
-
-
-def f1max_from_curve(c: Curve) -> float:
-    if c.tps[-1] == 0:
-        return math.nan
-    precision = c.tps / (c.tps + c.fps)
-    recall = c.tps / c.tps[-1]
-    denom = precision + recall
-    return float(
-        torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-300), 0.0).max()
-    )
-
-
-def auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
-    return auroc_from_curve(binary_curve(scores, target))
-
-
-def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
-    return ap_from_curve(binary_curve(scores, target))
-
-
-def f1_max(scores: torch.Tensor, target: torch.Tensor) -> float:
-    return f1max_from_curve(binary_curve(scores, target))
+def _increments(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positives and negatives added at each distinct score, scores descending."""
+    _, inverse = torch.unique(scores.reshape(-1), sorted=True, return_inverse=True)
+    n = int(inverse.max()) + 1 if inverse.numel() else 0
+    pos = target.reshape(-1).to(torch.float64)
+    d_pos = torch.zeros(n, dtype=torch.float64).index_add_(0, inverse, pos)
+    d_neg = torch.zeros(n, dtype=torch.float64).index_add_(0, inverse, 1.0 - pos)
+    return d_pos.flip(0), d_neg.flip(0)
 
 
 def image_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    c = binary_curve(scores.to(torch.float64), labels)
-    return {
-        "image_auroc": auroc_from_curve(c),
-        "image_ap": ap_from_curve(c),
-        "image_f1max": f1max_from_curve(c),
-    }
+    auroc_, ap, f1, _ = _roc_pr(*_increments(scores.to(torch.float64).cpu(), labels.cpu()))
+    return {"image_auroc": auroc_, "image_ap": ap, "image_f1max": f1}
+
+
+def auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
+    return image_metrics(scores, target)["image_auroc"]
+
+
+def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
+    return image_metrics(scores, target)["image_ap"]
+
+
+def f1_max(scores: torch.Tensor, target: torch.Tensor) -> float:
+    return image_metrics(scores, target)["image_f1max"]
 
 
 def trapezoid_to(x: torch.Tensor, y: torch.Tensor, x_max: float) -> float:
@@ -189,26 +159,15 @@ def _events(x: torch.Tensor, u: torch.Tensor, bins: tuple | None) -> torch.Tenso
     return events
 
 
-def _curve_metrics(d_pos, d_neg, d_pro, positives, negatives, regions, limit) -> dict[str, float]:
-    """Metrics from per-event increments given in descending score order (float64)."""
-    has_pos, has_neg = positives > 0, negatives > 0
-    out = dict.fromkeys(("pixel_auroc", "pixel_ap", "pixel_f1max", "au_pro"), math.nan)
-    zero = torch.zeros(1, dtype=torch.float64, device=d_pos.device)
-    tp = torch.cat([zero, torch.cumsum(d_pos, 0)])
-    fp = torch.cat([zero, torch.cumsum(d_neg, 0)])
-    if has_pos:
-        step = d_pos > 0
-        precision = tp[1:][step] / (tp[1:][step] + fp[1:][step])
-        out["pixel_ap"] = float(torch.sum(d_pos[step] / positives * precision))
-        out["pixel_f1max"] = float(
-            (2 * tp[1:][step] / (tp[1:][step] + fp[1:][step] + positives)).max()
-        )
-    if has_pos and has_neg:
-        out["pixel_auroc"] = float(torch.trapezoid(tp / positives, fp / negatives))
-    if regions > 0 and has_neg:
-        fpr = (fp / negatives).clamp(0, 1)
+def _curve_metrics(d_pos, d_neg, d_pro, regions, limit) -> dict[str, float]:
+    """Pixel metrics from per-event increments given in descending score order (float64)."""
+    auroc_, ap, f1, fp = _roc_pr(d_pos, d_neg)
+    out = {"pixel_auroc": auroc_, "pixel_ap": ap, "pixel_f1max": f1, "au_pro": math.nan}
+    negatives = float(fp[-1])
+    if regions > 0 and negatives > 0:
+        zero = torch.zeros(1, dtype=torch.float64, device=d_pro.device)
         pro = torch.cat([zero, torch.cumsum(d_pro, 0) / regions]).clamp(0, 1)
-        out["au_pro"] = trapezoid_to(fpr, pro, limit) / limit
+        out["au_pro"] = trapezoid_to((fp / negatives).clamp(0, 1), pro, limit) / limit
     return out
 
 
@@ -265,9 +224,7 @@ def score_metrics(
         idx = torch.tensor(sorted(set(members)), dtype=torch.long, device=device)
         d_pos, d_pro, d_neg = (t[idx].sum(0).flip(0) for t in (pos, pro, neg))
         regions = sum(regions_per_group[m] for m in set(members))
-        out[name] = _curve_metrics(
-            d_pos, d_neg, d_pro, float(d_pos.sum()), float(d_neg.sum()), regions, limit
-        )
+        out[name] = _curve_metrics(d_pos, d_neg, d_pro, regions, limit)
     return out
 
 

@@ -8,6 +8,7 @@ gets one message.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -29,6 +30,7 @@ def resolve_tracking_uri(cfg: BenchConfig) -> str:
     )
 
 
+@functools.cache
 def git_state() -> dict[str, str]:
     try:
         commit = subprocess.run(

@@ -319,3 +319,17 @@ def test_binned_path_matches_sklearn_and_the_official_algorithm_at_scale(quantis
     assert result["au_pro"] == pytest.approx(
         official_reference(maps.numpy(), masks.numpy()), abs=1e-10
     )
+
+
+def test_fast_protocol_scores_at_a_fixed_size_and_says_so():
+    masks = torch.zeros(2, 40, 40, dtype=torch.bool)
+    masks[1, 10:30, 10:30] = True
+    maps = torch.zeros(2, 10, 10)
+    maps[1, 2:8, 2:8] = 1.0
+    batch = _batch(masks, [0, 1], ["a", "b"])
+    ev = Evaluator("fast", fast_size=20)
+    ev.update(Prediction(score=torch.tensor([0.0, 1.0]), anomaly_map=maps), batch)
+    assert ev.maps[1].shape == (20, 20) and ev.masks[1].shape == (20, 20)
+    assert int(ev.masks[1].sum()) == 100 and ev.protocol_label == "fast"
+    direct = pixel_metrics(torch.stack(ev.maps), torch.stack(ev.masks))
+    assert ev.compute()["all"]["pixel_auroc"] == pytest.approx(direct["pixel_auroc"])
