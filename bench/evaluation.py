@@ -3,8 +3,9 @@
 Memory: each map is kept once, as float32 at the ground truth's size (official protocol) on the
 device that produced it, and each mask as one byte per pixel on the host: 5 bytes a pixel, about
 550 MiB for 110 maps of 1024x1024. ``compute`` adds the defective pixels' scores and region
-weights (a few percent of the pixels), per-event counts, and O(chunk) work buffers (4 M pixels
-by default); no sort or copy of all pixels is made, so the peak stays well under 2 GiB.
+weights (a few percent of the pixels), per-event counts, and work buffers for at most two
+chunks (4 M pixels each by default) per CPU thread; no sort or copy of all pixels is made, so the
+peak stays well under 2 GiB (measured by ``make perf``).
 """
 
 from __future__ import annotations

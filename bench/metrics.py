@@ -15,6 +15,8 @@ and PRO curves exactly without sorting or copying all pixels.
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -105,58 +107,106 @@ def label_regions(mask: torch.Tensor | np.ndarray) -> tuple[np.ndarray, int]:
 # Event ids (ascending): 2k+1 = "equal to u_k", 2k = "strictly between u_(k-1) and u_k", and
 # 2K = "above every positive". Only the positives are sorted; defect-free pixels are counted into
 # events chunk by chunk, so memory stays O(positives + chunk) beyond the stored maps.
+_LOCAL_STEPS = 2  # positives compared directly per ambiguous pixel before a binary search
+_BINS_PER_POSITIVE = 4
+_MAX_BINS = 1 << 22  # a larger table costs more in cache misses than it saves
 
 
-def _bin_of(x: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, nbins: int) -> torch.Tensor:
-    """Monotone (non-decreasing) bin index in [0, nbins + 2] of float scores: a multiply-add,
-    clamping and truncation of non-negatives each preserve order under IEEE rounding."""
-    return torch.addcmul(offset, x, scale).clamp_(0, nbins + 2).to(torch.int32)
+def _bin_of(x: torch.Tensor, offset: float, scale: float, nbins: int) -> torch.Tensor:
+    """Monotone (non-decreasing) int32 bin index in [0, nbins + 2] of float32 scores: a
+    multiply, an add, clamping and truncation of non-negatives each preserve order under IEEE
+    rounding. The same arithmetic bins the positives and every other pixel (NumPy on the CPU,
+    where its element-wise kernels are several times faster than torch's)."""
+    if x.device.type == "cpu":
+        y = x.numpy() * np.float32(scale)
+        y += np.float32(offset)
+        np.clip(y, 0, nbins + 2, out=y)
+        return torch.from_numpy(y.astype(np.int32))
+    y = x * torch.tensor(scale, dtype=x.dtype, device=x.device)
+    y += torch.tensor(offset, dtype=x.dtype, device=x.device)
+    return y.clamp_(0, nbins + 2).to(torch.int32)
 
 
 def _binning(u: torch.Tensor):
-    """A linear binning of the positives' range (~16 bins per distinct positive score) and, per
-    bin, the event of any score falling in it, or -1 where the bin holds a positive score."""
+    """A linear binning of the positives' range (a few bins per distinct positive score) and,
+    per bin, the event of any score falling in it (>= 0), or ``-1 - k`` where the bin holds
+    positive scores, u_k being the first of them."""
     k = u.numel()
     if k < 64:
         return None
-    lo, hi = u[0], u[-1]
-    nbins = int(min(1 << 22, 16 * k))  # a larger table costs more in cache misses than it saves
-    scale = (
-        (nbins / (hi - lo)).to(u.dtype)
-        if hi > lo
-        else torch.ones((), dtype=u.dtype, device=u.device)
-    )
-    offset = (1.5 - lo * scale).to(u.dtype)  # u_0 lands near 1.5: scores far below it in bin 0
-    ub = _bin_of(u, offset, scale, nbins).long()
-    per_bin = torch.bincount(ub, minlength=nbins + 3)
-    first = torch.cat([per_bin.new_zeros(1), per_bin.cumsum(0)])  # number of u_k in lower bins
-    table = torch.where(first[1:] == first[:-1], 2 * first[:-1], -1).to(torch.int32)
-    return offset, scale, nbins, table
+    lo, hi = float(u[0]), float(u[-1])
+    nbins = int(min(_MAX_BINS, _BINS_PER_POSITIVE * k))
+    scale = nbins / (hi - lo) if hi > lo else 1.0
+    if not scale < 1e37:  # the range is too narrow for float32 bins: binary search only
+        return None
+    scale = float(np.float32(scale))
+    offset = float(np.float32(1.5 - lo * scale))  # u_0 near 1.5: scores far below it in bin 0
+    per_bin = torch.bincount(_bin_of(u, offset, scale, nbins), minlength=nbins + 3)
+    first = per_bin.cumsum(0) - per_bin  # number of u_k in lower bins
+    table = torch.where(per_bin == 0, 2 * first, -1 - first).to(torch.int32)
+    inf = torch.full((_LOCAL_STEPS + 1,), math.inf, dtype=u.dtype, device=u.device)
+    return offset, scale, nbins, table, torch.cat([u, inf])
+
+
+def _exact_events(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """2 * (number of u_k below x) + (x equals some u_k), by binary search."""
+    k = u.numel()
+    below = torch.searchsorted(u, x)
+    equal = u[below.clamp(max=k - 1)] == x
+    return 2 * below + equal
 
 
 def _events(x: torch.Tensor, u: torch.Tensor, bins: tuple | None) -> torch.Tensor:
-    """Event id of each score in ``x`` against the sorted distinct positive scores ``u``:
-    2k+1 if equal to u_k, else 2 * (number of u_k below it)."""
-    k = u.numel()
-    if k == 0:
+    """Event id of each float32 score in ``x`` against the sorted distinct positive scores
+    ``u``: 2k+1 if equal to u_k, else 2 * (number of u_k below it)."""
+    if u.numel() == 0:
         return torch.zeros(x.shape, dtype=torch.int32, device=x.device)
     if bins is None:
-        ambiguous, events = None, None
-    else:  # only scores sharing a bin with some u_k need the binary search
-        offset, scale, nbins, table = bins
-        events = table[_bin_of(x, offset, scale, nbins)]
-        ambiguous = torch.nonzero(events < 0).reshape(-1)
-        if ambiguous.numel() == 0:
-            return events
-        x = x[ambiguous]
-    below = torch.searchsorted(u, x)
-    equal = below < k
-    equal &= u[below.clamp(max=k - 1)] == x
-    exact = 2 * below + equal
-    if events is None:
-        return exact
-    events[ambiguous] = exact.to(events.dtype)
+        return _exact_events(x, u)
+    offset, scale, nbins, table, u_padded = bins
+    events = table.index_select(0, _bin_of(x, offset, scale, nbins))
+    if x.device.type == "cpu":
+        _resolve_numpy(x.numpy(), events.numpy(), u, u_padded)
+    else:
+        _resolve_torch(x, events, u, u_padded)
     return events
+
+
+# A score in a bin holding u_k, u_k+1, ... lies below every positive of the higher bins, so
+# comparing it with the next few positives counts it exactly unless the bin holds more of them
+# (then a binary search does). Both versions overwrite the negative (ambiguous) events in place.
+def _resolve_torch(x, events, u, u_padded) -> None:
+    ambiguous = torch.nonzero(events < 0).reshape(-1)
+    if ambiguous.numel() == 0:
+        return
+    xa = x.index_select(0, ambiguous)
+    first = -1 - events.index_select(0, ambiguous).long()
+    exact = 2 * first
+    for j in range(_LOCAL_STEPS):
+        uj = u_padded.index_select(0, first + j)
+        exact += (xa >= uj).long() + (xa > uj).long()
+    crowded = torch.nonzero(xa >= u_padded.index_select(0, first + _LOCAL_STEPS)).reshape(-1)
+    if crowded.numel():
+        exact.index_copy_(0, crowded, _exact_events(xa.index_select(0, crowded), u))
+    events.index_copy_(0, ambiguous, exact.to(events.dtype))
+
+
+def _resolve_numpy(x: np.ndarray, events: np.ndarray, u, u_padded) -> None:
+    ambiguous = np.flatnonzero(events < 0)
+    if ambiguous.size == 0:
+        return
+    xa = x[ambiguous]
+    first = -1 - events[ambiguous].astype(np.int64)
+    exact = 2 * first
+    for j in range(_LOCAL_STEPS):
+        uj = u_padded.index_select(0, torch.from_numpy(first + j)).numpy()
+        exact += xa >= uj
+        exact += xa > uj
+    beyond = u_padded.index_select(0, torch.from_numpy(first + _LOCAL_STEPS)).numpy()
+    crowded = np.flatnonzero(xa >= beyond)
+    if crowded.size:
+        exact[crowded] = _exact_events(torch.from_numpy(xa[crowded]), u).numpy()
+    events[ambiguous] = exact
 
 
 def _curve_metrics(d_pos, d_neg, d_pro, regions, limit) -> dict[str, float]:
@@ -169,6 +219,25 @@ def _curve_metrics(d_pos, d_neg, d_pro, regions, limit) -> dict[str, float]:
         pro = torch.cat([zero, torch.cumsum(d_pro, 0) / regions]).clamp(0, 1)
         out["au_pro"] = trapezoid_to((fp / negatives).clamp(0, 1), pro, limit) / limit
     return out
+
+
+def _defect_pixels(amap: torch.Tensor, mask: torch.Tensor):
+    """(float32 scores, int32 region labels 1..count, count) of one image's defective pixels,
+    or None for a defect-free mask. Regions are labelled inside the mask's bounding box only."""
+    m = mask.cpu().numpy().astype(bool, copy=False)
+    rows = np.flatnonzero(m.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(m.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    labels, count = label_regions(m[box])
+    flat = labels.reshape(-1)
+    where = np.flatnonzero(flat)
+    if amap.device.type == "cpu":
+        scores = torch.from_numpy(amap[box].numpy().reshape(-1)[where]).float()
+    else:
+        scores = amap[box].reshape(-1)[torch.from_numpy(where).to(amap.device)].float()
+    return scores, flat[where], count
 
 
 def score_metrics(
@@ -188,19 +257,20 @@ def score_metrics(
     """
     device = maps[0].device
     n_groups = max(groups) + 1
-    pos_scores, pos_weight, pos_group, regions_per_group = [], [], [], [0] * n_groups
+    pos_scores, pos_region, region_group = [], [], []
     for amap, mask, g in zip(maps, masks, groups):
-        labels, count = label_regions(mask)
-        if count:
-            flat = labels.reshape(-1)
-            where = torch.from_numpy(np.flatnonzero(flat)).to(device)
-            ids = torch.from_numpy(flat[where.cpu().numpy()].astype(np.int64)).to(device)
-            sizes = torch.bincount(ids, minlength=count + 1).to(torch.float64)
-            pos_scores.append(amap.reshape(-1)[where].float())
-            pos_weight.append(1.0 / sizes[ids])
-            pos_group.append(torch.full((ids.numel(),), g, dtype=torch.int64, device=device))
-            regions_per_group[g] += count
+        found = _defect_pixels(amap, mask)
+        if found is not None:
+            scores, labels, count = found
+            pos_scores.append(scores)
+            pos_region.append(labels + len(region_group) - 1)  # region index over the category
+            region_group += [g] * count
+    regions_per_group = np.bincount(region_group, minlength=n_groups).tolist()
     if pos_scores:
+        region = torch.from_numpy(np.concatenate(pos_region).astype(np.int64)).to(device)
+        sizes = torch.bincount(region).to(torch.float64)
+        pos_weight = 1.0 / sizes[region]
+        pos_group = torch.tensor(region_group, dtype=torch.int64, device=device)[region]
         u, k_of_pos = torch.unique(torch.cat(pos_scores), sorted=True, return_inverse=True)
     else:
         u = torch.zeros(0, dtype=torch.float32, device=device)
@@ -208,15 +278,28 @@ def score_metrics(
     pos = torch.zeros(n_groups * n_events, dtype=torch.float64, device=device)
     pro = torch.zeros(n_groups * n_events, dtype=torch.float64, device=device)
     if pos_scores:
-        event = torch.cat(pos_group) * n_events + 2 * k_of_pos + 1
+        event = pos_group * n_events + 2 * k_of_pos + 1
         pos += torch.bincount(event, minlength=pos.numel()).to(torch.float64)
-        pro += torch.bincount(event, weights=torch.cat(pos_weight), minlength=pro.numel())
+        pro += torch.bincount(event, weights=pos_weight, minlength=pro.numel())
     bins = _binning(u)
     every = torch.zeros(n_groups, n_events, dtype=torch.float64, device=device)
-    for g in sorted(set(groups)):
-        members = [m.reshape(-1) for m, gm in zip(maps, groups) if gm == g]
-        for part in _chunks(members, chunk):
-            every[g] += torch.bincount(_events(part.float(), u, bins), minlength=n_events)
+
+    def count(part: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(_events(part.float(), u, bins), minlength=n_events)
+
+    # Counting is partly single-threaded in torch (bincount, nonzero): on the CPU, chunks are
+    # counted concurrently (torch releases the GIL), at most two chunks in flight per worker.
+    workers = 1 if device.type != "cpu" else max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(workers) as pool:
+        for g in sorted(set(groups)):
+            members = [m.reshape(-1) for m, gm in zip(maps, groups) if gm == g]
+            pending: deque = deque()
+            for part in _chunks(members, chunk):
+                pending.append(pool.submit(count, part))
+                if len(pending) >= 2 * workers:
+                    every[g] += pending.popleft().result()
+            while pending:
+                every[g] += pending.popleft().result()
     neg = every.reshape(-1) - pos  # integer counts in float64: exact
     pos, pro, neg = (t.view(n_groups, n_events) for t in (pos, pro, neg))
     out = {}

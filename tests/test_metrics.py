@@ -333,3 +333,41 @@ def test_fast_protocol_scores_at_a_fixed_size_and_says_so():
     assert int(ev.masks[1].sum()) == 100 and ev.protocol_label == "fast"
     direct = pixel_metrics(torch.stack(ev.maps), torch.stack(ev.masks))
     assert ev.compute()["all"]["pixel_auroc"] == pytest.approx(direct["pixel_auroc"])
+
+
+def _adversarial_scores(kind: str, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive scores, other scores) float32 that stress the binned event lookup."""
+    if kind == "uniform":
+        pos, other = rng.random(5000), rng.random(200_000)
+    elif kind == "clustered":  # most positives inside one bin of the linear binning
+        pos = np.concatenate([rng.random(200), 0.5 + rng.random(4000) * 1e-5])
+        other = np.concatenate([rng.random(50_000), 0.5 + rng.random(50_000) * 2e-5])
+    elif kind == "quantised":  # ties between positives and the rest
+        pos, other = rng.integers(0, 300, 5000) / 300, rng.integers(-10, 330, 200_000) / 300
+    elif kind == "wide":  # huge dynamic range, negatives, values outside the positives' range
+        pos = rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000)
+        other = rng.standard_normal(200_000) * 10.0 ** rng.integers(-35, 35, 200_000)
+    else:  # "narrow": a range too small for float32 bins
+        pos = 1e-40 * rng.integers(0, 100, 5000)
+        other = 1e-40 * rng.integers(-5, 105, 200_000)
+    as_t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
+    return as_t(pos), as_t(np.concatenate([other, pos[:500]]))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "clustered", "quantised", "wide", "narrow"])
+def test_binned_event_lookup_equals_binary_search(kind):
+    """Both ways of resolving scores that share a bin with positives (NumPy on the CPU, torch on
+    a GPU) give the event a plain binary search gives."""
+    from bench import metrics
+
+    pos, other = _adversarial_scores(kind, np.random.default_rng(3))
+    u = torch.unique(pos)
+    expected = metrics._exact_events(other, u)
+    bins = metrics._binning(u)
+    assert (bins is None) == (kind == "narrow")
+    assert torch.equal(metrics._events(other, u, bins).long(), expected)
+    if bins is not None:
+        offset, scale, nbins, table, u_padded = bins
+        events = table.index_select(0, metrics._bin_of(other, offset, scale, nbins))
+        metrics._resolve_torch(other, events, u, u_padded)
+        assert torch.equal(events.long(), expected)

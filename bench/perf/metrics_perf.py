@@ -4,6 +4,7 @@ re-implementation of the official MVTec AD script's algorithm as the value refer
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import platform
 import time
@@ -16,6 +17,8 @@ from bench.evaluation import Evaluator
 from bench.metrics import METRIC_VERSION, label_regions, pixel_metrics
 from bench.system import track_peak_memory
 from bench.types import Batch, Prediction
+
+ANOMALIB_REPEATS = 2
 
 
 def make_category(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -69,11 +72,14 @@ def official_reference(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) 
 def _anomalib_worker(maps, masks, queue):
     from anomalib.metrics.aupro import _AUPRO
 
-    start = time.perf_counter()
-    metric = _AUPRO(fpr_limit=0.3)
-    metric.update(maps, masks.int())
-    value = float(metric.compute())
-    queue.put((value, time.perf_counter() - start))
+    best = math.inf
+    for _ in range(ANOMALIB_REPEATS):  # best of two, as ours is best of three
+        start = time.perf_counter()
+        metric = _AUPRO(fpr_limit=0.3)
+        metric.update(maps, masks.int())
+        value = float(metric.compute())
+        best = min(best, time.perf_counter() - start)
+    queue.put((value, best))
 
 
 def time_anomalib(maps, masks, budget: float) -> dict:
@@ -91,7 +97,8 @@ def time_anomalib(maps, masks, budget: float) -> dict:
     if proc.is_alive():
         proc.terminate()
         proc.join()
-        return {"status": "timeout", "seconds_at_least": time.perf_counter() - start}
+        elapsed = time.perf_counter() - start  # covers at most ANOMALIB_REPEATS runs
+        return {"status": "timeout", "seconds_at_least": elapsed / ANOMALIB_REPEATS}
     value, seconds = queue.get()
     return {"status": "ok", "seconds": seconds, "au_pro": value}
 
@@ -195,8 +202,8 @@ def main(output: str, quick: bool, budget: float) -> None:
             f"{c['ours_full_evaluation_seconds']:.2f} | {c['ours_peak_host_mb']:.0f} | {at} | {sp} | {c['ours_minus_reference']:.1e} | {ad} |"
         )
     note = (
-        "Ours: best of 3 runs. anomalib 2.7.0 `_AUPRO` (update + compute, import excluded): one run in a "
-        "child process. '4 pixel metrics' = pixel AUROC, AP, F1-max and AU-PRO together; 'full evaluation' "
+        "Ours: best of 3 runs. anomalib 2.7.0 `_AUPRO` (update + compute, import excluded): best of "
+        f"{ANOMALIB_REPEATS} runs in a child process. '4 pixel metrics' = pixel AUROC, AP, F1-max and AU-PRO together; 'full evaluation' "
         "adds the image metrics and every defect-type subset. Reference: the official script's algorithm "
         "re-implemented in NumPy float64. Command: `make perf`.\n"
     )
