@@ -37,3 +37,17 @@ def image_score(
         k = max(1, int(round(flat.shape[1] * top_fraction)))
         return flat.topk(k, dim=1).values.mean(1)
     raise ValueError(f"score reduction must be 'max' or 'topk', got {reduction!r}")
+
+
+def patch_features(extractor: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Backbone stages averaged over 3x3 neighbourhoods (stride 1), the coarser upsampled
+    bilinearly to the finest and concatenated: [B, sum of channels, h, w] float32."""
+    maps = [F.avg_pool2d(m, 3, 1, 1) for m in extractor(image)]
+    size = maps[0].shape[-2:]
+    maps = [
+        m
+        if m.shape[-2:] == size
+        else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        for m in maps
+    ]
+    return torch.cat(maps, 1).float()

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_value,
         help="model input size for every dataset (int, [h,w] or native)",
     )
+    run.add_argument(
+        "--crop-size",
+        type=_value,
+        help="centre crop after resizing, for every dataset (int or [h,w]); only the crop is scored",
+    )
     run.add_argument("--protocol", choices=["official", "fast"])
     run.add_argument("--output", help="results folder (default: results)")
     run.add_argument(
@@ -162,6 +167,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.image_size is not None:
         for ds in cfg.datasets:
             ds.image_size = args.image_size
+    if args.crop_size is not None:
+        for ds in cfg.datasets:
+            ds.crop_size = args.crop_size
     for attr in (
         "name",
         "seeds",

@@ -13,6 +13,7 @@ import torch
 from bench import __version__
 from bench.config import BenchConfig
 from bench.datasets import get_dataset
+from bench.discovery import discover_types
 from bench.evaluation import Evaluator
 from bench.loading import EpochLoader
 from bench.metrics import METRIC_VERSION
@@ -77,6 +78,8 @@ def run_job(
         export = Path(export_maps) / job.detector.display / job.dataset.name / f"seed{job.seed}"
     evaluator = Evaluator(job.protocol, export_dir=export)
     dtype = amp_dtype(device, "auto") if detector.inference_amp else None
+    discover = getattr(detector, "discover_types", False) and hasattr(detector, "describe_regions")
+    defective: dict[str, list] = {"images": [], "maps": [], "defects": []}
     model_seconds = 0.0
     with (
         track_peak_memory(device) as predict_mem,
@@ -91,11 +94,27 @@ def run_job(
             _sync(device)
             model_seconds += time.perf_counter() - t0
             evaluator.update(prediction, batch)
+            if discover:
+                keep = torch.nonzero(batch.label.cpu()).view(-1).tolist()
+                defective["images"] += [batch.image[i].cpu() for i in keep]
+                defective["maps"] += [prediction.anomaly_map[i].float().cpu() for i in keep]
+                defective["defects"] += [batch.meta[i]["defect"] for i in keep]
             bar.advance(1)
         predict_seconds = time.perf_counter() - start
     start = time.perf_counter()
     metrics = evaluator.compute()
     eval_seconds = time.perf_counter() - start
+    discovery = None
+    if discover and defective["defects"]:
+        start = time.perf_counter()
+        discovery = discover_types(
+            torch.stack(defective["images"]),
+            torch.stack(defective["maps"]),
+            defective["defects"],
+            detector.describe_regions,
+            seed=job.seed,
+        )
+        discovery["seconds"] = time.perf_counter() - start
 
     return {
         "run_name": job.run_name,
@@ -115,6 +134,7 @@ def run_job(
         "protocol": evaluator.protocol_label,
         "metric_version": METRIC_VERSION,
         "metrics": metrics,
+        "discovery": discovery,
         "warnings": evaluator.warnings,
         "maps_exported_to": None if export is None else str(export),
         "n_train": len(train_set),
@@ -184,6 +204,13 @@ def run_benchmark(
                     f"AU-PRO {m['au_pro']:.4f}  ({record['timings']['fit_seconds']:.1f}s fit, "
                     f"{record['timings']['predict_images_per_second']:.1f} img/s)"
                 )
+                found = record.get("discovery") or {}
+                if "nmi" in found:
+                    console.print(
+                        f"  anomaly types: NMI {found['nmi']:.3f}  ARI {found['ari']:.3f}  "
+                        f"F1 {found['f1']:.3f}  ({found['n_images']} defective images, "
+                        f"{found['n_types']} clusters)"
+                    )
             if tracker is not None and not record.get("mlflow_run_id"):
                 run_id = tracker.log_job(record)
                 if run_id:

@@ -51,6 +51,10 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float]:
         for k, v in values.items():
             if v == v:  # MLflow rejects NaN in some stores; undefined values are left out
                 out[prefix + k] = float(v)
+    for k in ("nmi", "ari", "f1", "n_types"):
+        value = (record.get("discovery") or {}).get(k)
+        if value is not None:
+            out[f"type_{k}"] = float(value)
     for k, v in {**record["timings"], **record["memory"]}.items():
         if v is not None:
             out[k] = float(v)

@@ -12,7 +12,7 @@ from bench.detector import Detector
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
-from ..common import gaussian_blur, image_score
+from ..common import gaussian_blur, image_score, patch_features
 
 
 @register_detector("feature_stats")
@@ -42,16 +42,7 @@ class FeatureStats(Detector):
 
     @torch.no_grad()
     def features(self, image: torch.Tensor) -> torch.Tensor:
-        maps = self.extractor_(normalize(image))
-        size = maps[0].shape[-2:]
-        maps = [F.avg_pool2d(m, 3, 1, 1) for m in maps]
-        maps = [
-            m
-            if m.shape[-2:] == size
-            else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-            for m in maps
-        ]
-        return torch.cat(maps, 1).float()
+        return patch_features(self.extractor_, normalize(image))
 
     @torch.no_grad()
     def fit(self, train: Iterable[Batch]) -> None:

@@ -1,14 +1,20 @@
 import argparse
 
-from bench.perf import metrics_perf
+from bench.perf import knn_perf, metrics_perf
 
 parser = argparse.ArgumentParser(prog="python -m bench.perf")
-parser.add_argument("suite", choices=["metrics"])
+parser.add_argument("suite", choices=["metrics", "knn"])
 parser.add_argument("--output", default="results/perf")
 parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
 parser.add_argument(
-    "--anomalib-budget", type=float, default=600.0, help="seconds allowed per anomalib run"
+    "--anomalib-budget",
+    type=float,
+    help="seconds allowed per anomalib run (default: 600 for metrics, 5400 for knn)",
 )
+parser.add_argument("--data", default="../shared/data/mvtec_ad", help="MVTec AD root (knn)")
+parser.add_argument("--category", default="bottle", help="MVTec AD category (knn)")
 args = parser.parse_args()
 if args.suite == "metrics":
-    metrics_perf.main(args.output, args.quick, args.anomalib_budget)
+    metrics_perf.main(args.output, args.quick, args.anomalib_budget or 600.0)
+if args.suite == "knn":
+    knn_perf.main(args.output, args.data, args.category, args.anomalib_budget or 5400.0)
