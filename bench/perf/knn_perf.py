@@ -5,7 +5,6 @@ same backbone, input and coreset ratio side by side, both scored by our official
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import platform
 import time
@@ -18,6 +17,7 @@ from bench.backbones import create_backbone, normalize
 from bench.datasets.mvtec_ad import MVTecAD
 from bench.evaluation import Evaluator
 from bench.metrics import METRIC_VERSION
+from bench.perf.child import run_reference
 from bench.system import track_peak_memory
 from bench.types import collate
 
@@ -140,22 +140,10 @@ def _anomalib_worker(root: str, category: str, queue) -> None:
 
 
 def run_anomalib(root: str, category: str, budget: float) -> dict:
-    try:
-        import anomalib  # noqa: F401
-    except ImportError:
-        return {"status": "anomalib not installed (make perf installs it into .venv-perf)"}
-    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm reads it on import in the child
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_anomalib_worker, args=(root, category, queue))
-    start = time.perf_counter()
-    proc.start()
-    proc.join(budget)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join()
-        return {"status": "timeout", "seconds_at_least": time.perf_counter() - start}
-    return queue.get() if not queue.empty() else {"status": f"failed (exit {proc.exitcode})"}
+    out = run_reference(_anomalib_worker, (root, category), budget)
+    if out.get("status") == "timeout":
+        return {"status": "timeout", "seconds_at_least": out["elapsed"]}
+    return out
 
 
 def main(output: str, root: str, category: str, budget: float) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import platform
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from bench.evaluation import Evaluator
 from bench.metrics import METRIC_VERSION, label_regions, pixel_metrics
+from bench.perf.child import run_reference
 from bench.system import track_peak_memory
 from bench.types import Batch, Prediction
 
@@ -79,28 +79,15 @@ def _anomalib_worker(maps, masks, queue):
         metric.update(maps, masks.int())
         value = float(metric.compute())
         best = min(best, time.perf_counter() - start)
-    queue.put((value, best))
+    queue.put({"status": "ok", "seconds": best, "au_pro": value})
 
 
 def time_anomalib(maps, masks, budget: float) -> dict:
     """anomalib 2.7's AUPRO in a child process, stopped after ``budget`` seconds."""
-    try:
-        import anomalib  # noqa: F401
-    except ImportError:
-        return {"status": "anomalib not installed (make perf installs it into .venv-perf)"}
-    ctx = mp.get_context("spawn")  # fork after torch has run threads can deadlock
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_anomalib_worker, args=(maps, masks, queue))
-    start = time.perf_counter()
-    proc.start()
-    proc.join(budget)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join()
-        elapsed = time.perf_counter() - start  # covers at most ANOMALIB_REPEATS runs
-        return {"status": "timeout", "seconds_at_least": elapsed / ANOMALIB_REPEATS}
-    value, seconds = queue.get()
-    return {"status": "ok", "seconds": seconds, "au_pro": value}
+    out = run_reference(_anomalib_worker, (maps, masks), budget)
+    if out.get("status") == "timeout":  # the budget covered at most ANOMALIB_REPEATS runs
+        return {"status": "timeout", "seconds_at_least": out["elapsed"] / ANOMALIB_REPEATS}
+    return out
 
 
 def run_case(n: int, size: int, budget: float) -> dict:
