@@ -24,7 +24,8 @@ def nearest(
         q_sq = (q * q).sum(1, keepdim=True)
         run_best = run_where = None
         for c in range(0, bank.shape[0], cols):
-            d = torch.addmm(bank_sq[c : c + cols], q, bank[c : c + cols].T, alpha=-2).add_(q_sq)
+            # |q|^2 is the same along a row: added after the minimum, not to every pair
+            d = torch.addmm(bank_sq[c : c + cols], q, bank[c : c + cols].T, alpha=-2)
             value, idx = d.min(1)
             if run_best is None:
                 run_best, run_where = value, idx + c
@@ -32,6 +33,6 @@ def nearest(
                 better = value < run_best
                 run_best = torch.where(better, value, run_best)
                 run_where = torch.where(better, idx + c, run_where)
-        best[r : r + rows] = run_best.clamp_min_(0).sqrt_()
+        best[r : r + rows] = run_best.add_(q_sq[:, 0]).clamp_min_(0).sqrt_()
         where[r : r + rows] = run_where
     return best, where
