@@ -80,12 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--image-size",
         type=_value,
-        help="model input size for every dataset (int, [h,w] or native)",
+        help="model input size for every dataset and detector (int, [h,w] or native)",
     )
     run.add_argument(
         "--crop-size",
         type=_value,
-        help="centre crop after resizing, for every dataset (int or [h,w]); only the crop is scored",
+        help="centre crop after resizing, for every dataset and detector (int, [h,w] or none); "
+        "only the crop is scored",
     )
     run.add_argument("--protocol", choices=["official", "fast"])
     run.add_argument("--output", help="results folder (default: results)")
@@ -164,12 +165,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         match[0].params = {**match[0].params, field: _value(value)}
     if args.categories:
         cfg.categories = args.categories
-    if args.image_size is not None:
-        for ds in cfg.datasets:
-            ds.image_size = args.image_size
-    if args.crop_size is not None:
-        for ds in cfg.datasets:
-            ds.crop_size = args.crop_size
+    for flag in ("image_size", "crop_size"):  # the command line wins over every entry
+        value = getattr(args, flag)
+        if value is not None:
+            for entry in (*cfg.datasets, *cfg.detectors):
+                setattr(entry, flag, value)
     for attr in (
         "name",
         "seeds",

@@ -12,6 +12,8 @@ name = "feature_stats"      # a registered detector
 label = "feature_stats"     # optional: row name in the leaderboard (defaults to name)
 params = { sigma = 4.0 }    # overrides of the paper defaults
 datasets = ["builtin_ad"]   # optional: default = every dataset that feeds its modality
+image_size = 256            # optional: the detector's own input size (default: the dataset's)
+crop_size = 224             # optional: its own centre crop ("none": no crop)
 
 [[datasets]]
 name = "mvtec_ad"
@@ -43,6 +45,10 @@ class DetectorEntry:
     params: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     datasets: list[str] | None = None
+    #: the detector's own input geometry (e.g. a paper's 256 -> crop 224); None = the dataset's,
+    #: crop_size "none" = no crop
+    image_size: int | list[int] | str | None = None
+    crop_size: int | list[int] | str | None = None
 
     @property
     def display(self) -> str:

@@ -37,7 +37,7 @@ def resolved_params(entry: DetectorEntry) -> dict[str, Any]:
 
 
 def _size(value):
-    return None if value in (None, "native", 0) else value
+    return None if value in (None, "native", "none", 0) else value
 
 
 def _digest(obj: Any) -> str:
@@ -65,11 +65,13 @@ class Job:
 
     @property
     def image_size(self):
-        return _size(self.dataset.image_size)
+        own = self.detector.image_size
+        return _size(self.dataset.image_size if own is None else own)
 
     @property
     def crop_size(self):
-        return _size(self.dataset.crop_size)
+        own = self.detector.crop_size
+        return _size(self.dataset.crop_size if own is None else own)
 
     def fit_config(self) -> dict[str, Any]:
         """Everything that determines the fitted state."""

@@ -124,3 +124,29 @@ def test_config_hash_changes_with_params_and_protocol_but_fit_hash_ignores_proto
     (c,) = plan_jobs(base)
     assert a.fit_hash == b.fit_hash and a.config_hash != b.config_hash
     assert c.fit_hash != b.fit_hash
+
+
+def test_a_detector_entry_sets_its_own_input_geometry():
+    """knn's paper input (256 -> crop 224) next to a dataset default of 256 without a crop."""
+    from bench.config import from_dict
+    from bench.plan import plan_jobs
+
+    cfg = from_dict(
+        {
+            "detectors": [
+                {"name": "feature_stats"},
+                {"name": "knn", "image_size": 256, "crop_size": 224},
+                {"name": "knn", "label": "knn-full", "crop_size": "none"},
+            ],
+            "datasets": [{"name": "builtin_ad", "image_size": 256, "crop_size": 200}],
+            "categories": ["weave"],
+        }
+    )
+    geometry = {j.detector.display: (j.image_size, j.crop_size) for j in plan_jobs(cfg)}
+    assert geometry == {
+        "feature_stats": (256, 200),
+        "knn": (256, 224),
+        "knn-full": (256, None),
+    }
+    jobs = {j.detector.display: j for j in plan_jobs(cfg)}
+    assert jobs["knn"].config_hash != jobs["knn-full"].config_hash
