@@ -102,8 +102,9 @@ class KNNPatchDistance(Detector):
         image = batch.image.to(self.device)
         f = self.embed(image)
         b, _, h, w = f.shape
-        queries = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-        dist, nn_idx = nearest(queries, self.bank_, self.max_pairs)
+        queries = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float()
+        with torch.autocast(self.device.type, enabled=False):  # |q|^2 - 2 q.b + |b|^2 in fp32
+            dist, nn_idx = nearest(queries, self.bank_.float(), self.max_pairs)
         patch = dist.view(b, h, w)
         maps = F.interpolate(
             patch[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False
