@@ -62,6 +62,8 @@ class DatasetEntry:
     categories: list[str] | None = None
     image_size: int | list[int] | None = 256
     crop_size: int | list[int] | None = None
+    #: loader options, e.g. ``{ preprocess = true }`` for MVTec 3D-AD background removal
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -83,6 +83,7 @@ class Job:
             "category": self.category,
             "image_size": self.image_size,
             "crop_size": self.crop_size,
+            **({"dataset_options": self.dataset.options} if self.dataset.options else {}),
             "seed": self.seed,
             "batch_size": self.batch_size,
             "harness_version": __version__,

@@ -42,7 +42,7 @@ def run_job(
     """Fits (or loads the cached fitted state of) one detector and scores one category."""
     seed_everything(job.seed)
     spec = get_dataset(job.dataset.name)
-    opts = {"image_size": job.image_size, "crop_size": job.crop_size}
+    opts = {"image_size": job.image_size, "crop_size": job.crop_size, **job.dataset.options}
     train_set = spec.open(job.category, "train", job.root, **opts)
     test_set = spec.open(job.category, "test", job.root, **opts)
     detector = create_detector(job.detector.name, **job.params)

@@ -14,6 +14,7 @@ import tifffile
 import torch
 
 from .common import CategoryDataset, DatasetLayoutError, input_geometry, read_rgb, resize_crop
+from .preprocess_3d import Preprocess3D, cached_valid_mask
 
 LAYOUT = """expected MVTec 3D-AD layout:
   <root>/<category>/{train,validation,test}/<defect or good>/rgb/<id>.png
@@ -57,8 +58,11 @@ class MVTec3D(CategoryDataset):
     modality = "point_cloud"
     splits = SPLITS
 
-    def __init__(self, root, category, split="train", image_size=224, crop_size=None) -> None:
+    def __init__(
+        self, root, category, split="train", image_size=224, crop_size=None, preprocess=None
+    ) -> None:
         super().__init__(root, category, split, image_size, crop_size)
+        self.preprocess = Preprocess3D.from_option(preprocess)
 
     def _index(self) -> list[dict[str, Any]]:
         split_dir = self.root / self.category / self.split
@@ -106,6 +110,12 @@ class MVTec3D(CategoryDataset):
             )
         size, box, roi = input_geometry(native, self.image_size, self.crop_size)
         valid = (xyz != 0).any(0)
+        if self.preprocess is not None:  # on the native grid, before any resizing
+            grid = xyz.permute(1, 2, 0).numpy()
+            valid = torch.from_numpy(
+                cached_valid_mask(item["path"], grid, valid.numpy(), self.preprocess)
+            )
+            xyz = xyz * valid
         xyz = resize_crop(xyz, size, box, "nearest")
         valid = resize_crop(valid[None], size, box, "nearest")[0].bool()
         rgb = resize_crop(rgb.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
