@@ -88,6 +88,7 @@ $(PERF_STAMP): $(STAMP)
 
 perf: $(PERF_STAMP)
 	$(PERF_VENV)/bin/python -m bench.perf metrics --output $(RESULTS)/perf
+	$(PERF_VENV)/bin/python -m bench.perf curvature --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf knn --output $(RESULTS)/perf --data $(MVTEC_AD_ROOT)
 
 clean:

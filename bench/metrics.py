@@ -64,6 +64,14 @@ def image_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float
     return {"image_auroc": auroc_, "image_ap": ap, "image_f1max": f1}
 
 
+def point_metrics(scores: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, float]:
+    """Point-level AUROC, AP and F1-max over every point of unorganised clouds (one score and
+    one bool label per point). AU-PRO is not defined here: regions of unorganised clouds are
+    not the 8-connected pixel regions of the MVTec definition."""
+    flat = image_metrics(torch.cat([s.reshape(-1) for s in scores]), torch.cat(labels).reshape(-1))
+    return {k.replace("image_", "point_"): v for k, v in flat.items()}
+
+
 def auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
     return image_metrics(scores, target)["image_auroc"]
 

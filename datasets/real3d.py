@@ -1,0 +1,134 @@
+"""Real3D-AD / Anomaly-ShapeNet style folders: unorganised point clouds with per-point labels.
+
+Layout (both datasets; the ground-truth folder is ``gt`` in Real3D-AD, ``GT`` in Anomaly-ShapeNet):
+  <root>/<category>/train/<id>.pcd          defect-free prototypes / templates
+  <root>/<category>/test/<id>_<defect>.pcd  test clouds ("good" or "positive" = defect-free)
+  <root>/<category>/gt/<id>_<defect>.txt    one "x y z label" line per point of the test cloud
+The defect type is the last alphabetic token of the file name (``1_bulge`` -> bulge,
+``ashtray0_sink2`` -> sink). Items hold ``points`` [N,3] float32, ``point_labels`` [N] bool,
+``label`` and ``meta``; clouds keep their own sizes (no batching into one tensor).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import DatasetLayoutError
+
+LAYOUT = """expected Real3D-AD / Anomaly-ShapeNet layout:
+  <root>/<category>/train/<id>.pcd
+  <root>/<category>/test/<id>_<defect or good>.pcd
+  <root>/<category>/gt/<id>_<defect>.txt  (or GT/; lines 'x y z label', one per test point)"""
+GOOD = ("good", "positive")
+
+
+def categories(root: str | Path) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"point-cloud root {root} does not exist; {LAYOUT}")
+    found = sorted(
+        p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir()
+    )
+    if not found:
+        raise DatasetLayoutError(f"no category under {root} has train/ and test/; {LAYOUT}")
+    return found
+
+
+def defect_of(stem: str) -> str:
+    words = re.findall(r"[A-Za-z]+", stem)
+    if not words:
+        raise DatasetLayoutError(f"cannot tell the defect type of {stem!r}; {LAYOUT}")
+    return "good" if words[-1].lower() in GOOD else words[-1].lower()
+
+
+def read_pcd(path: Path) -> np.ndarray:
+    """Points [N,3] float32 of a .pcd file (ASCII or binary); errors name the file."""
+    import open3d as o3d
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"point cloud {path} does not exist")
+    points = np.asarray(o3d.io.read_point_cloud(str(path), format="pcd").points, np.float32)
+    if points.ndim != 2 or points.shape[0] == 0:
+        raise ValueError(f"point cloud {path} holds no points (expected a .pcd with x y z fields)")
+    return points
+
+
+def read_labels(path: Path, points: np.ndarray) -> np.ndarray:
+    """Per-point labels from 'x y z label' lines; the coordinates must match the cloud's."""
+    try:
+        table = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        raise ValueError(f"ground truth {path} is not 'x y z label' lines: {err}") from err
+    if table.shape != (len(points), 4):
+        raise ValueError(
+            f"ground truth {path} has {table.shape[0]} rows of {table.shape[1]} values, "
+            f"expected {len(points)} rows of 4 (x y z label), one per point of the cloud"
+        )
+    if not np.allclose(table[:, :3], points, atol=1e-4):
+        raise ValueError(f"ground truth {path}: the x y z columns do not match the cloud's points")
+    return table[:, 3] > 0.5
+
+
+class PointCloudSet:
+    """One category and split of a Real3D-AD / Anomaly-ShapeNet style folder."""
+
+    modality = "unorganised_point_cloud"
+    splits = ("train", "test")
+
+    def __init__(self, root, category: str, split: str = "train") -> None:
+        if split not in self.splits:
+            raise ValueError(f"PointCloudSet split must be one of {self.splits}, got {split!r}")
+        self.root, self.category, self.split = Path(root), category, split
+        folder = self.root / category / split
+        if not folder.is_dir():
+            raise DatasetLayoutError(f"missing folder {folder}; {LAYOUT}")
+        files = sorted(folder.glob("*.pcd"))
+        if not files:
+            raise DatasetLayoutError(f"no .pcd files under {folder}; {LAYOUT}")
+        gt_dir = next(
+            (self.root / category / g for g in ("gt", "GT") if (self.root / category / g).is_dir()),
+            None,
+        )
+        self.items = []
+        for f in files:
+            defect = "good" if split == "train" else defect_of(f.stem)
+            gt = None
+            if defect != "good":
+                gt = None if gt_dir is None else gt_dir / f"{f.stem}.txt"
+                if gt is None or not gt.is_file():
+                    raise DatasetLayoutError(
+                        f"no ground truth for {f}: expected {self.root / category / 'gt' / (f.stem + '.txt')}; {LAYOUT}"
+                    )
+            self.items.append({"path": f, "gt_path": gt, "defect": defect})
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted({it["defect"] for it in self.items})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        points = read_pcd(item["path"])
+        labels = (
+            np.zeros(len(points), dtype=bool)
+            if item["gt_path"] is None
+            else read_labels(item["gt_path"], points)
+        )
+        return {
+            "points": torch.from_numpy(points),
+            "point_labels": torch.from_numpy(labels),
+            "label": torch.tensor(int(item["defect"] != "good")),
+            "meta": {
+                "path": str(item["path"]),
+                "category": self.category,
+                "defect": item["defect"],
+                "split": self.split,
+            },
+        }
