@@ -16,7 +16,9 @@ from ..common import gaussian_blur, image_score
 
 @register_detector("curvature")
 class Curvature(Detector):
-    """Per valid point: its ``ks`` nearest neighbours (itself included), their covariance's
+    """Multi-scale kNN surface variation per point (the CASL paper's curvature baseline).
+
+    Per valid point: its ``ks`` nearest neighbours (itself included), their covariance's
     eigenvalues l0 <= l1 <= l2 and the surface variation l0 / (l0 + l1 + l2) at each scale.
 
     ``normalize="scale"`` z-scores each scale by the mean and spread of the training clouds'
