@@ -112,6 +112,7 @@ def run_job(
             torch.stack(defective["maps"]),
             defective["defects"],
             detector.describe_regions,
+            n_types=getattr(detector, "n_types", None),
             seed=job.seed,
         )
         discovery["seconds"] = time.perf_counter() - start

@@ -29,6 +29,9 @@ class KNNPatchDistance(Detector):
     projection. The map is upsampled to the input and smoothed (Gaussian ``sigma``); the image
     score is the map's maximum, or PatchCore's neighbourhood-reweighted maximum patch distance
     (``reweight=True``, ``num_neighbors`` bank entries).
+
+    ``discover_types``: after scoring, cluster the defective test images into anomaly types
+    (``bench.discovery``): ``n_types`` clusters, None = as many as defect folders, 0 = estimated.
     """
 
     modality = "image"
@@ -48,6 +51,7 @@ class KNNPatchDistance(Detector):
         num_neighbors: int = 9,
         max_pairs: int = 1 << 24,
         discover_types: bool = True,
+        n_types: int | None = None,
         seed: int = 0,
     ) -> None:
         if not 0 < coreset_ratio <= 1:
@@ -57,7 +61,7 @@ class KNNPatchDistance(Detector):
         self.coreset_ratio, self.coreset_projection = coreset_ratio, coreset_projection
         self.sigma, self.score, self.reweight = sigma, score, reweight
         self.num_neighbors, self.max_pairs, self.seed = num_neighbors, max_pairs, seed
-        self.discover_types = discover_types
+        self.discover_types, self.n_types = discover_types, n_types
         self.extractor_ = create_backbone(backbone, weights, self.layers)
 
     # -- features ------------------------------------------------------------------------------
