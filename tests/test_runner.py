@@ -150,3 +150,31 @@ def test_a_detector_entry_sets_its_own_input_geometry():
     }
     jobs = {j.detector.display: j for j in plan_jobs(cfg)}
     assert jobs["knn"].config_hash != jobs["knn-full"].config_hash
+
+
+def test_knn_job_records_and_logs_anomaly_type_discovery(tmp_path, ad_root):
+    """The runner keeps the defective images, clusters them after scoring, and the numbers go
+    to the result file and to MLflow's flat metrics."""
+    from bench.tracking import flat_metrics
+
+    cfg = BenchConfig(
+        name="knn-types",
+        detectors=[
+            DetectorEntry("knn", params={"backbone": "efficientnet_lite0", "coreset_ratio": 0.05})
+        ],
+        datasets=[
+            DatasetEntry("mvtec_ad", root=str(ad_root), categories=["weave"], image_size=128)
+        ],
+        batch_size=8,
+        num_workers=0,
+        output=str(tmp_path / "out"),
+    )
+    records, failed = run_benchmark(cfg, track=False)
+    assert not failed
+    found = records[0]["discovery"]
+    test_defects = sorted({p.name for p in (ad_root / "weave" / "test").iterdir()} - {"good"})
+    assert found["n_images"] == 3 * len(test_defects)
+    assert found["n_types"] == found["n_types_true"] == len(test_defects)
+    assert 0 <= found["nmi"] <= 1 and -1 <= found["ari"] <= 1 and 0 < found["f1"] <= 1
+    flat = flat_metrics(records[0])
+    assert flat["type_nmi"] == found["nmi"] and flat["type_f1"] == found["f1"]
