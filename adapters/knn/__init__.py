@@ -89,7 +89,7 @@ class KNNPatchDistance(Detector):
         if not bank:
             raise ValueError("knn.fit got no training images")
         patches = torch.cat(bank)
-        n = max(1, round(self.coreset_ratio * patches.shape[0]))
+        n = max(1, int(self.coreset_ratio * patches.shape[0]))  # as PatchCore and anomalib
         if n < patches.shape[0]:
             points = random_projection(patches, self.coreset_projection, self.seed)
             start = int(torch.randint(patches.shape[0], (1,), generator=self._generator()))

@@ -55,7 +55,7 @@ def run_ours(root: str, category: str) -> dict:
     patches = torch.cat([det.embed(b.image).permute(0, 2, 3, 1).flatten(0, 2) for b in train])
     feature_seconds = time.perf_counter() - start
     n_train = sum(len(b) for b in train)
-    n = round(RATIO * len(patches))
+    n = max(1, int(RATIO * len(patches)))
     start = time.perf_counter()
     picks = greedy_coreset(random_projection(patches, 128, 0), n, start=0)
     coreset_seconds = time.perf_counter() - start
