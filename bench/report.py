@@ -25,7 +25,10 @@ HEADLINE = ("image_auroc", "pixel_auroc", "au_pro", "pixel_ap")
 
 
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per job with the overall metrics, protocol and metric version."""
+    """One row per job with the overall metrics, protocol and metric version.
+
+    Results of one dataset under different protocols or metric versions are never averaged or
+    compared in one column: such rows get the dataset label ``name [protocol, vX]``."""
     rows = []
     for r in records:
         row = {
@@ -36,24 +39,20 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         row["fit_seconds"] = r["timings"]["fit_seconds"]
         row["predict_images_per_second"] = r["timings"]["predict_images_per_second"]
         rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _check_comparable(frame: pd.DataFrame) -> None:
-    for dataset, group in frame.groupby("dataset"):
-        kinds = group[["protocol", "metric_version"]].drop_duplicates()
-        if len(kinds) > 1:
-            found = ", ".join(f"{p} v{v}" for p, v in kinds.itertuples(index=False))
-            raise ValueError(
-                f"results for {dataset} mix protocols/metric versions ({found}); "
-                "re-run with --force or report them under separate benchmark names"
-            )
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    kinds = frame.groupby("dataset")[["protocol", "metric_version"]].nunique().max(axis=1)
+    mixed = frame["dataset"].map(kinds) > 1
+    frame.loc[mixed, "dataset"] = (
+        frame["dataset"] + " [" + frame["protocol"] + ", v" + frame["metric_version"] + "]"
+    )[mixed]
+    return frame
 
 
 def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Mean over seeds, then unweighted mean over categories, per (detector, dataset)."""
     frame = records_frame(records)
-    _check_comparable(frame)
     per_cat = frame.groupby(["detector", "dataset", "category"])[list(METRICS)].mean()
     return per_cat.groupby(["detector", "dataset"]).mean()
 
@@ -61,7 +60,6 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 def metric_table(records: list[dict[str, Any]], metric: str) -> pd.DataFrame:
     """Detectors as rows, (dataset/category) and the per-dataset mean as columns."""
     frame = records_frame(records)
-    _check_comparable(frame)
     per_cat = (
         frame.groupby(["detector", "dataset", "category"])[metric]
         .mean()

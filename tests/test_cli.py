@@ -149,3 +149,45 @@ def test_bad_config_is_a_clear_error(tmp_path):
     )
     out = bench("run", "--config", str(bad), "--no-tracking", "--output", str(tmp_path))
     assert out.returncode == 2 and "unknown parameter(s) ['sigmaa']" in out.stderr
+
+
+def test_leaderboard_keeps_protocols_in_separate_columns():
+    """One dataset scored under two protocols: two column groups, never one mean."""
+    from bench.report import metric_table, summary_frame
+
+    def record(detector, protocol, value):
+        return {
+            "detector": detector,
+            "dataset": "mvtec_ad",
+            "category": "bottle",
+            "seed": 0,
+            "protocol": protocol,
+            "metric_version": "1.0",
+            "metrics": {
+                "all": {
+                    m: value
+                    for m in (
+                        "image_auroc",
+                        "pixel_auroc",
+                        "au_pro",
+                        "pixel_ap",
+                        "image_ap",
+                        "image_f1max",
+                        "pixel_f1max",
+                    )
+                }
+            },
+            "timings": {"fit_seconds": 1.0, "predict_images_per_second": 1.0},
+        }
+
+    records = [record("a", "official", 0.9), record("b", "official-cropped", 0.8)]
+    table = metric_table(records, "au_pro")
+    assert set(table.columns) == {
+        "mvtec_ad [official, v1.0]/bottle",
+        "mvtec_ad [official, v1.0]/mean",
+        "mvtec_ad [official-cropped, v1.0]/bottle",
+        "mvtec_ad [official-cropped, v1.0]/mean",
+    }
+    assert table.loc["a", "mvtec_ad [official, v1.0]/mean"] == 0.9
+    assert table["mvtec_ad [official-cropped, v1.0]/mean"].isna()["a"]
+    assert len(summary_frame(records)) == 2
