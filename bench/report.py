@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bench.results import ResultStore
@@ -134,8 +135,8 @@ def print_leaderboard(records: list[dict[str, Any]], console: Console | None = N
     for (detector, dataset), row in summary.iterrows():
         n = frame[(frame.detector == detector) & (frame.dataset == dataset)]["category"].nunique()
         table.add_row(
-            detector,
-            dataset,
+            escape(detector),
+            escape(dataset),
             str(n),
             *("–" if row[m] != row[m] else f"{row[m]:.4f}" for m in HEADLINE),
         )

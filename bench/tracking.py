@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 from bench.config import BenchConfig
 from bench.progress import console
@@ -42,6 +45,10 @@ def git_state() -> dict[str, str]:
         return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
     except Exception:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+# MLflow metric names: alphanumerics, underscores, dashes, periods, spaces, colons and slashes
+_METRIC_NAME_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. :/]")
 
 
 def flat_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -83,7 +90,8 @@ class Tracker:
     def _fail(self, err: Exception) -> None:
         if not self.failed:
             console.print(
-                f"[yellow]MLflow tracking at {self.uri} failed ({type(err).__name__}: {err}); "
+                f"[yellow]MLflow tracking at {escape(self.uri)} failed "
+                f"({type(err).__name__}: {escape(str(err))}); "
                 "results are still written to the results folder.[/]"
             )
         self.failed = True
@@ -177,9 +185,8 @@ class Tracker:
             for (detector, dataset), row in summary.iterrows():
                 for metric, value in row.items():
                     if value == value:
-                        self.client.log_metric(
-                            self.parent_id, f"{detector}.{dataset}.{metric}", float(value)
-                        )
+                        key = _METRIC_NAME_UNSAFE.sub("", f"{detector}.{dataset}.{metric}")
+                        self.client.log_metric(self.parent_id, key, float(value))
             self.client.log_text(self.parent_id, leaderboard_markdown(records), "leaderboard.md")
         except Exception as err:
             self._fail(err)
