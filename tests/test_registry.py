@@ -47,7 +47,10 @@ def test_unknown_name_lists_the_known_ones_and_suggests():
         create_detector("grid_curvatur")
     text = str(err.value)
     assert "Did you mean 'grid_curvature'?" in text
-    assert "Known detectors: autoencoder, feature_stats, grid_curvature" in text
+    builtins = ["autoencoder", "curvature", "feature_stats", "grid_curvature", "knn"]
+    known = sorted(d.name for d in list_detectors())
+    assert set(builtins) <= set(known)
+    assert "Known detectors: " + ", ".join(known) in text
 
 
 def test_registration_rejects_bad_classes_and_taken_names(scratch_names):
