@@ -107,6 +107,44 @@ def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def leaderboard_figure(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Per-category bars of the headline metrics, one panel per metric, detectors side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = records_frame(records)
+    frame["column"] = frame["dataset"] + "/" + frame["category"]
+    metrics = ("image_auroc", "pixel_auroc", "au_pro")
+    columns = sorted(frame["column"].unique())
+    detectors = sorted(frame["detector"].unique())
+    fig, axes = plt.subplots(
+        len(metrics),
+        1,
+        figsize=(max(6, 1.2 * len(columns) * max(1, len(detectors)) / 2), 3 * len(metrics)),
+        squeeze=False,
+    )
+    width = 0.8 / max(1, len(detectors))
+    for ax, metric in zip(axes[:, 0], metrics):
+        table = frame.groupby(["detector", "column"])[metric].mean().unstack("column")
+        for i, det in enumerate(detectors):
+            values = [table.loc[det, c] if c in table.columns else float("nan") for c in columns]
+            ax.bar([x + i * width for x in range(len(columns))], values, width, label=det)
+        ax.set_xticks([x + width * (len(detectors) - 1) / 2 for x in range(len(columns))])
+        ax.set_xticklabels(columns, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(detectors)), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(output: str | Path, name: str) -> dict[str, Path]:
     store = ResultStore(output, name)
     records = store.records()
@@ -120,7 +158,8 @@ def write_report(output: str | Path, name: str) -> dict[str, Path]:
     records_frame(records).to_csv(csv, index=False)
     summary = store.root / "summary.csv"
     summary_frame(records).to_csv(summary)
-    return {"markdown": md, "csv": csv, "summary": summary}
+    figure = leaderboard_figure(records, store.root / "leaderboard.png")
+    return {"markdown": md, "csv": csv, "summary": summary, "figure": figure}
 
 
 def print_leaderboard(records: list[dict[str, Any]], console: Console | None = None) -> None:

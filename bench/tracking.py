@@ -12,6 +12,7 @@ import functools
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,15 @@ def git_state() -> dict[str, str]:
         return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
     except Exception:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def per_defect_table(record: dict[str, Any]):
+    """One row per defect-type subset ("all" first) with every metric of the job."""
+    import pandas as pd
+
+    rows = [{"subset": name, **values} for name, values in record["metrics"].items()]
+    rows.sort(key=lambda r: (r["subset"] != "all", r["subset"]))
+    return pd.DataFrame(rows)
 
 
 # MLflow metric names: alphanumerics, underscores, dashes, periods, spaces, colons and slashes
@@ -169,17 +179,40 @@ class Tracker:
                 metrics=[Metric(k, v, now, 0) for k, v in flat_metrics(record).items()],
                 params=[Param(k, v) for k, v in params.items()],
             )
+            self._log_job_artifacts(rid, record)
             self.client.set_terminated(rid, "FINISHED")
             return rid
         except Exception as err:
             self._fail(err)
             return None
 
+    def _log_job_artifacts(self, rid: str, record: dict[str, Any]) -> None:
+        """The per-defect-type table and the job's resolved configuration."""
+        self.client.log_text(rid, per_defect_table(record).to_csv(index=False), "per_defect.csv")
+        resolved = {
+            k: record[k]
+            for k in (
+                "detector_name",
+                "params",
+                "dataset",
+                "root",
+                "category",
+                "seed",
+                "image_size",
+                "crop_size",
+                "batch_size",
+                "protocol",
+                "metric_version",
+                "config_hash",
+            )
+        }
+        self.client.log_dict(rid, resolved, "config.json")
+
     def log_summary(self, records: list[dict[str, Any]]) -> None:
         if self.failed or self.parent_id is None or not records:
             return
         try:
-            from bench.report import leaderboard_markdown, summary_frame
+            from bench.report import leaderboard_figure, leaderboard_markdown, summary_frame
 
             summary = summary_frame(records)
             for (detector, dataset), row in summary.iterrows():
@@ -188,5 +221,8 @@ class Tracker:
                         key = _METRIC_NAME_UNSAFE.sub("", f"{detector}.{dataset}.{metric}")
                         self.client.log_metric(self.parent_id, key, float(value))
             self.client.log_text(self.parent_id, leaderboard_markdown(records), "leaderboard.md")
+            with tempfile.TemporaryDirectory() as tmp:
+                figure = leaderboard_figure(records, Path(tmp) / "leaderboard.png")
+                self.client.log_artifact(self.parent_id, str(figure))
         except Exception as err:
             self._fail(err)

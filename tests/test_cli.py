@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -110,6 +111,20 @@ def test_mlflow_store_mirrors_the_results(finished):
             assert run.data.metrics[key] == pytest.approx(record["metrics"]["all"][key], abs=1e-12)
         assert run.data.params["dataset"] == record["dataset"]
         assert run.data.tags["config_hash"] == record["config_hash"]
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"per_defect.csv", "config.json"} <= files
+        table = pd.read_csv(client.download_artifacts(run.info.run_id, "per_defect.csv"))
+        assert list(table["subset"]) == ["all", *sorted(set(record["metrics"]) - {"all"})]
+        for _, row in table.iterrows():
+            expected = record["metrics"][row["subset"]]["au_pro"]
+            assert row["au_pro"] == pytest.approx(expected, abs=1e-12, nan_ok=True)
+        config = json.loads(
+            Path(client.download_artifacts(run.info.run_id, "config.json")).read_text()
+        )
+        assert config["config_hash"] == record["config_hash"]
+        assert config["params"] == record["params"]
+    parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"leaderboard.md", "leaderboard.png", "config.json"} <= parent_files
 
 
 def test_second_run_skips_finished_jobs_and_logs_no_duplicates(finished):
@@ -133,6 +148,8 @@ def test_report_rebuilds_the_leaderboard(finished):
     rep = bench("report", "--name", "small", "--output", str(out))
     assert rep.returncode == 0, rep.stderr
     assert "feature_stats" in (out / "small" / "leaderboard.md").read_text()
+    png = (out / "small" / "leaderboard.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def test_list_via_python_dash_m():
