@@ -48,6 +48,19 @@ def git_state() -> dict[str, str]:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
+#: what identifies a job's setting, logged as params and in its config.json
+JOB_FIELDS = (
+    "detector_name",
+    "dataset",
+    "category",
+    "seed",
+    "image_size",
+    "crop_size",
+    "batch_size",
+    "protocol",
+)
+
+
 def per_defect_table(record: dict[str, Any]):
     """One row per defect-type subset ("all" first) with every metric of the job."""
     import pandas as pd
@@ -153,22 +166,7 @@ class Tracker:
             run = self.client.create_run(self.experiment_id, run_name=record["run_name"], tags=tags)
             rid = run.info.run_id
             params = {f"detector.{k}": str(v)[:500] for k, v in record["params"].items()}
-            params.update(
-                {
-                    k: str(record[k])
-                    for k in (
-                        "detector",
-                        "detector_name",
-                        "dataset",
-                        "category",
-                        "seed",
-                        "image_size",
-                        "crop_size",
-                        "batch_size",
-                        "protocol",
-                    )
-                }
-            )
+            params.update({k: str(record[k]) for k in ("detector", *JOB_FIELDS)})
             import time
 
             from mlflow.entities import Metric, Param
@@ -189,23 +187,8 @@ class Tracker:
     def _log_job_artifacts(self, rid: str, record: dict[str, Any]) -> None:
         """The per-defect-type table and the job's resolved configuration."""
         self.client.log_text(rid, per_defect_table(record).to_csv(index=False), "per_defect.csv")
-        resolved = {
-            k: record[k]
-            for k in (
-                "detector_name",
-                "params",
-                "dataset",
-                "root",
-                "category",
-                "seed",
-                "image_size",
-                "crop_size",
-                "batch_size",
-                "protocol",
-                "metric_version",
-                "config_hash",
-            )
-        }
+        keys = (*JOB_FIELDS, "params", "root", "metric_version", "config_hash")
+        resolved = {k: record[k] for k in keys}
         self.client.log_dict(rid, resolved, "config.json")
 
     def log_summary(self, records: list[dict[str, Any]]) -> None:
