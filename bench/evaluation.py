@@ -67,6 +67,7 @@ class Evaluator:
         self.defects: list[str] = []
         self.categories: set[str] = set()
         self.maps: list[torch.Tensor] = []
+        self.curves: dict = {}  # ROC and PRO curves of the whole category, after compute()
         self.masks: list[torch.Tensor] = []
         self.cropped = False
         self.warnings: list[str] = []
@@ -141,7 +142,10 @@ class Evaluator:
         group_of = {"good": 0, **{d: i + 1 for i, d in enumerate(kinds)}}
         groups = [group_of[d] if y == 1 else 0 for d, y in zip(self.defects, self.labels)]
         subsets = {"all": list(range(len(kinds) + 1)), **{d: [0, group_of[d]] for d in kinds}}
-        pixel = score_metrics(self.maps, self.masks, groups, subsets, self.pro_limit, self.chunk)
+        self.curves: dict = {}
+        pixel = score_metrics(
+            self.maps, self.masks, groups, subsets, self.pro_limit, self.chunk, self.curves
+        )
         self._write_scores()
         out = {}
         scores = torch.tensor(self.scores, dtype=torch.float64)

@@ -255,8 +255,12 @@ def score_metrics(
     subsets: dict[str, list[int]],
     limit: float = 0.3,
     chunk: int = CHUNK,
+    curves: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """Pixel AUROC, AP, F1-max and AU-PRO of image subsets, exactly.
+
+    ``curves``: a dict that receives, for the subset "all", the ROC and PRO curves (false
+    positive rate, true positive rate, PRO) thinned to at most ``CURVE_POINTS`` points.
 
     ``maps``/``masks``: one [H,W] pair per image (sizes may differ between images); ``groups``:
     an int per image (e.g. its defect type); ``subsets``: name -> the groups it contains.
@@ -316,7 +320,26 @@ def score_metrics(
         d_pos, d_pro, d_neg = (t[idx].sum(0).flip(0) for t in (pos, pro, neg))
         regions = sum(regions_per_group[m] for m in set(members))
         out[name] = _curve_metrics(d_pos, d_neg, d_pro, regions, limit)
+        if curves is not None and name == "all":
+            curves.update(_curve_points(d_pos, d_neg, d_pro, regions))
     return out
+
+
+CURVE_POINTS = 512
+
+
+def _curve_points(d_pos, d_neg, d_pro, regions) -> dict[str, list[float]]:
+    """The ROC and PRO curves from (0,0), every threshold, thinned evenly for plotting."""
+    zero = torch.zeros(1, dtype=torch.float64, device=d_pos.device)
+    fp, tp, pro = (torch.cat([zero, torch.cumsum(d, 0)]) for d in (d_neg, d_pos, d_pro))
+    fpr = fp / fp[-1].clamp_min(1)
+    tpr = tp / tp[-1].clamp_min(1)
+    pro = (pro / max(regions, 1)).clamp(0, 1)
+    keep = torch.linspace(0, len(fpr) - 1, min(CURVE_POINTS, len(fpr))).round().long().unique()
+    return {
+        k: [round(float(v), 6) for v in t[keep].cpu()]
+        for k, t in (("fpr", fpr), ("tpr", tpr), ("pro", pro))
+    }
 
 
 def _chunks(flat_maps: list[torch.Tensor], chunk: int):

@@ -135,6 +135,7 @@ def run_job(
         "protocol": evaluator.protocol_label,
         "metric_version": METRIC_VERSION,
         "metrics": metrics,
+        "curves": evaluator.curves,
         "discovery": discovery,
         "warnings": evaluator.warnings,
         "maps_exported_to": None if export is None else str(export),

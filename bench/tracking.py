@@ -61,6 +61,30 @@ JOB_FIELDS = (
 )
 
 
+def curves_figure(record: dict[str, Any], path: Path) -> Path:
+    """ROC and PRO curves of a job (subset "all") as a PNG, the AU-PRO limit marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c, m = record["curves"], record["metrics"]["all"]
+    fig, (roc, pro) = plt.subplots(1, 2, figsize=(9, 4))
+    roc.plot(c["fpr"], c["tpr"])
+    roc.plot([0, 1], [0, 1], ls=":", c="grey")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate")
+    roc.set_title(f"pixel ROC (AUROC {m['pixel_auroc']:.4f})")
+    pro.plot(c["fpr"], c["pro"])
+    pro.axvline(0.3, ls="--", c="grey")
+    pro.set(xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 1))
+    pro.set_title(f"PRO (AU-PRO@0.3 {m['au_pro']:.4f})")
+    fig.suptitle(record["run_name"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def per_defect_table(record: dict[str, Any]):
     """One row per defect-type subset ("all" first) with every metric of the job."""
     import pandas as pd
@@ -190,6 +214,10 @@ class Tracker:
         keys = (*JOB_FIELDS, "params", "root", "metric_version", "config_hash")
         resolved = {k: record[k] for k in keys}
         self.client.log_dict(rid, resolved, "config.json")
+        if record.get("curves"):
+            with tempfile.TemporaryDirectory() as tmp:
+                figure = curves_figure(record, Path(tmp) / "curves.png")
+                self.client.log_artifact(rid, str(figure))
 
     def log_summary(self, records: list[dict[str, Any]]) -> None:
         if self.failed or self.parent_id is None or not records:

@@ -371,3 +371,21 @@ def test_binned_event_lookup_equals_binary_search(kind):
         events = table.index_select(0, metrics._bin_of(other, offset, scale, nbins))
         metrics._resolve_torch(other, events, u, u_padded)
         assert torch.equal(events.long(), expected)
+
+
+def test_curves_run_from_origin_to_one_and_integrate_to_the_auroc():
+    """Below CURVE_POINTS thresholds the stored ROC curve is the full curve: its area is the
+    pixel AUROC, and its PRO curve ends at 1."""
+    from bench.metrics import score_metrics
+
+    rng = np.random.default_rng(8)
+    masks = torch.from_numpy(rng.random((4, 12, 12)) < 0.1)
+    maps = (
+        torch.from_numpy((rng.integers(0, 40, (4, 12, 12)) / 40).astype(np.float32)) + masks * 0.2
+    )
+    curves: dict = {}
+    out = score_metrics(list(maps), list(masks), [0] * 4, {"all": [0]}, curves=curves)
+    fpr, tpr, pro = (np.array(curves[k]) for k in ("fpr", "tpr", "pro"))
+    assert (fpr[0], tpr[0], pro[0]) == (0, 0, 0) and (fpr[-1], tpr[-1], pro[-1]) == (1, 1, 1)
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all() and (np.diff(pro) >= 0).all()
+    assert np.trapezoid(tpr, fpr) == pytest.approx(out["all"]["pixel_auroc"], abs=1e-5)
