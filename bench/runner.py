@@ -17,6 +17,7 @@ from bench.discovery import discover_types
 from bench.evaluation import Evaluator
 from bench.loading import EpochLoader
 from bench.metrics import METRIC_VERSION
+from bench.overlays import OverlayCollector
 from bench.plan import Job, plan_jobs
 from bench.progress import console, progress_bar
 from bench.registry import create_detector
@@ -80,6 +81,7 @@ def run_job(
     dtype = amp_dtype(device, "auto") if detector.inference_amp else None
     discover = getattr(detector, "discover_types", False) and hasattr(detector, "describe_regions")
     defective: dict[str, list] = {"images": [], "maps": [], "defects": []}
+    overlays = OverlayCollector()
     model_seconds = 0.0
     with (
         track_peak_memory(device) as predict_mem,
@@ -94,6 +96,7 @@ def run_job(
             _sync(device)
             model_seconds += time.perf_counter() - t0
             evaluator.update(prediction, batch)
+            overlays.update(prediction, batch)
             if discover:
                 keep = torch.nonzero(batch.label.cpu()).view(-1).tolist()
                 defective["images"] += [batch.image[i].cpu() for i in keep]
@@ -117,8 +120,10 @@ def run_job(
         )
         discovery["seconds"] = time.perf_counter() - start
 
+    overlay_path = overlays.save(store.root / "figures" / f"{job.slug}.png", job.run_name)
     return {
         "run_name": job.run_name,
+        "overlays": None if overlay_path is None else str(overlay_path),
         "config_hash": job.config_hash,
         "fit_hash": job.fit_hash,
         "detector": job.detector.display,

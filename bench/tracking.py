@@ -214,6 +214,8 @@ class Tracker:
         keys = (*JOB_FIELDS, "params", "root", "metric_version", "config_hash")
         resolved = {k: record[k] for k in keys}
         self.client.log_dict(rid, resolved, "config.json")
+        if record.get("overlays") and Path(record["overlays"]).is_file():
+            self.client.log_artifact(rid, record["overlays"], "overlays")
         if record.get("curves"):
             with tempfile.TemporaryDirectory() as tmp:
                 figure = curves_figure(record, Path(tmp) / "curves.png")

@@ -112,7 +112,10 @@ def test_mlflow_store_mirrors_the_results(finished):
         assert run.data.params["dataset"] == record["dataset"]
         assert run.data.tags["config_hash"] == record["config_hash"]
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"per_defect.csv", "config.json", "curves.png"} <= files
+        assert {"per_defect.csv", "config.json", "curves.png", "overlays"} <= files
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "overlays")] == [
+            f"overlays/{run.info.run_name.replace('/', '__')}.png"
+        ]
         table = pd.read_csv(client.download_artifacts(run.info.run_id, "per_defect.csv"))
         assert list(table["subset"]) == ["all", *sorted(set(record["metrics"]) - {"all"})]
         for _, row in table.iterrows():

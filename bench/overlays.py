@@ -1,0 +1,88 @@
+"""A grid of anomaly-map overlays on the best and worst scored test images of a job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+THUMB = 160
+
+
+class OverlayCollector:
+    """Keeps a small thumbnail of every test image and its map (``update`` per batch)."""
+
+    def __init__(self) -> None:
+        self.images, self.maps, self.scores, self.labels, self.names = [], [], [], [], []
+
+    def update(self, prediction, batch) -> None:
+        image = batch.image if batch.image is not None else batch.rgb
+        if image is None:
+            return
+        size = (THUMB, THUMB)
+        self.images.append(F.interpolate(image.float().cpu(), size=size, mode="area"))
+        amap = prediction.anomaly_map.float().cpu()[:, None]
+        self.maps.append(F.interpolate(amap, size=size, mode="bilinear", align_corners=False)[:, 0])
+        self.scores += prediction.score.float().cpu().tolist()
+        self.labels += batch.label.cpu().tolist()
+        self.names += [f"{m['defect']}/{Path(m['path']).stem}" for m in batch.meta]
+
+    def picks(self, per_row: int = 4) -> list[tuple[str, list[int]]]:
+        """Rows of image indices: the most confidently right and the most wrong."""
+        s = torch.tensor(self.scores)
+        y = torch.tensor(self.labels)
+        # margin > 0 when right: defective above the good images' median, good below the
+        # defective images' median
+        good, bad = s[y == 0], s[y == 1]
+        if len(good) == 0 or len(bad) == 0:
+            order = s.argsort(descending=True).tolist()
+            return [("highest scores", order[:per_row]), ("lowest scores", order[-per_row:])]
+        margin = torch.where(y == 1, s - good.median(), bad.median() - s)
+        order = margin.argsort().tolist()
+        return [
+            ("best (most confidently right)", order[::-1][:per_row]),
+            ("worst", order[:per_row]),
+        ]
+
+    def save(self, path: Path, title: str) -> Path | None:
+        if not self.images:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        images, maps = torch.cat(self.images), torch.cat(self.maps)
+        lo, hi = float(maps.min()), float(maps.max())
+        rows = self.picks()
+        cols = max(len(r[1]) for r in rows)
+        fig, axes = plt.subplots(
+            len(rows), cols, figsize=(2.4 * cols, 2.9 * len(rows)), squeeze=False
+        )
+        for r, (label, idx) in enumerate(rows):
+            for c in range(cols):
+                ax = axes[r, c]
+                ax.axis("off")
+                if c >= len(idx):
+                    continue
+                i = idx[c]
+                ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
+                ax.imshow(maps[i].numpy(), cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
+                ax.set_title(f"{self.names[i]}\nscore {self.scores[i]:.3g}", fontsize=7)
+            axes[r, 0].text(
+                -0.1,
+                0.5,
+                label,
+                transform=axes[r, 0].transAxes,
+                rotation=90,
+                va="center",
+                ha="right",
+                fontsize=8,
+            )
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
