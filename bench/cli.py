@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="metrics file stem (default: <maps>/metrics -> .json and .csv)"
     )
 
+    syn = sub.add_parser(
+        "sync", help="upload finished jobs that are missing on the MLflow server (after an outage)"
+    )
+    syn.add_argument("--name", default="default", help="benchmark name: results/<name>/")
+    syn.add_argument("--output", default="results")
+    syn.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite store)",
+    )
+    syn.add_argument("--experiment", help="MLflow experiment name (default: adbench/<name>)")
+
     rep = sub.add_parser("report", help="leaderboard (Markdown, CSV) from the results folder")
     rep.add_argument("--name", default="default")
     rep.add_argument("--output", default="results")
@@ -286,12 +297,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from bench.progress import console
+    from bench.results import ResultStore
+    from bench.tracking import Tracker, sync
+
+    store = ResultStore(args.output, args.name)
+    if not store.records():
+        raise FileNotFoundError(f"no finished jobs under {store.root / 'jobs'}; nothing to sync")
+    cfg = BenchConfig(
+        name=args.name,
+        output=args.output,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+    )
+    with Tracker.from_config(cfg) as tracker:
+        if tracker.failed:
+            return 1
+        uploaded, present = sync(store, tracker)
+    if tracker.failed:
+        return 1
+    console.print(f"synced {args.name}: {uploaded} job(s) uploaded, {present} already there")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"list": cmd_list, "run": cmd_run, "evaluate": cmd_evaluate, "report": cmd_report}[
-            args.command
-        ](args)
+        commands = {
+            "list": cmd_list,
+            "run": cmd_run,
+            "evaluate": cmd_evaluate,
+            "report": cmd_report,
+            "sync": cmd_sync,
+        }
+        return commands[args.command](args)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2

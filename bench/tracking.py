@@ -34,6 +34,40 @@ def resolve_tracking_uri(cfg: BenchConfig) -> str:
     )
 
 
+def probe(uri: str, timeout: float = 5.0) -> None:
+    """Fails fast (instead of MLflow's minutes of retries) when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConnectionError(f"tracking server {uri} is unreachable ({err})") from err
+
+
+def sync(store, tracker: Tracker) -> tuple[int, int]:
+    """Uploads every finished job of ``store`` that has no run on ``tracker``'s server yet
+    (tracking was down, or another server was used); returns (uploaded, already there)."""
+    uploaded = present = 0
+    records = store.records()
+    for record in records:
+        run_id = record.get("mlflow_run_id")
+        if run_id and tracker.has_run(run_id, record["config_hash"]):
+            present += 1
+            continue
+        new_id = tracker.log_job(record)
+        if new_id is None:
+            break
+        record["mlflow_run_id"] = new_id
+        store.save(record)
+        uploaded += 1
+    if uploaded:
+        tracker.log_summary(records)
+    return uploaded, present
+
+
 @functools.cache
 def git_state() -> dict[str, str]:
     try:
@@ -147,6 +181,7 @@ class Tracker:
         try:
             import mlflow
 
+            probe(self.uri)
             self.client = mlflow.MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
@@ -207,6 +242,14 @@ class Tracker:
         except Exception as err:
             self._fail(err)
             return None
+
+    def has_run(self, run_id: str, config_hash: str) -> bool:
+        """Whether this server holds ``run_id`` for the same job configuration."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return False
+        return run.data.tags.get("config_hash") == config_hash
 
     def _log_job_artifacts(self, rid: str, record: dict[str, Any]) -> None:
         """The per-defect-type table and the job's resolved configuration."""
