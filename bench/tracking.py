@@ -209,9 +209,20 @@ class Tracker:
                 self._fail(err)
 
     def log_job(self, record: dict[str, Any]) -> str | None:
+        """The MLflow run of a finished job: created once; a run already logged for the same
+        job and configuration (e.g. by an invocation killed before it saved the run id) is
+        reused, so a job never has two runs."""
         if self.failed or self.parent_id is None:
             return None
         try:
+            existing = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.config_hash = '{record['config_hash']}' "
+                f"and tags.`adbench.kind` = 'job' and attributes.run_name = '{record['run_name']}'",
+                max_results=1,
+            )
+            if existing:
+                return existing[0].info.run_id
             tags = {
                 "mlflow.parentRunId": self.parent_id,
                 "adbench.kind": "job",

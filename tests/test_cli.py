@@ -211,3 +211,66 @@ def test_leaderboard_keeps_protocols_in_separate_columns():
     assert table.loc["a", "mvtec_ad [official, v1.0]/mean"] == 0.9
     assert table["mvtec_ad [official-cropped, v1.0]/mean"].isna()["a"]
     assert len(summary_frame(records)) == 2
+
+
+def test_killed_benchmark_resumes_without_repeating_jobs_or_runs(tmp_path, ad_root):
+    """SIGKILL mid-benchmark, run again: finished jobs are skipped, the rest are done, and
+    every job ends with exactly one MLflow run."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = (
+        "run",
+        "--detectors",
+        "feature_stats,autoencoder",
+        "--datasets",
+        "mvtec_ad",
+        "--root",
+        str(ad_root),
+        "--image-size",
+        "96",
+        "--param",
+        "autoencoder.iterations=150",
+        "--param",
+        "autoencoder.width=8",
+        "--name",
+        "killed",
+        "--output",
+        str(out),
+    )
+    env = {**os.environ, "ADBENCH_PROGRESS": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [str(BIN / "bench"), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    jobs = out / "killed" / "jobs"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(jobs.glob("*.json"))) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name for p in jobs.glob("*.json")}
+    assert 2 <= len(done_before) < 4, "the kill came too late to interrupt the benchmark"
+    assert not list(jobs.glob("*.tmp*")), "a half-written result file was left"
+
+    again = bench(*args)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("done before, skipped") == len(done_before)
+    assert len(list(jobs.glob("*.json"))) == 4
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("adbench/killed")
+    runs = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("adbench.kind") == "job"
+    ]
+    names = sorted(r.info.run_name for r in runs)
+    assert names == sorted(set(names)) and len(names) == 4
+    for p in jobs.glob("*.json"):
+        record = json.loads(p.read_text())
+        assert record["mlflow_run_id"] in {r.info.run_id for r in runs}
