@@ -111,6 +111,10 @@ def test_mlflow_store_mirrors_the_results(finished):
             assert run.data.metrics[key] == pytest.approx(record["metrics"]["all"][key], abs=1e-12)
         assert run.data.params["dataset"] == record["dataset"]
         assert run.data.tags["config_hash"] == record["config_hash"]
+        spent = sum(
+            record["timings"][k] for k in ("fit_seconds", "predict_seconds", "eval_seconds")
+        )
+        assert (run.info.end_time - run.info.start_time) / 1000 == pytest.approx(spent, abs=0.01)
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"per_defect.csv", "config.json", "curves.png", "overlays"} <= files
         assert [a.path for a in client.list_artifacts(run.info.run_id, "overlays")] == [
