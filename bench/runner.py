@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 from bench import __version__
@@ -31,6 +33,25 @@ FITTED_STATE = "fitted.pt"
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def data_fingerprint(*datasets) -> str:
+    """A hash of every input file of the job (path below the root, size, modification time):
+    results can be traced to the exact data they came from."""
+    digest = hashlib.sha256()
+    for ds in datasets:
+        for item in ds.items:
+            for key in ("path", "gt_path", "rgb_path"):
+                path = item.get(key)
+                if path is not None:
+                    stat = Path(path).stat()
+                    rel = (
+                        Path(path).relative_to(ds.root)
+                        if Path(path).is_relative_to(ds.root)
+                        else path
+                    )
+                    digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def run_job(
@@ -163,9 +184,11 @@ def run_job(
             "predict_peak_gpu_mb": predict_mem.gpu_bytes / 2**20,
         },
         "device": device_description(device),
+        "data_fingerprint": data_fingerprint(train_set, test_set),
         "versions": {
             "adbench": __version__,
             "torch": torch.__version__,
+            "timm": timm.__version__,
             "cuda": torch.version.cuda,
         },
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -241,6 +241,7 @@ class Tracker:
                 "mlflow.parentRunId": self.parent_id,
                 "adbench.kind": "job",
                 "config_hash": record["config_hash"],
+                "data_fingerprint": record.get("data_fingerprint", "unknown"),
                 "protocol": record["protocol"],
                 "metric_version": record["metric_version"],
                 "device": record["device"],

@@ -111,6 +111,8 @@ def test_mlflow_store_mirrors_the_results(finished):
             assert run.data.metrics[key] == pytest.approx(record["metrics"]["all"][key], abs=1e-12)
         assert run.data.params["dataset"] == record["dataset"]
         assert run.data.tags["config_hash"] == record["config_hash"]
+        assert run.data.tags["data_fingerprint"] == record["data_fingerprint"] != "unknown"
+        assert run.data.tags["version.timm"] == record["versions"]["timm"]
         spent = sum(
             record["timings"][k] for k in ("fit_seconds", "predict_seconds", "eval_seconds")
         )

@@ -178,3 +178,20 @@ def test_knn_job_records_and_logs_anomaly_type_discovery(tmp_path, ad_root):
     assert 0 <= found["nmi"] <= 1 and -1 <= found["ari"] <= 1 and 0 < found["f1"] <= 1
     flat = flat_metrics(records[0])
     assert flat["type_nmi"] == found["nmi"] and flat["type_f1"] == found["f1"]
+
+
+def test_data_fingerprint_follows_the_files(tmp_path, ad_root):
+    import shutil
+
+    from bench.datasets.mvtec_ad import MVTecAD
+    from bench.runner import data_fingerprint
+
+    root = shutil.copytree(ad_root / "weave", tmp_path / "copy" / "weave").parent
+    train, test = MVTecAD(root, "weave", "train"), MVTecAD(root, "weave", "test")
+    before = data_fingerprint(train, test)
+    assert before == data_fingerprint(
+        MVTecAD(root, "weave", "train"), MVTecAD(root, "weave", "test")
+    )
+    target = test.items[0]["path"]
+    target.write_bytes(target.read_bytes() + b"\0")
+    assert data_fingerprint(train, test) != before
