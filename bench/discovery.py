@@ -25,6 +25,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+from sklearn.metrics.cluster import contingency_matrix
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -71,15 +72,11 @@ def main_element_masks(
 def cluster_f1(true: np.ndarray, pred: np.ndarray) -> float:
     """Macro F1 over the true types after matching clusters to types one to one (Hungarian);
     a type left without a cluster scores 0."""
-    types, clusters = np.unique(true), np.unique(pred)
-    overlap = np.array([[np.sum((true == t) & (pred == c)) for c in clusters] for t in types])
+    overlap = contingency_matrix(true, pred)  # types x clusters
     rows, cols = linear_sum_assignment(-overlap)
-    f1 = np.zeros(len(types))
-    for r, c in zip(rows, cols):
-        tp = overlap[r, c]
-        if tp:
-            precision, recall = tp / np.sum(pred == clusters[c]), tp / np.sum(true == types[r])
-            f1[r] = 2 * precision * recall / (precision + recall)
+    f1 = np.zeros(overlap.shape[0])
+    tp = overlap[rows, cols]
+    f1[rows] = 2 * tp / (overlap.sum(1)[rows] + overlap.sum(0)[cols])
     return float(f1.mean())
 
 

@@ -119,10 +119,10 @@ def run_job(
             evaluator.update(prediction, batch)
             overlays.update(prediction, batch)
             if discover:
-                keep = torch.nonzero(batch.label.cpu()).view(-1).tolist()
-                defective["images"] += [batch.image[i].cpu() for i in keep]
-                defective["maps"] += [prediction.anomaly_map[i].float().cpu() for i in keep]
-                defective["defects"] += [batch.meta[i]["defect"] for i in keep]
+                keep = batch.label.cpu().bool()
+                defective["images"].append(batch.image.cpu()[keep])
+                defective["maps"].append(prediction.anomaly_map.float().cpu()[keep])
+                defective["defects"] += [m["defect"] for m, k in zip(batch.meta, keep) if k]
             bar.advance(1)
         predict_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -132,8 +132,8 @@ def run_job(
     if discover and defective["defects"]:
         start = time.perf_counter()
         discovery = discover_types(
-            torch.stack(defective["images"]),
-            torch.stack(defective["maps"]),
+            torch.cat(defective["images"]),
+            torch.cat(defective["maps"]),
             defective["defects"],
             detector.describe_regions,
             n_types=getattr(detector, "n_types", None),

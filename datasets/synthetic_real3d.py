@@ -16,8 +16,7 @@ def _write_pcd(path: Path, points: np.ndarray) -> None:
         f"TYPE F F F\nCOUNT 1 1 1\nWIDTH {len(points)}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\n"
         f"POINTS {len(points)}\nDATA ascii\n"
     )
-    body = "\n".join(f"{x:.6f} {y:.6f} {z:.6f}" for x, y, z in points)
-    path.write_text(header + body + "\n")
+    np.savetxt(path, points, fmt="%.6f", header=header.rstrip("\n"), comments="")
 
 
 def _shape(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -92,13 +92,11 @@ class KNNPatchDistance(Detector):
         n = max(1, int(self.coreset_ratio * patches.shape[0]))  # as PatchCore and anomalib
         if n < patches.shape[0]:
             points = random_projection(patches, self.coreset_projection, self.seed)
-            start = int(torch.randint(patches.shape[0], (1,), generator=self._generator()))
+            gen = torch.Generator().manual_seed(self.seed)
+            start = int(torch.randint(patches.shape[0], (1,), generator=gen))
             patches = patches[greedy_coreset(points, n, start, seed=self.seed).to(self.device)]
         self.bank_ = patches.contiguous()
         self.n_train_patches_ = torch.tensor(sum(len(b) for b in bank))
-
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
 
     # -- predict -------------------------------------------------------------------------------
     @torch.no_grad()
