@@ -18,12 +18,14 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-2d bench-3d report test lint format ui perf clean help
+.PHONY: install bench bench-2d bench-3d bench-points report test lint format ui perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
 	@echo "make bench-2d  2D detectors on MVTec AD at MVTEC_AD_ROOT ($(MVTEC_AD_ROOT))"
 	@echo "make bench-3d  3D detectors on MVTec 3D-AD at MVTEC_3D_ROOT (built-in 3D data when unset)"
+	@echo "make bench-points  curvature on Real3D-AD / Anomaly-ShapeNet at REAL3D_AD_ROOT /"
+	@echo "               ANOMALY_SHAPENET_ROOT (built-in unorganised clouds when neither is set)"
 	@echo "make report    rebuild the leaderboard of results/default"
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff"
@@ -58,6 +60,12 @@ bench-3d: $(STAMP)
 	@if [ -n "$$MVTEC_3D_ROOT" ]; then $(BIN)/bench run --config bench-3d --output $(RESULTS); \
 	else echo "MVTEC_3D_ROOT is not set: running on the built-in 3D data"; \
 	  $(BIN)/bench run --config bench-3d --datasets builtin_3d --image-size native --output $(RESULTS); fi
+
+bench-points: $(STAMP)
+	@sets="$$(echo $${REAL3D_AD_ROOT:+real3d_ad} $${ANOMALY_SHAPENET_ROOT:+anomaly_shapenet} | tr ' ' ,)"; \
+	if [ -z "$$sets" ]; then echo "REAL3D_AD_ROOT and ANOMALY_SHAPENET_ROOT are unset: running on the built-in clouds"; \
+	  sets=builtin_points; fi; \
+	$(BIN)/bench run --config bench-points --datasets $$sets --output $(RESULTS)
 
 report: $(STAMP)
 	$(BIN)/bench report --output $(RESULTS)

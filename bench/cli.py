@@ -211,6 +211,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     {
                         "name": i.name,
                         "modality": i.modality,
+                        "modalities": list(i.modalities),
                         "source": i.source,
                         "summary": i.summary,
                     }
@@ -227,7 +228,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for col in ("name", "modality", "source", "summary"):
         table.add_column(col)
     for i in infos:
-        table.add_row(i.name, i.modality, i.source, i.summary)
+        table.add_row(i.name, ", ".join(i.modalities), i.source, i.summary)
     Console(width=160).print(table)
     return 0
 

@@ -24,6 +24,8 @@ class Detector:
     """Base class: ``fit`` on defect-free batches, ``predict`` one test batch at a time."""
 
     modality: ClassVar[str] = "image"
+    #: further inputs it scores, e.g. ("points",) for unorganised clouds (see bench.types)
+    also_accepts: ClassVar[tuple[str, ...]] = ()
     registered_name: ClassVar[str] = ""
     #: whether the runner may run ``predict`` under autocast on a GPU
     inference_amp: ClassVar[bool] = True
@@ -37,6 +39,10 @@ class Detector:
 
     def predict(self, batch: Batch) -> Prediction:
         raise NotImplementedError
+
+    @classmethod
+    def accepted_modalities(cls) -> tuple[str, ...]:
+        return (cls.modality, *cls.also_accepts)
 
     # -- configuration ---------------------------------------------------------------------
     @classmethod

@@ -23,6 +23,7 @@ from bench.metrics import (
     METRIC_VERSION,
     PROTOCOLS,
     image_metrics,
+    point_metrics,
     score_metrics,
 )
 from bench.types import Batch, Prediction
@@ -177,6 +178,78 @@ class Evaluator:
             "pro_limit": self.pro_limit,
             "warnings": list(self.warnings),
         }
+
+
+class PointEvaluator:
+    """The evaluator of unorganised clouds (Real3D-AD, Anomaly-ShapeNet): object-level
+    (``image_*``, one score per cloud) and point-level (``point_*``) AUROC, AP and F1-max, for
+    all test clouds and per defect type (each vs the good clouds). Point scores are kept on the
+    host, 4 bytes and 1 label byte per point. ``export_dir`` writes each cloud's point scores
+    as ``<category>/test/<defect>/<id>.txt`` (one score per line, the cloud's point order)."""
+
+    protocol_label = "points"
+
+    def __init__(self, protocol: str = "official", export_dir: str | Path | None = None) -> None:
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        self.scores: list[float] = []
+        self.labels: list[int] = []
+        self.defects: list[str] = []
+        self.point_scores: list[torch.Tensor] = []
+        self.point_labels: list[torch.Tensor] = []
+        self.categories: set[str] = set()
+        self.curves: dict = {}
+        self.warnings: list[str] = []
+
+    def update(self, prediction: Prediction, batch: Batch) -> None:
+        if prediction.point_scores is None or batch.point_labels is None:
+            raise ValueError(
+                "PointEvaluator needs point_scores and point_labels (unorganised clouds)"
+            )
+        if len(prediction.score) != len(batch):
+            raise ValueError(f"{len(prediction.score)} predictions for {len(batch)} clouds")
+        for i, (scores, labels) in enumerate(zip(prediction.point_scores, batch.point_labels)):
+            meta = batch.meta[i]
+            where = meta.get("path", f"cloud {len(self.scores)}")
+            scores = scores.detach().float().reshape(-1).cpu()
+            if scores.shape[0] != labels.numel():
+                raise ValueError(
+                    f"{scores.shape[0]} point scores for the {labels.numel()} points of {where}"
+                )
+            if not torch.isfinite(scores).all() or not torch.isfinite(prediction.score[i]):
+                raise ValueError(f"point or object scores have NaN or infinite values for {where}")
+            if self.export_dir is not None:
+                path = export_path(self.export_dir, meta).with_suffix(".txt")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savetxt(path, scores.numpy(), fmt="%.8g")
+            self.point_scores.append(scores)
+            self.point_labels.append(labels.reshape(-1).bool().cpu())
+            self.scores.append(float(prediction.score[i]))
+            self.labels.append(int(batch.label[i]))
+            self.defects.append(str(meta.get("defect", "unknown")))
+            self.categories.add(str(meta.get("category", "unknown category")))
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        if not self.scores:
+            raise ValueError("no predictions were given to the evaluator")
+        self.warnings, self.curves = [], {}
+        labels = torch.tensor(self.labels)
+        scores = torch.tensor(self.scores, dtype=torch.float64)
+        if not (labels == 1).any() or not (labels == 0).any():
+            category = ", ".join(sorted(self.categories))
+            self.warnings.append(f"{category}: the test clouds are all of one class; AUROC is NaN")
+        kinds = sorted({d for d, y in zip(self.defects, self.labels) if y == 1})
+        subsets = {"all": None, **{k: k for k in kinds}}
+        out = {}
+        for name, kind in subsets.items():
+            sel = [y == 0 or kind is None or d == kind for d, y in zip(self.defects, self.labels)]
+            idx = [i for i, s in enumerate(sel) if s]
+            points = point_metrics(
+                [self.point_scores[i] for i in idx],
+                [self.point_labels[i] for i in idx],
+                self.curves if kind is None else None,
+            )
+            out[name] = {**image_metrics(scores[idx], labels[idx]), **points}
+        return out
 
 
 def _resize(amap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -64,12 +64,19 @@ def image_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float
     return {"image_auroc": auroc_, "image_ap": ap, "image_f1max": f1}
 
 
-def point_metrics(scores: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, float]:
+def point_metrics(
+    scores: list[torch.Tensor], labels: list[torch.Tensor], curves: dict | None = None
+) -> dict[str, float]:
     """Point-level AUROC, AP and F1-max over every point of unorganised clouds (one score and
-    one bool label per point). AU-PRO is not defined here: regions of unorganised clouds are
-    not the 8-connected pixel regions of the MVTec definition."""
-    flat = image_metrics(torch.cat([s.reshape(-1) for s in scores]), torch.cat(labels).reshape(-1))
-    return {k.replace("image_", "point_"): v for k, v in flat.items()}
+    one bool label per point), as Real3D-AD and Anomaly-ShapeNet report them. AU-PRO is not
+    defined here: regions of unorganised clouds are not the 8-connected pixel regions of the
+    MVTec definition. ``curves`` receives the thinned ROC curve (fpr, tpr)."""
+    flat = torch.cat([s.detach().reshape(-1).to(torch.float64).cpu() for s in scores])
+    d_pos, d_neg = _increments(flat, torch.cat([y.reshape(-1).cpu() for y in labels]))
+    auroc_, ap, f1, _ = _roc_pr(d_pos, d_neg)
+    if curves is not None:
+        curves.update(_curve_points(d_pos, d_neg))
+    return {"point_auroc": auroc_, "point_ap": ap, "point_f1max": f1}
 
 
 def auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
@@ -328,18 +335,17 @@ def score_metrics(
 CURVE_POINTS = 512
 
 
-def _curve_points(d_pos, d_neg, d_pro, regions) -> dict[str, list[float]]:
-    """The ROC and PRO curves from (0,0), every threshold, thinned evenly for plotting."""
+def _curve_points(d_pos, d_neg, d_pro=None, regions: int = 0) -> dict[str, list[float]]:
+    """The ROC (and PRO) curves from (0,0), every threshold, thinned evenly for plotting."""
     zero = torch.zeros(1, dtype=torch.float64, device=d_pos.device)
-    fp, tp, pro = (torch.cat([zero, torch.cumsum(d, 0)]) for d in (d_neg, d_pos, d_pro))
-    fpr = fp / fp[-1].clamp_min(1)
-    tpr = tp / tp[-1].clamp_min(1)
-    pro = (pro / max(regions, 1)).clamp(0, 1)
-    keep = torch.linspace(0, len(fpr) - 1, min(CURVE_POINTS, len(fpr))).round().long().unique()
-    return {
-        k: [round(float(v), 6) for v in t[keep].cpu()]
-        for k, t in (("fpr", fpr), ("tpr", tpr), ("pro", pro))
-    }
+    fp, tp = (torch.cat([zero, torch.cumsum(d, 0)]) for d in (d_neg, d_pos))
+    named = {"fpr": fp / fp[-1].clamp_min(1), "tpr": tp / tp[-1].clamp_min(1)}
+    if d_pro is not None:
+        pro = torch.cat([zero, torch.cumsum(d_pro, 0)])
+        named["pro"] = (pro / max(regions, 1)).clamp(0, 1)
+    n = len(named["fpr"])
+    keep = torch.linspace(0, n - 1, min(CURVE_POINTS, n)).round().long().unique()
+    return {k: [round(float(v), 6) for v in t[keep].cpu()] for k, t in named.items()}
 
 
 def _chunks(flat_maps: list[torch.Tensor], chunk: int):

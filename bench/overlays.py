@@ -1,4 +1,5 @@
-"""A grid of anomaly-map overlays on the best and worst scored test images of a job."""
+"""A grid of anomaly-map overlays on the best and worst scored test images of a job; for
+unorganised clouds, each cloud's points projected on its two main axes, coloured by score."""
 
 from __future__ import annotations
 
@@ -8,15 +9,42 @@ import torch
 import torch.nn.functional as F
 
 THUMB = 160
+THUMB_POINTS = 4000  # points kept per cloud for its panel
+
+
+def _projected(points: torch.Tensor) -> torch.Tensor:
+    """[N,2] coordinates of a cloud on its two principal axes (an even subsample if large)."""
+    points = points.float().cpu()
+    if len(points) > THUMB_POINTS:
+        points = points[torch.linspace(0, len(points) - 1, THUMB_POINTS).long()]
+    centred = points - points.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ v[:2].T
 
 
 class OverlayCollector:
-    """Keeps a small thumbnail of every test image and its map (``update`` per batch)."""
+    """Keeps a small thumbnail of every test image and its map, or of every cloud and its point
+    scores (``update`` per batch)."""
 
     def __init__(self) -> None:
         self.images, self.maps, self.scores, self.labels, self.names = [], [], [], [], []
+        self.clouds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def update(self, prediction, batch) -> None:
+        if batch.points is not None and prediction.point_scores is not None:
+            for points, scores, labels in zip(
+                batch.points, prediction.point_scores, batch.point_labels
+            ):
+                keep = torch.linspace(0, len(points) - 1, min(len(points), THUMB_POINTS)).long()
+                self.clouds.append(
+                    (
+                        _projected(points[keep.to(points.device)]),
+                        scores.float().cpu()[keep],
+                        labels.cpu()[keep],
+                    )
+                )
+            self._add_names(prediction, batch)
+            return
         image = batch.image if batch.image is not None else batch.rgb
         if image is None:
             return
@@ -24,6 +52,9 @@ class OverlayCollector:
         self.images.append(F.interpolate(image.float().cpu(), size=size, mode="area"))
         amap = prediction.anomaly_map.float().cpu()[:, None]
         self.maps.append(F.interpolate(amap, size=size, mode="bilinear", align_corners=False)[:, 0])
+        self._add_names(prediction, batch)
+
+    def _add_names(self, prediction, batch) -> None:
         self.scores += prediction.score.float().cpu().tolist()
         self.labels += batch.label.cpu().tolist()
         self.names += [f"{m['defect']}/{Path(m['path']).stem}" for m in batch.meta]
@@ -46,15 +77,19 @@ class OverlayCollector:
         ]
 
     def save(self, path: Path, title: str) -> Path | None:
-        if not self.images:
+        if not self.images and not self.clouds:
             return None
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        images, maps = torch.cat(self.images), torch.cat(self.maps)
-        lo, hi = float(maps.min()), float(maps.max())
+        if self.clouds:  # a robust colour range: single extreme points would wash it out
+            every = torch.cat([s for _, s, _ in self.clouds])
+            lo, hi = (float(q) for q in torch.quantile(every, torch.tensor([0.01, 0.999])))
+        else:
+            images, maps = torch.cat(self.images), torch.cat(self.maps)
+            lo, hi = float(maps.min()), float(maps.max())
         rows = self.picks()
         cols = max(len(r[1]) for r in rows)
         fig, axes = plt.subplots(
@@ -67,8 +102,17 @@ class OverlayCollector:
                 if c >= len(idx):
                     continue
                 i = idx[c]
-                ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
-                ax.imshow(maps[i].numpy(), cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
+                if self.clouds:
+                    xy, s, y = self.clouds[i]
+                    order = s.argsort()  # high scores drawn last, on top
+                    xy, s, y = xy[order], s[order], y[order]
+                    ax.scatter(*xy.T, c=s, cmap="jet", vmin=lo, vmax=hi, s=1.5, linewidths=0)
+                    if y.any():  # ground-truth defect points outlined
+                        ax.scatter(*xy[y].T, s=6, facecolors="none", edgecolors="k", lw=0.3)
+                    ax.set_aspect("equal")
+                else:
+                    ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
+                    ax.imshow(maps[i].numpy(), cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
                 ax.set_title(f"{self.names[i]}\nscore {self.scores[i]:.3g}", fontsize=7)
             axes[r, 0].text(
                 -0.1,

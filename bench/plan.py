@@ -116,10 +116,11 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
     for det in cfg.detectors:
         cls = get_detector_class(det.name)
         params = resolved_params(det)
+        accepted = cls.accepted_modalities()
         chosen = [
             d
             for d in cfg.datasets
-            if (det.datasets is None and cls.modality in get_dataset(d.name).modalities)
+            if (det.datasets is None and set(accepted) & set(get_dataset(d.name).modalities))
             or (det.datasets is not None and d.name in det.datasets)
         ]
         if det.datasets is not None:
@@ -130,9 +131,10 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
                 )
         for ds in chosen:
             spec = get_dataset(ds.name)
-            if cls.modality not in spec.feeds:
+            if not set(accepted) & set(spec.feeds):
                 raise ConfigError(
-                    f"detector {det.display!r} needs {cls.modality!r} input, which {ds.name} cannot provide"
+                    f"detector {det.display!r} needs {' or '.join(map(repr, accepted))} input, "
+                    f"which {ds.name} cannot provide"
                 )
             root = spec.root(ds.root)
             available = spec.categories(root)

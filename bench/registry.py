@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from bench.detector import Detector
+from bench.types import MODALITIES
 
 ENTRY_POINT_GROUP = "adbench.detectors"
 
@@ -31,6 +32,10 @@ class DetectorInfo:
     @property
     def modality(self) -> str:
         return self.cls.modality
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.cls.accepted_modalities()
 
     @property
     def summary(self) -> str:
@@ -60,8 +65,11 @@ def register_detector(name: str, *, source: str = "builtin") -> Callable[[D], D]
 def _add(name: str, cls: type, source: str) -> None:
     if not (inspect.isclass(cls) and issubclass(cls, Detector)):
         raise TypeError(f"detector {name!r} must be a subclass of bench.Detector, got {cls!r}")
-    if cls.modality not in ("image", "point_cloud", "rgb+point_cloud"):
-        raise ValueError(f"detector {name!r} has unknown modality {cls.modality!r}")
+    for modality in cls.accepted_modalities():
+        if modality not in MODALITIES:
+            raise ValueError(
+                f"detector {name!r} has unknown modality {modality!r}; known: {MODALITIES}"
+            )
     known = _REGISTRY.get(name)
     if known is not None and known.cls is not cls:
         raise ValueError(

@@ -21,8 +21,18 @@ METRICS = (
     "pixel_ap",
     "image_f1max",
     "pixel_f1max",
+    "point_auroc",
+    "point_ap",
+    "point_f1max",
 )
-HEADLINE = ("image_auroc", "pixel_auroc", "au_pro", "pixel_ap")
+HEADLINE = ("image_auroc", "pixel_auroc", "au_pro", "pixel_ap", "point_auroc")
+FIGURE_METRICS = ("image_auroc", "pixel_auroc", "au_pro", "point_auroc")
+
+
+def _present(frame: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
+    """The metrics some job has a value for (pixel metrics only for images and organised
+    clouds, point metrics only for unorganised clouds)."""
+    return [m for m in metrics if frame[m].notna().any()]
 
 
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -43,6 +53,9 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    for metric in METRICS:
+        if metric not in frame:
+            frame[metric] = float("nan")
     kinds = frame.groupby("dataset")[["protocol", "metric_version"]].nunique().max(axis=1)
     mixed = frame["dataset"].map(kinds) > 1
     frame.loc[mixed, "dataset"] = (
@@ -99,9 +112,15 @@ def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
     versions = ", ".join(sorted(set(frame["metric_version"])))
     parts = [
         f"# Leaderboard\n\nProtocol: {protocols}; metric version {versions}. "
-        "Categories are averaged without weights; seeds are averaged first.\n"
+        "Categories are averaged without weights; seeds are averaged first."
+        + (
+            " On unorganised clouds (protocol `points`) `image_*` are object-level metrics."
+            if (frame["protocol"] == "points").any()
+            else ""
+        )
+        + "\n"
     ]
-    for metric in METRICS:
+    for metric in _present(frame, METRICS):
         table = metric_table(records, metric).dropna(axis=1, how="all")
         parts.append(f"## {metric}\n\n{_markdown(table)}\n")
     return "\n".join(parts)
@@ -116,7 +135,7 @@ def leaderboard_figure(records: list[dict[str, Any]], path: str | Path) -> Path:
 
     frame = records_frame(records)
     frame["column"] = frame["dataset"] + "/" + frame["category"]
-    metrics = ("image_auroc", "pixel_auroc", "au_pro")
+    metrics = _present(frame, FIGURE_METRICS)
     columns = sorted(frame["column"].unique())
     detectors = sorted(frame["detector"].unique())
     fig, axes = plt.subplots(
@@ -167,7 +186,8 @@ def print_leaderboard(records: list[dict[str, Any]], console: Console | None = N
     summary = summary_frame(records)
     frame = records_frame(records)
     table = Table(title="Leaderboard (mean over categories)")
-    for col in ("detector", "dataset", "categories", *HEADLINE):
+    headline = _present(frame, HEADLINE)
+    for col in ("detector", "dataset", "categories", *headline):
         table.add_column(
             col, justify="left" if col in ("detector", "dataset") else "right", no_wrap=True
         )
@@ -177,6 +197,6 @@ def print_leaderboard(records: list[dict[str, Any]], console: Console | None = N
             escape(detector),
             escape(dataset),
             str(n),
-            *("–" if row[m] != row[m] else f"{row[m]:.4f}" for m in HEADLINE),
+            *("–" if row[m] != row[m] else f"{row[m]:.4f}" for m in headline),
         )
     console.print(table)

@@ -16,7 +16,7 @@ from bench import __version__
 from bench.config import BenchConfig
 from bench.datasets import get_dataset
 from bench.discovery import discover_types
-from bench.evaluation import Evaluator
+from bench.evaluation import Evaluator, PointEvaluator
 from bench.loading import EpochLoader
 from bench.metrics import METRIC_VERSION
 from bench.overlays import OverlayCollector
@@ -52,6 +52,33 @@ def data_fingerprint(*datasets) -> str:
                     )
                     digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def job_modality(detector, spec) -> str:
+    """The input a job feeds the detector: the first modality it accepts that the dataset
+    serves by default, else the first the dataset can provide."""
+    accepted = detector.accepted_modalities()
+    for pool in (spec.modalities, spec.feeds):
+        for modality in accepted:
+            if modality in pool:
+                return modality
+    raise ValueError(
+        f"{type(detector).__name__} accepts {accepted}; {spec.name} feeds {spec.feeds}"
+    )
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """One line of headline metrics for the console: image ones, then pixel or point ones."""
+    m, t = record["metrics"]["all"], record["timings"]
+    shown = [("image AUROC", "image_auroc")]
+    if "point_auroc" in m:
+        shown += [("point AUROC", "point_auroc"), ("point AP", "point_ap")]
+    else:
+        shown += [("pixel AUROC", "pixel_auroc"), ("AU-PRO", "au_pro")]
+    values = "  ".join(f"{label} {m[key]:.4f}" for label, key in shown)
+    return (
+        f"  {values}  ({t['fit_seconds']:.1f}s fit, {t['predict_images_per_second']:.1f} samples/s)"
+    )
 
 
 def run_job(
@@ -98,7 +125,11 @@ def run_job(
     export = None
     if export_maps is not None:
         export = Path(export_maps) / job.detector.display / job.dataset.name / f"seed{job.seed}"
-    evaluator = Evaluator(job.protocol, export_dir=export)
+    modality = job_modality(detector, spec)
+    if modality == "points":
+        evaluator = PointEvaluator(job.protocol, export_dir=export)
+    else:
+        evaluator = Evaluator(job.protocol, export_dir=export)
     dtype = amp_dtype(device, "auto") if detector.inference_amp else None
     discover = getattr(detector, "discover_types", False) and hasattr(detector, "describe_regions")
     defective: dict[str, list] = {"images": [], "maps": [], "defects": []}
@@ -149,7 +180,7 @@ def run_job(
         "fit_hash": job.fit_hash,
         "detector": job.detector.display,
         "detector_name": job.detector.name,
-        "modality": detector.modality,
+        "modality": modality,
         "params": job.params,
         "dataset": job.dataset.name,
         "root": job.root,
@@ -228,12 +259,7 @@ def run_benchmark(
                 store.save(record)
                 for warning in record["warnings"]:
                     console.print(f"[yellow]  {warning}[/]")
-                m = record["metrics"]["all"]
-                console.print(
-                    f"  image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  "
-                    f"AU-PRO {m['au_pro']:.4f}  ({record['timings']['fit_seconds']:.1f}s fit, "
-                    f"{record['timings']['predict_images_per_second']:.1f} img/s)"
-                )
+                console.print(summary_line(record))
                 found = record.get("discovery") or {}
                 if "nmi" in found:
                     console.print(

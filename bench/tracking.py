@@ -96,22 +96,27 @@ JOB_FIELDS = (
 
 
 def curves_figure(record: dict[str, Any], path: Path) -> Path:
-    """ROC and PRO curves of a job (subset "all") as a PNG, the AU-PRO limit marked."""
+    """ROC and PRO curves of a job (subset "all") as a PNG, the AU-PRO limit marked; the point
+    ROC alone for unorganised clouds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     c, m = record["curves"], record["metrics"]["all"]
-    fig, (roc, pro) = plt.subplots(1, 2, figsize=(9, 4))
+    level = "point" if "point_auroc" in m else "pixel"
+    fig, axes = plt.subplots(1, 2 if "pro" in c else 1, figsize=(9, 4), squeeze=False)
+    roc = axes[0, 0]
     roc.plot(c["fpr"], c["tpr"])
     roc.plot([0, 1], [0, 1], ls=":", c="grey")
     roc.set(xlabel="false positive rate", ylabel="true positive rate")
-    roc.set_title(f"pixel ROC (AUROC {m['pixel_auroc']:.4f})")
-    pro.plot(c["fpr"], c["pro"])
-    pro.axvline(0.3, ls="--", c="grey")
-    pro.set(xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 1))
-    pro.set_title(f"PRO (AU-PRO@0.3 {m['au_pro']:.4f})")
+    roc.set_title(f"{level} ROC (AUROC {m[level + '_auroc']:.4f})")
+    if "pro" in c:
+        pro = axes[0, 1]
+        pro.plot(c["fpr"], c["pro"])
+        pro.axvline(0.3, ls="--", c="grey")
+        pro.set(xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 1))
+        pro.set_title(f"PRO (AU-PRO@0.3 {m['au_pro']:.4f})")
     fig.suptitle(record["run_name"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

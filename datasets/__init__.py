@@ -11,13 +11,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import mvtec_3d, mvtec_ad
+from . import mvtec_3d, mvtec_ad, real3d
 from .builtin import ensure_generated
 from .common import DatasetLayoutError
 from .mvtec_3d import MVTec3D
 from .mvtec_ad import MVTecAD
+from .real3d import PointCloudSet
 
-__all__ = ["DATASETS", "DatasetLayoutError", "DatasetSpec", "MVTec3D", "MVTecAD", "get_dataset"]
+__all__ = [
+    "DATASETS",
+    "DatasetLayoutError",
+    "DatasetSpec",
+    "MVTec3D",
+    "MVTecAD",
+    "PointCloudSet",
+    "get_dataset",
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,31 @@ DATASETS: dict[str, DatasetSpec] = {
         lambda: ensure_generated("3d"),
         ("point_cloud", "rgb+point_cloud"),
         ("image", "point_cloud", "rgb+point_cloud"),
+    ),
+    # unorganised clouds with per-point labels (object- and point-level metrics)
+    "real3d_ad": DatasetSpec(
+        "real3d_ad",
+        PointCloudSet,
+        real3d.categories,
+        _env_root("REAL3D_AD_ROOT", "data/real3d_ad"),
+        ("points",),
+        ("points",),
+    ),
+    "anomaly_shapenet": DatasetSpec(
+        "anomaly_shapenet",
+        PointCloudSet,
+        real3d.categories,
+        _env_root("ANOMALY_SHAPENET_ROOT", "data/anomaly_shapenet"),
+        ("points",),
+        ("points",),
+    ),
+    "builtin_points": DatasetSpec(
+        "builtin_points",
+        PointCloudSet,
+        real3d.categories,
+        lambda: ensure_generated("points"),
+        ("points",),
+        ("points",),
     ),
 }
 

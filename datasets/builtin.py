@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import synthetic_3d, synthetic_ad
+from . import synthetic_3d, synthetic_ad, synthetic_real3d
 
 GENERATOR_VERSION = "1"
 
@@ -16,14 +16,18 @@ def cache_dir() -> Path:
 
 
 def ensure_generated(kind: str) -> Path:
-    """Root of the generated ``kind`` ("ad" or "3d") data, generating it if missing.
+    """Root of the generated ``kind`` ("ad", "3d" or "points") data, generating it if missing.
 
     Generation writes into a temporary sibling and renames it at the end, so an interrupted
     generation never leaves a half-written dataset behind.
     """
-    generators = {"ad": synthetic_ad.generate, "3d": synthetic_3d.generate}
+    generators = {
+        "ad": synthetic_ad.generate,
+        "3d": synthetic_3d.generate,
+        "points": synthetic_real3d.generate,
+    }
     if kind not in generators:
-        raise ValueError(f"built-in data kind must be 'ad' or '3d', got {kind!r}")
+        raise ValueError(f"built-in data kind must be one of {sorted(generators)}, got {kind!r}")
     root = cache_dir() / f"builtin_{kind}_v{GENERATOR_VERSION}"
     if root.is_dir():
         return root

@@ -4,9 +4,12 @@ Layout (both datasets; the ground-truth folder is ``gt`` in Real3D-AD, ``GT`` in
   <root>/<category>/train/<id>.pcd          defect-free prototypes / templates
   <root>/<category>/test/<id>_<defect>.pcd  test clouds ("good" or "positive" = defect-free)
   <root>/<category>/gt/<id>_<defect>.txt    one "x y z label" line per point of the test cloud
-The defect type is the last alphabetic token of the file name (``1_bulge`` -> bulge,
-``ashtray0_sink2`` -> sink). Items hold ``points`` [N,3] float32, ``point_labels`` [N] bool,
-``label`` and ``meta``; clouds keep their own sizes (no batching into one tensor).
+As in the official Real3D-AD loader, test files whose name holds "temp" are not test clouds, and
+a defective cloud's points are read from its ground-truth file (the labelled points are the
+evaluated ones). The defect type is the last alphabetic token of the file name that is not a
+view suffix (``1_bulge`` -> bulge, ``482_sink_cut`` -> sink, ``ashtray0_bulge2`` -> bulge).
+Items hold ``points`` [N,3] float32, ``point_labels`` [N] bool, ``label`` and ``meta``; clouds
+keep their own sizes (no batching into one tensor).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ LAYOUT = """expected Real3D-AD / Anomaly-ShapeNet layout:
   <root>/<category>/test/<id>_<defect or good>.pcd
   <root>/<category>/gt/<id>_<defect>.txt  (or GT/; lines 'x y z label', one per test point)"""
 GOOD = ("good", "positive")
+VIEW_SUFFIXES = ("cut", "copy")  # partial-view variants of a test cloud, not defect types
 
 
 def categories(root: str | Path) -> list[str]:
@@ -40,10 +44,13 @@ def categories(root: str | Path) -> list[str]:
 
 
 def defect_of(stem: str) -> str:
-    words = re.findall(r"[A-Za-z]+", stem)
+    words = [w.lower() for w in re.findall(r"[A-Za-z]+", stem)]
+    if any(w in GOOD for w in words):
+        return "good"
+    words = [w for w in words if w not in VIEW_SUFFIXES]
     if not words:
         raise DatasetLayoutError(f"cannot tell the defect type of {stem!r}; {LAYOUT}")
-    return "good" if words[-1].lower() in GOOD else words[-1].lower()
+    return words[-1]
 
 
 def read_pcd(path: Path) -> np.ndarray:
@@ -58,36 +65,45 @@ def read_pcd(path: Path) -> np.ndarray:
     return points
 
 
-def read_labels(path: Path, points: np.ndarray) -> np.ndarray:
-    """Per-point labels from 'x y z label' lines; the coordinates must match the cloud's."""
+def read_labelled_points(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Points [N,3] float32 and labels [N] bool of a ground-truth file of 'x y z label' lines."""
     try:
         table = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except ValueError as err:
         raise ValueError(f"ground truth {path} is not 'x y z label' lines: {err}") from err
-    if table.shape != (len(points), 4):
+    if table.ndim != 2 or table.shape[0] == 0 or table.shape[1] != 4:
         raise ValueError(
-            f"ground truth {path} has {table.shape[0]} rows of {table.shape[1]} values, "
-            f"expected {len(points)} rows of 4 (x y z label), one per point of the cloud"
+            f"ground truth {path} has {table.shape[0]} rows of {table.shape[-1]} values, "
+            "expected one row of 4 values (x y z label) per point"
         )
-    if not np.allclose(table[:, :3], points, atol=1e-4):
-        raise ValueError(f"ground truth {path}: the x y z columns do not match the cloud's points")
-    return table[:, 3] > 0.5
+    if not np.isin(table[:, 3], (0, 1)).all():
+        raise ValueError(f"ground truth {path}: labels (4th column) must be 0 or 1")
+    return table[:, :3].astype(np.float32), table[:, 3] > 0.5
 
 
 class PointCloudSet:
     """One category and split of a Real3D-AD / Anomaly-ShapeNet style folder."""
 
-    modality = "unorganised_point_cloud"
+    modality = "points"
     splits = ("train", "test")
 
-    def __init__(self, root, category: str, split: str = "train") -> None:
+    def __init__(
+        self,
+        root,
+        category: str,
+        split: str = "train",
+        image_size: int | None = None,
+        crop_size: int | None = None,
+    ) -> None:
+        """``image_size`` and ``crop_size`` are accepted for a uniform loader signature and
+        ignored: clouds are scored at their own resolution, every point of them."""
         if split not in self.splits:
             raise ValueError(f"PointCloudSet split must be one of {self.splits}, got {split!r}")
         self.root, self.category, self.split = Path(root), category, split
         folder = self.root / category / split
         if not folder.is_dir():
             raise DatasetLayoutError(f"missing folder {folder}; {LAYOUT}")
-        files = sorted(folder.glob("*.pcd"))
+        files = sorted(f for f in folder.glob("*.pcd") if split == "train" or "temp" not in f.name)
         if not files:
             raise DatasetLayoutError(f"no .pcd files under {folder}; {LAYOUT}")
         gt_dir = next(
@@ -115,12 +131,11 @@ class PointCloudSet:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        points = read_pcd(item["path"])
-        labels = (
-            np.zeros(len(points), dtype=bool)
-            if item["gt_path"] is None
-            else read_labels(item["gt_path"], points)
-        )
+        if item["gt_path"] is None:
+            points = read_pcd(item["path"])
+            labels = np.zeros(len(points), dtype=bool)
+        else:
+            points, labels = read_labelled_points(item["gt_path"])
         return {
             "points": torch.from_numpy(points),
             "point_labels": torch.from_numpy(labels),

@@ -1,5 +1,7 @@
 """Generator of Real3D-AD-layout data: unorganised .pcd clouds of a closed shape with bulge and
-sink defects, per-point ground truth as 'x y z label' text files."""
+sink defects, per-point ground truth as 'x y z label' text files. Names follow the release:
+``train/<i>_template.pcd``, ``test/<k>_good.pcd``, ``test/<k>_<defect>[_cut].pcd`` (every other
+defective cloud carries the ``_cut`` suffix of Real3D-AD's partial views), ``gt/<stem>.txt``."""
 
 from __future__ import annotations
 
@@ -55,18 +57,17 @@ def generate(
         for sub in ("train", "test", "gt"):
             (root / category / sub).mkdir(parents=True, exist_ok=True)
         for i in range(n_train):
-            _write_pcd(root / category / "train" / f"{i}_prototype.pcd", _shape(rng, n_points))
+            _write_pcd(root / category / "train" / f"{i}_template.pcd", _shape(rng, n_points))
         k = 0
         for _ in range(n_test_good):
             _write_pcd(root / category / "test" / f"{k}_good.pcd", _shape(rng, n_points))
             k += 1
         for kind in DEFECTS:
-            for _ in range(n_per_defect):
+            for j in range(n_per_defect):
                 points, mask = _defect(rng, _shape(rng, n_points), kind)
-                _write_pcd(root / category / "test" / f"{k}_{kind}.pcd", points)
+                stem = f"{k}_{kind}" + ("_cut" if j % 2 else "")
+                _write_pcd(root / category / "test" / f"{stem}.pcd", points)
                 table = np.c_[points.astype(np.float64).round(6), mask.astype(int)]
-                np.savetxt(
-                    root / category / "gt" / f"{k}_{kind}.txt", table, fmt="%.6f %.6f %.6f %d"
-                )
+                np.savetxt(root / category / "gt" / f"{stem}.txt", table, fmt="%.6f %.6f %.6f %d")
                 k += 1
     return root

@@ -70,3 +70,29 @@ def test_curvature_detector_finds_dents_and_bumps(ad3d_root):
         masks.append(batch.mask)
     assert auroc(torch.cat(scores), torch.cat(labels)) >= 0.8
     assert pixel_metrics(torch.cat(maps), torch.cat(masks))["au_pro"] >= 0.8
+
+
+def test_unorganised_clouds_get_every_point_scored_and_smoothed_over_neighbours():
+    """On a [N,3] cloud the detector's point scores are the z-scored multi-scale surface
+    variation, averaged over each point's ``point_smoothing`` nearest neighbours (checked
+    against SciPy's KD-tree and a direct computation), and the object score is their max."""
+    from scipy.spatial import cKDTree
+
+    from bench.types import Batch
+
+    train = [torch.from_numpy(_bumpy_surface(1500, s)).float() for s in (1, 2)]
+    test = torch.from_numpy(_bumpy_surface(2000, 3)).float()
+    det = create_detector("curvature", ks=(8, 16), point_smoothing=6)
+    det.fit([Batch(label=torch.zeros(2), points=train)])
+    every = torch.cat([multiscale_surface_variation(p, (8, 16)) for p in train], 1).double()
+    assert torch.allclose(det.mean_.double(), every.mean(1), rtol=1e-5)
+    assert torch.allclose(det.std_.double(), every.std(1, correction=0), rtol=1e-4)
+
+    pred = det.predict(Batch(label=torch.zeros(1), points=[test]))
+    assert pred.anomaly_map is None and pred.point_scores[0].shape == (2000,)
+    sv = multiscale_surface_variation(test, (8, 16))
+    raw = ((sv - det.mean_[:, None]) / det.std_[:, None]).mean(0).numpy()
+    _, neighbours = cKDTree(test.numpy()).query(test.numpy(), k=6)
+    expected = raw[neighbours].mean(1)
+    assert np.allclose(pred.point_scores[0].numpy(), expected, atol=1e-5)
+    assert float(pred.score[0]) == pytest.approx(float(expected.max()), abs=1e-5)

@@ -147,7 +147,9 @@ def test_dataset_registry_knows_the_built_in_data():
     spec = get_dataset("builtin_3d")
     assert spec.loader is MVTec3D and "point_cloud" in spec.modalities
     with pytest.raises(
-        KeyError, match="known datasets: builtin_3d, builtin_ad, mvtec_3d, mvtec_ad"
+        KeyError,
+        match="known datasets: anomaly_shapenet, builtin_3d, builtin_ad, builtin_points, "
+        "mvtec_3d, mvtec_ad, real3d_ad",
     ):
         get_dataset("mvtec")
 

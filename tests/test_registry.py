@@ -75,6 +75,13 @@ def test_registration_rejects_bad_classes_and_taken_names(scratch_names):
         class Video(Detector):
             modality = "video"
 
+    with pytest.raises(ValueError, match="unknown modality 'mesh'"):
+
+        @register_detector("mesh_det")
+        class Mesh(Detector):
+            modality = "point_cloud"
+            also_accepts = ("mesh",)
+
 
 PLUGIN_MODULE = textwrap.dedent(
     '''

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from bench.detector import Detector
-from bench.pointcloud import multiscale_surface_variation
+from bench.pointcloud import knn_indices, multiscale_surface_variation
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
@@ -23,12 +23,15 @@ class Curvature(Detector):
 
     ``normalize="scale"`` z-scores each scale by the mean and spread of the training clouds'
     points (so scales are comparable and typical structure of good parts scores low);
-    ``"none"`` keeps the raw values. Scales are combined by their mean. Point scores go back to
-    the organised grid (invalid points get the image's lowest score), are smoothed (Gaussian
-    ``sigma``) and reduced to an image score (``score``: max or top-1% mean).
+    ``"none"`` keeps the raw values. Scales are combined by their mean. Organised clouds: point
+    scores go back to the grid (invalid points get the image's lowest score), are smoothed
+    (Gaussian ``sigma`` pixels) and reduced to an image score (``score``: max or top-1% mean).
+    Unorganised clouds ("points"): every point is scored; ``point_smoothing`` > 1 averages each
+    score over that many nearest neighbours; the object score reduces the point scores alike.
     """
 
     modality = "point_cloud"
+    also_accepts = ("points",)
     inference_amp = False  # covariance eigenvalues need full precision
 
     def __init__(
@@ -38,6 +41,7 @@ class Curvature(Detector):
         sigma: float = 4.0,
         score: str = "max",
         knn: str = "auto",
+        point_smoothing: int = 0,
     ) -> None:
         if normalize not in ("scale", "none"):
             raise ValueError(f"normalize must be 'scale' or 'none', got {normalize!r}")
@@ -48,25 +52,33 @@ class Curvature(Detector):
             score,
             knn,
         )
+        self.point_smoothing = point_smoothing
 
-    def point_scores(self, xyz: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
-        """Surface variation [len(ks), N_valid] of each cloud in xyz [B,3,H,W]."""
-        out = []
-        for cloud, ok in zip(xyz, valid):
-            points = cloud.permute(1, 2, 0)[ok]
-            if points.shape[0] < 2:
-                out.append(torch.zeros(len(self.ks), points.shape[0], device=xyz.device))
-                continue
-            out.append(multiscale_surface_variation(points, self.ks, self.knn))
-        return out
+    def _clouds(self, batch: Batch) -> list[torch.Tensor]:
+        """The [N,3] valid points of each sample (organised grids or unorganised clouds)."""
+        if batch.points is not None:
+            return [p.to(self.device) for p in batch.points]
+        xyz, valid = batch.xyz.to(self.device), batch.valid.to(self.device)
+        return [cloud.permute(1, 2, 0)[ok] for cloud, ok in zip(xyz, valid)]
+
+    def surface_variation(self, points: torch.Tensor) -> torch.Tensor:
+        """Surface variation [len(ks), N] of one cloud [N,3]."""
+        if points.shape[0] < 2:
+            return torch.zeros(len(self.ks), points.shape[0], device=points.device)
+        return multiscale_surface_variation(points, self.ks, self.knn)
+
+    def _point_score(self, sv: torch.Tensor) -> torch.Tensor:
+        if self.normalize == "scale":
+            sv = (sv - self.mean_[:, None]) / self.std_[:, None]
+        return sv.mean(0)
 
     @torch.no_grad()
     def fit(self, train: Iterable[Batch]) -> None:
         total = total_sq = None
         count = 0
         for batch in train:
-            for sv in self.point_scores(batch.xyz.to(self.device), batch.valid.to(self.device)):
-                s = sv.double()
+            for points in self._clouds(batch):
+                s = self.surface_variation(points).double()
                 total = s.sum(1) if total is None else total + s.sum(1)
                 total_sq = (s * s).sum(1) if total_sq is None else total_sq + (s * s).sum(1)
                 count += s.shape[1]
@@ -78,14 +90,25 @@ class Curvature(Detector):
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:
-        xyz, valid = batch.xyz.to(self.device), batch.valid.to(self.device)
+        if batch.points is not None:
+            return self._predict_points(batch)
+        valid = batch.valid.to(self.device)
         maps = torch.zeros(valid.shape, device=self.device)
-        for i, sv in enumerate(self.point_scores(xyz, valid)):
-            if self.normalize == "scale":
-                sv = (sv - self.mean_[:, None]) / self.std_[:, None]
-            point = sv.mean(0)
+        for i, points in enumerate(self._clouds(batch)):
+            point = self._point_score(self.surface_variation(points))
             if point.numel():
                 maps[i] = point.min()  # invalid points: the lowest score of the image
                 maps[i][valid[i]] = point
         maps = gaussian_blur(maps, self.sigma)
         return Prediction(score=image_score(maps, self.score), anomaly_map=maps)
+
+    def _predict_points(self, batch: Batch) -> Prediction:
+        scores = []
+        for points in self._clouds(batch):
+            point = self._point_score(self.surface_variation(points))
+            if self.point_smoothing > 1 and len(points) > 1:
+                k = min(self.point_smoothing, len(points))
+                point = point[knn_indices(points, k, self.knn)].mean(1)
+            scores.append(point)
+        object_scores = torch.stack([image_score(s[None], self.score)[0] for s in scores])
+        return Prediction(score=object_scores, point_scores=scores)
