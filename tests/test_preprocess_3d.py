@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.datasets.mvtec_3d import MVTec3D, read_xyz
-from bench.datasets.preprocess_3d import Preprocess3D, cache_dir
+from bench.datasets.preprocess_3d import Preprocess3D, cache_dir, largest_dbscan_cluster
 
 
 def _plane_distance(xyz: np.ndarray, valid: np.ndarray, border: int = 10) -> np.ndarray:
@@ -42,6 +42,45 @@ def test_largest_cluster_drops_a_separate_blob(ad3d_root):
     assert not keep[2:6, 2:6].any()
     only_plane = Preprocess3D(plane_distance=0.001, cluster=False).valid_mask(xyz, valid)
     assert only_plane[2:6, 2:6].all() and keep.sum() > 0.9 * (only_plane.sum() - 16)
+
+
+def _open3d_largest_cluster(points: np.ndarray, eps: float, min_points: int) -> np.ndarray:
+    import open3d as o3d
+
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
+    labels = np.asarray(cloud.cluster_dbscan(eps, min_points))
+    if not (labels >= 0).any():
+        return np.zeros(len(points), dtype=bool)
+    return labels == np.bincount(labels[labels >= 0]).argmax()
+
+
+@pytest.mark.parametrize("eps,min_points", [(0.006, 30), (0.004, 10), (0.01, 50), (0.002, 5)])
+def test_grid_dbscan_keeps_exactly_open3ds_largest_cluster(eps, min_points):
+    """Blobs of different density, uniform noise and points near two clusters: the same
+    largest cluster as open3d's cluster_dbscan, point for point."""
+    rng = np.random.default_rng(int(eps * 1e4) + min_points)
+    points = np.concatenate(
+        [
+            rng.normal(0, 0.01, (3000, 3)),
+            rng.normal(0.05, 0.004, (1500, 3)),
+            rng.normal([0.02, -0.03, 0], 0.002, (400, 3)),
+            rng.uniform(-0.1, 0.1, (600, 3)),
+        ]
+    )
+    ours = largest_dbscan_cluster(points, eps, min_points)
+    assert ours.any()
+    assert np.array_equal(ours, _open3d_largest_cluster(points, eps, min_points))
+
+
+def test_grid_dbscan_matches_open3d_on_a_scan(ad3d_root):
+    path = sorted((ad3d_root / "puck" / "test" / "hole" / "xyz").glob("*.tiff"))[0]
+    xyz = read_xyz(path)
+    valid = (xyz != 0).any(-1)
+    points = xyz[Preprocess3D(plane_distance=0.001, cluster=False).valid_mask(xyz, valid)]
+    for eps, min_points in ((0.006, 30), (0.0015, 12)):
+        expected = _open3d_largest_cluster(points, eps, min_points)
+        assert np.array_equal(largest_dbscan_cluster(points, eps, min_points), expected)
+    assert not largest_dbscan_cluster(points[:5], 0.006, 30).any()  # too few points: none
 
 
 def test_loader_applies_and_caches_the_preprocessing(ad3d_root):
