@@ -25,10 +25,10 @@ FIELD = 0.1  # metres covered by the grid width
 DISTANCE = 0.45  # camera to table, metres
 
 
-def _height(category: str, rng, rows, cols, pitch):
+def _height(category: str, rng, rows, cols, pitch, scale: float = 1.0):
     """Object height above the table (metres) and its support mask."""
-    cy = rows.shape[0] / 2 + rng.normal(0, 2)
-    cx = rows.shape[1] / 2 + rng.normal(0, 2)
+    cy = rows.shape[0] / 2 + rng.normal(0, 2) * scale
+    cx = rows.shape[1] / 2 + rng.normal(0, 2) * scale
     r = np.hypot(rows - cy, cols - cx) * pitch
     if category == "dome":
         radius, top = 0.032 * rng.uniform(0.98, 1.02), 0.012
@@ -39,34 +39,37 @@ def _height(category: str, rng, rows, cols, pitch):
         rounded = top - edge + np.sqrt(np.clip(edge**2 - (r - inner) ** 2, 0, None))
         h = np.where(r <= inner, top, np.where(r <= radius, rounded, 0.0))
     support = h > 0
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, rows.shape), 2) * 4e-5
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, rows.shape), 2 * scale) * 4e-5
     return h + texture * support, support
 
 
-def _defect(rng, shape, support, defect, pitch):
-    """Displacement (metres, positive = towards the camera) and its exact mask."""
-    ys, xs = np.nonzero(ndimage.binary_erosion(support, iterations=12))
+def _defect(rng, shape, support, defect, pitch, scale: float = 1.0):
+    """Displacement (metres, positive = towards the camera) and its exact mask; pixel sizes
+    are multiplied by ``scale`` (grids finer than the category's default)."""
+    ys, xs = np.nonzero(ndimage.binary_erosion(support, iterations=round(12 * scale)))
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
     for _ in range(100):
         k = rng.integers(len(ys))
         centre = np.array([ys[k], xs[k]], dtype=float)
         if defect in ("dent", "bump"):
-            radius = rng.uniform(5, 10)
+            radius = rng.uniform(5, 10) * scale
             rr = np.hypot(rows - centre[0], cols - centre[1]) / radius
             amp = rng.uniform(0.8e-3, 1.6e-3) * (1 if defect == "bump" else -1)
             mask = rr < 1
             disp = np.where(mask, amp * (1 - rr**2) ** 2, 0.0)
         elif defect == "hole":
-            mask = shapes.disc(shape, centre, rng.uniform(2.5, 5))
+            mask = shapes.disc(shape, centre, rng.uniform(2.5, 5) * scale)
             disp = np.where(mask, -rng.uniform(3e-3, 5e-3), 0.0)
         else:
             mask = shapes.stroke(
-                shape, shapes.zigzag(rng, centre, rng.uniform(25, 45)), rng.uniform(1.5, 2.5)
+                shape,
+                shapes.zigzag(rng, centre, rng.uniform(25, 45) * scale),
+                rng.uniform(1.5, 2.5) * scale,
             )
             disp = np.where(mask, -rng.uniform(0.6e-3, 1.0e-3), 0.0)
         mask &= support
         disp = np.where(mask, disp, 0.0)
-        if mask.sum() >= 12:
+        if mask.sum() >= 12 * scale**2:
             return disp, mask
     raise RuntimeError(f"could not place a {defect} defect")
 
@@ -74,10 +77,11 @@ def _defect(rng, shape, support, defect, pitch):
 def _scan(category: str, rng, shape, defect):
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
     pitch = FIELD / shape[1]
-    h, support = _height(category, rng, rows, cols, pitch)
+    scale = shape[1] / CATEGORIES[category][1]
+    h, support = _height(category, rng, rows, cols, pitch, scale)
     mask = np.zeros(shape, dtype=bool)
     if defect != "good":
-        disp, mask = _defect(rng, shape, support, defect, pitch)
+        disp, mask = _defect(rng, shape, support, defect, pitch, scale)
         h = h + disp
     x = (cols - shape[1] / 2) * pitch
     y = (rows - shape[0] / 2) * pitch
@@ -119,8 +123,11 @@ def generate(
     n_test_good: int = 8,
     n_per_defect: int = 5,
     seed: int = 0,
+    grid: tuple[int, int] | None = None,
 ) -> Path:
-    """Writes ``<root>/<category>/{train,validation,test}/<defect>/{rgb,xyz,gt}/<id>``."""
+    """Writes ``<root>/<category>/{train,validation,test}/<defect>/{rgb,xyz,gt}/<id>``.
+    ``grid`` (rows, cols) replaces every category's own size (e.g. MVTec 3D-AD's 800x800),
+    with the defects' pixel sizes scaled to match."""
     root = Path(root)
     for ci, category in enumerate(categories):
         if category not in CATEGORIES:
@@ -128,7 +135,7 @@ def generate(
                 f"unknown built-in 3D category {category!r}; choose from {tuple(CATEGORIES)}"
             )
         rng = np.random.default_rng([seed, 100 + ci])
-        shape = CATEGORIES[category]
+        shape = grid or CATEGORIES[category]
         plan = [("train", "good", i) for i in range(n_train)]
         plan += [("validation", "good", i) for i in range(n_validation)]
         plan += [("test", "good", i) for i in range(n_test_good)]
