@@ -30,7 +30,7 @@ help:
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff"
 	@echo "make ui        MLflow UI on the local store (PORT=$(PORT))"
-	@echo "make perf      speed benchmarks (vs anomalib $(ANOMALIB_VERSION); ~45 min on 2 cores), written to $(RESULTS)/perf/"
+	@echo "make perf      speed benchmarks (vs anomalib $(ANOMALIB_VERSION); ~60 min on 2 cores), written to $(RESULTS)/perf/"
 
 install: $(STAMP)
 
@@ -97,6 +97,7 @@ $(PERF_STAMP): $(STAMP)
 perf: $(PERF_STAMP)
 	$(PERF_VENV)/bin/python -m bench.perf metrics --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf curvature --output $(RESULTS)/perf
+	$(PERF_VENV)/bin/python -m bench.perf category --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf knn --output $(RESULTS)/perf --data $(MVTEC_AD_ROOT)
 
 clean:

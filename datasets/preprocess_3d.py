@@ -174,13 +174,18 @@ def cache_dir() -> Path:
     return Path(base) / "preprocessed_3d"
 
 
+def cache_file(path: Path, settings: Preprocess3D) -> Path:
+    """Where the mask of the raw file ``path`` (by path, size, mtime) under ``settings`` is kept."""
+    stat = Path(path).stat()
+    ident = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{settings.key()}"
+    return cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.npy"
+
+
 def cached_valid_mask(
     path: Path, xyz: np.ndarray, valid: np.ndarray, settings: Preprocess3D
 ) -> np.ndarray:
     """``settings.valid_mask`` for the cloud read from ``path``, computed once and cached."""
-    stat = Path(path).stat()
-    ident = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{settings.key()}"
-    file = cache_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.npy"
+    file = cache_file(path, settings)
     if file.is_file():
         mask = np.load(file)
         if mask.shape == valid.shape:

@@ -1,9 +1,9 @@
 import argparse
 
-from bench.perf import curvature_perf, knn_perf, metrics_perf
+from bench.perf import category_perf, curvature_perf, knn_perf, metrics_perf
 
 parser = argparse.ArgumentParser(prog="python -m bench.perf")
-parser.add_argument("suite", choices=["metrics", "knn", "curvature"])
+parser.add_argument("suite", choices=["metrics", "knn", "curvature", "category"])
 parser.add_argument("--output", default="results/perf")
 parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
 parser.add_argument(
@@ -20,3 +20,5 @@ if args.suite == "knn":
     knn_perf.main(args.output, args.data, args.category, args.anomalib_budget or 5400.0)
 if args.suite == "curvature":
     curvature_perf.main(args.output)
+if args.suite == "category":
+    category_perf.main(args.output, args.quick)
