@@ -189,7 +189,7 @@ class PointEvaluator:
 
     protocol_label = "points"
 
-    def __init__(self, protocol: str = "official", export_dir: str | Path | None = None) -> None:
+    def __init__(self, export_dir: str | Path | None = None) -> None:
         self.export_dir = None if export_dir is None else Path(export_dir)
         self.scores: list[float] = []
         self.labels: list[int] = []
@@ -241,8 +241,11 @@ class PointEvaluator:
         subsets = {"all": None, **{k: k for k in kinds}}
         out = {}
         for name, kind in subsets.items():
-            sel = [y == 0 or kind is None or d == kind for d, y in zip(self.defects, self.labels)]
-            idx = [i for i, s in enumerate(sel) if s]
+            idx = [
+                i
+                for i, (d, y) in enumerate(zip(self.defects, self.labels))
+                if y == 0 or kind in (None, d)
+            ]
             points = point_metrics(
                 [self.point_scores[i] for i in idx],
                 [self.point_labels[i] for i in idx],

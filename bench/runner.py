@@ -127,7 +127,7 @@ def run_job(
         export = Path(export_maps) / job.detector.display / job.dataset.name / f"seed{job.seed}"
     modality = job_modality(detector, spec)
     if modality == "points":
-        evaluator = PointEvaluator(job.protocol, export_dir=export)
+        evaluator = PointEvaluator(export_dir=export)
     else:
         evaluator = Evaluator(job.protocol, export_dir=export)
     dtype = amp_dtype(device, "auto") if detector.inference_amp else None
