@@ -281,6 +281,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         title=f"{args.maps}: protocol {records[0]['protocol']}, metric version {records[0]['metric_version']}"
     )
     cols = ["category", "defect", "image_auroc", "pixel_auroc", "au_pro", "pixel_ap", "image_ap"]
+    if "point_auroc" in table:  # unorganised clouds: object- and point-level metrics
+        cols = ["category", "defect", "image_auroc", "point_auroc", "point_ap", "image_ap"]
     for col in cols:
         out.add_column(col, no_wrap=True)
     for row in table.itertuples(index=False):

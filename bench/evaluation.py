@@ -147,7 +147,7 @@ class Evaluator:
         pixel = score_metrics(
             self.maps, self.masks, groups, subsets, self.pro_limit, self.chunk, self.curves
         )
-        self._write_scores()
+        write_scores(self.export_dir, self._exported)
         out = {}
         scores = torch.tensor(self.scores, dtype=torch.float64)
         for name, members in subsets.items():
@@ -158,16 +158,6 @@ class Evaluator:
                 f"{self.category}: no ground-truth region or no defect-free pixel; AU-PRO is undefined (NaN)"
             )
         return out
-
-    def _write_scores(self) -> None:
-        """Image scores next to the exported maps, as ``bench evaluate --scores`` reads them."""
-        if self.export_dir is None or not self._exported:
-            return
-        for category in sorted({row[0] for row in self._exported}):
-            path = self.export_dir / category / "scores.csv"
-            rows = [r for r in self._exported if r[0] == category]
-            lines = ["category,defect,id,score", *(f"{c},{d},{i},{s!r}" for c, d, i, s in rows)]
-            path.write_text("\n".join(lines) + "\n")
 
     def record(self) -> dict:
         """Metrics with their provenance, for results files."""
@@ -180,12 +170,24 @@ class Evaluator:
         }
 
 
+def write_scores(export_dir: Path | None, rows: list[tuple[str, str, str, float]]) -> None:
+    """Image (object) scores next to the exported maps, ``<category>/scores.csv``, as
+    ``bench evaluate --scores`` reads them."""
+    if export_dir is None or not rows:
+        return
+    for category in sorted({row[0] for row in rows}):
+        mine = [r for r in rows if r[0] == category]
+        lines = ["category,defect,id,score", *(f"{c},{d},{i},{s!r}" for c, d, i, s in mine)]
+        (export_dir / category / "scores.csv").write_text("\n".join(lines) + "\n")
+
+
 class PointEvaluator:
     """The evaluator of unorganised clouds (Real3D-AD, Anomaly-ShapeNet): object-level
     (``image_*``, one score per cloud) and point-level (``point_*``) AUROC, AP and F1-max, for
     all test clouds and per defect type (each vs the good clouds). Point scores are kept on the
     host, 4 bytes and 1 label byte per point. ``export_dir`` writes each cloud's point scores
-    as ``<category>/test/<defect>/<id>.txt`` (one score per line, the cloud's point order)."""
+    as ``<category>/test/<defect>/<id>.txt`` (one score per line, the cloud's point order) and
+    the object scores as ``<category>/scores.csv``."""
 
     protocol_label = "points"
 
@@ -199,6 +201,7 @@ class PointEvaluator:
         self.categories: set[str] = set()
         self.curves: dict = {}
         self.warnings: list[str] = []
+        self._exported: list[tuple[str, str, str, float]] = []
 
     def update(self, prediction: Prediction, batch: Batch) -> None:
         if prediction.point_scores is None or batch.point_labels is None:
@@ -220,7 +223,10 @@ class PointEvaluator:
             if self.export_dir is not None:
                 path = export_path(self.export_dir, meta).with_suffix(".txt")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.savetxt(path, scores.numpy(), fmt="%.8g")
+                np.savetxt(path, scores.numpy(), fmt="%.9g")  # float32 round-trips
+                self._exported.append(
+                    (meta["category"], meta["defect"], path.stem, float(prediction.score[i]))
+                )
             self.point_scores.append(scores)
             self.point_labels.append(labels.reshape(-1).bool().cpu())
             self.scores.append(float(prediction.score[i]))
@@ -232,6 +238,7 @@ class PointEvaluator:
         if not self.scores:
             raise ValueError("no predictions were given to the evaluator")
         self.warnings, self.curves = [], {}
+        write_scores(self.export_dir, self._exported)
         labels = torch.tensor(self.labels)
         scores = torch.tensor(self.scores, dtype=torch.float64)
         if not (labels == 1).any() or not (labels == 0).any():
@@ -253,6 +260,15 @@ class PointEvaluator:
             )
             out[name] = {**image_metrics(scores[idx], labels[idx]), **points}
         return out
+
+    def record(self) -> dict:
+        """Metrics with their provenance, for results files."""
+        return {
+            "metrics": self.compute(),
+            "protocol": self.protocol_label,
+            "metric_version": METRIC_VERSION,
+            "warnings": list(self.warnings),
+        }
 
 
 def _resize(amap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

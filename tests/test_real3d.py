@@ -19,6 +19,7 @@ from bench.metrics import auroc, point_metrics
 from bench.plan import plan_jobs
 from bench.pointcloud import multiscale_surface_variation
 from bench.report import write_report
+from bench.rescore import evaluate_maps
 from bench.runner import run_benchmark
 from bench.types import Batch, Prediction
 
@@ -197,3 +198,14 @@ def test_benchmark_on_unorganised_clouds_end_to_end(real3d_root, tmp_path):
     report = write_report(tmp_path / "out", "pts")["markdown"].read_text()
     assert "## point_auroc" in report and "## au_pro" not in report
     assert f"{metrics['point_auroc']:.4f}" in report
+
+    # the exported point scores and object scores re-score to the same metrics
+    maps = Path(record["maps_exported_to"])
+    again = evaluate_maps(maps, real3d_root, score_files=[maps / "ellipsoid" / "scores.csv"])
+    assert again[0]["protocol"] == "points"
+    for subset, values in record["metrics"].items():
+        for name, value in values.items():
+            assert again[0]["metrics"][subset][name] == pytest.approx(value, abs=1e-9), name
+    next(maps.glob("ellipsoid/test/sink/*.txt")).unlink()
+    with pytest.raises(FileNotFoundError, match="1 of 12 test clouds have no point-score file"):
+        evaluate_maps(maps, real3d_root)
