@@ -160,14 +160,7 @@ class Evaluator:
         return out
 
     def record(self) -> dict:
-        """Metrics with their provenance, for results files."""
-        return {
-            "metrics": self.compute(),
-            "protocol": self.protocol_label,
-            "metric_version": METRIC_VERSION,
-            "pro_limit": self.pro_limit,
-            "warnings": list(self.warnings),
-        }
+        return {**record(self), "pro_limit": self.pro_limit}
 
 
 def write_scores(export_dir: Path | None, rows: list[tuple[str, str, str, float]]) -> None:
@@ -262,13 +255,18 @@ class PointEvaluator:
         return out
 
     def record(self) -> dict:
-        """Metrics with their provenance, for results files."""
-        return {
-            "metrics": self.compute(),
-            "protocol": self.protocol_label,
-            "metric_version": METRIC_VERSION,
-            "warnings": list(self.warnings),
-        }
+        return record(self)
+
+
+def record(evaluator: Evaluator | PointEvaluator) -> dict:
+    """An evaluator's metrics with their provenance, for results files."""
+    metrics = evaluator.compute()
+    return {
+        "metrics": metrics,
+        "protocol": evaluator.protocol_label,
+        "metric_version": METRIC_VERSION,
+        "warnings": list(evaluator.warnings),
+    }
 
 
 def _resize(amap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
