@@ -51,12 +51,17 @@ def surface_variation(points: torch.Tensor, neighbours: torch.Tensor) -> torch.T
 
 
 def multiscale_surface_variation(
-    points: torch.Tensor, ks: Sequence[int] = (16, 32, 64), method: str = "auto"
+    points: torch.Tensor,
+    ks: Sequence[int] = (16, 32, 64),
+    method: str = "auto",
+    neighbours: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Surface variation at each scale: [len(ks), N] for a cloud [N, 3] (one kNN search)."""
+    """Surface variation at each scale: [len(ks), N] for a cloud [N, 3] (one kNN search, or
+    ``neighbours`` [N, >= max k] from :func:`knn_indices` when the caller already has them)."""
     ks = [min(k, points.shape[0]) for k in ks]
-    idx = knn_indices(points, max(ks), method)
-    return torch.stack([surface_variation(points, idx[:, :k]) for k in ks])
+    if neighbours is None:
+        neighbours = knn_indices(points, max(ks), method)
+    return torch.stack([surface_variation(points, neighbours[:, :k]) for k in ks])
 
 
 def open3d_surface_variation(points, ks: Sequence[int] = (16, 32, 64)):

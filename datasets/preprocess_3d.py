@@ -16,12 +16,15 @@ size, modification time) and the settings.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import builtin
 
 #: changes when the cached masks of the same settings could change
 ALGORITHM = "grid-dbscan-1"
@@ -48,9 +51,9 @@ def largest_dbscan_cluster(points: np.ndarray, eps: float, min_points: int) -> n
     ``eps``; clusters are core points chained by ``eps`` steps, plus the non-core points within
     ``eps`` of one. As in open3d's ``cluster_dbscan``, clusters are numbered by their first
     point and a point near two clusters joins the first; the largest is kept (ties: the first).
-    The same result without neighbour lists: in a grid of cells of side eps/sqrt(3) every two points of
-    a cell are neighbours, so a cell with ``min_points`` points is all core and its core points
-    are one cluster; only cells with fewer points count neighbours, and two cells join when a
+    The same result without neighbour lists: in a grid of cells of side eps/sqrt(3) every two
+    points of a cell are neighbours, so a cell with ``min_points`` points is all core and its
+    core points are one cluster; only cells with fewer points count neighbours, and two cells join when a
     nearest-neighbour search finds a pair of their core points within ``eps``.
     """
     from scipy.spatial import cKDTree
@@ -100,11 +103,14 @@ def largest_dbscan_cluster(points: np.ndarray, eps: float, min_points: int) -> n
     label = np.full(n, -1)
     label[core_idx] = np.argsort(np.argsort(first))[core_label]
     border = np.flatnonzero(~core)
-    if len(border):
+    if len(border):  # each joins the first-numbered cluster among its core neighbours
         near = cKDTree(points[core_idx]).query_ball_point(points[border], eps, workers=-1)
-        for i, found in zip(border.tolist(), near):
-            if found:
-                label[i] = label[core_idx[found]].min()
+        counts = np.fromiter(map(len, near), np.int64, len(near))
+        found = np.fromiter(itertools.chain.from_iterable(near), np.int64, int(counts.sum()))
+        first_label = np.full(n, n)
+        np.minimum.at(first_label, np.repeat(border, counts), label[core_idx[found]])
+        reached = border[counts > 0]
+        label[reached] = first_label[reached]
     sizes = np.bincount(label[label >= 0])
     return label == sizes.argmax()
 
@@ -170,8 +176,7 @@ class Preprocess3D:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("ADBENCH_CACHE") or Path.home() / ".cache" / "adbench"
-    return Path(base) / "preprocessed_3d"
+    return builtin.cache_dir() / "preprocessed_3d"
 
 
 def cache_file(path: Path, settings: Preprocess3D) -> Path:

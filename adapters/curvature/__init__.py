@@ -61,11 +61,13 @@ class Curvature(Detector):
         xyz, valid = batch.xyz.to(self.device), batch.valid.to(self.device)
         return [cloud.permute(1, 2, 0)[ok] for cloud, ok in zip(xyz, valid)]
 
-    def surface_variation(self, points: torch.Tensor) -> torch.Tensor:
+    def surface_variation(
+        self, points: torch.Tensor, neighbours: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Surface variation [len(ks), N] of one cloud [N,3]."""
         if points.shape[0] < 2:
             return torch.zeros(len(self.ks), points.shape[0], device=points.device)
-        return multiscale_surface_variation(points, self.ks, self.knn)
+        return multiscale_surface_variation(points, self.ks, self.knn, neighbours)
 
     def _point_score(self, sv: torch.Tensor) -> torch.Tensor:
         if self.normalize == "scale":
@@ -105,10 +107,13 @@ class Curvature(Detector):
     def _predict_points(self, batch: Batch) -> Prediction:
         scores = []
         for points in self._clouds(batch):
-            point = self._point_score(self.surface_variation(points))
-            if self.point_smoothing > 1 and len(points) > 1:
-                k = min(self.point_smoothing, len(points))
-                point = point[knn_indices(points, k, self.knn)].mean(1)
+            if self.point_smoothing > 1 and len(points) > 1:  # one kNN search for both
+                k = min(max(*self.ks, self.point_smoothing), len(points))
+                neighbours = knn_indices(points, k, self.knn)
+                point = self._point_score(self.surface_variation(points, neighbours))
+                point = point[neighbours[:, : self.point_smoothing]].mean(1)
+            else:
+                point = self._point_score(self.surface_variation(points))
             scores.append(point)
         object_scores = torch.stack([image_score(s[None], self.score)[0] for s in scores])
         return Prediction(score=object_scores, point_scores=scores)

@@ -4,7 +4,6 @@ the curvature detector at 224 with the preprocessing cached, on the GPU when the
 
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 import time
@@ -18,6 +17,7 @@ from bench.datasets import synthetic_3d
 from bench.datasets.builtin import cache_dir
 from bench.datasets.mvtec_3d import read_xyz
 from bench.datasets.preprocess_3d import Preprocess3D, cache_file, largest_dbscan_cluster
+from bench.perf import save
 from bench.runner import run_benchmark
 from bench.system import device_description, resolve_device
 
@@ -127,9 +127,6 @@ def main(output: str, quick: bool = False) -> None:
             k: {"timings": r["timings"], "metrics": r["metrics"]["all"]} for k, r in runs.items()
         },
     }
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "category.json").write_text(json.dumps(results, indent=2))
     lines = [
         f"# A full-size 3D category: {cached['n_test']} test scans of {grid}x{grid}",
         "",
@@ -159,5 +156,5 @@ def main(output: str, quick: bool = False) -> None:
         f"({dbscan['open3d_seconds_mean'] / dbscan['ours_seconds_mean']:.0f}x); "
         f"identical points kept: {dbscan['identical']}.",
     ]
-    (out / "category.md").write_text("\n".join(lines) + "\n")
+    save(output, "category", results, "\n".join(lines))
     print("\n".join(lines))

@@ -3,7 +3,6 @@ on a GPU when there is one), on generated MVTec 3D-AD-layout scans at native siz
 
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 import time
@@ -14,6 +13,7 @@ import torch
 
 from bench.datasets import synthetic_3d
 from bench.datasets.mvtec_3d import MVTec3D
+from bench.perf import save
 from bench.pointcloud import multiscale_surface_variation, open3d_surface_variation
 
 KS = (16, 32, 64)
@@ -73,9 +73,6 @@ def main(output: str, n_clouds: int = 4) -> None:
         "points_per_second": {k: points / v for k, v in rows.items()},
         "max_difference_vs_open3d": gap,
     }
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "curvature.json").write_text(json.dumps(results, indent=2))
     lines = [
         f"# Multi-scale surface variation speed ({results['machine']}, torch {torch.__version__})",
         "",
@@ -90,5 +87,5 @@ def main(output: str, n_clouds: int = 4) -> None:
     base = rows["open3d (CPU)"]
     for k, v in rows.items():
         lines.append(f"| {k} | {v:.2f} | {points / v:,.0f} | {base / v:.1f}x |")
-    (out / "curvature.md").write_text("\n".join(lines) + "\n")
+    save(output, "curvature", results, "\n".join(lines))
     print("\n".join(lines))

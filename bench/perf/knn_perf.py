@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import psutil
 import torch
@@ -17,6 +16,7 @@ from bench.backbones import create_backbone, normalize
 from bench.datasets.mvtec_ad import MVTecAD
 from bench.evaluation import Evaluator
 from bench.metrics import METRIC_VERSION
+from bench.perf import save
 from bench.perf.child import run_reference
 from bench.system import track_peak_memory
 from bench.types import collate
@@ -159,10 +159,7 @@ def main(output: str, root: str, category: str, budget: float) -> None:
     print(f"anomalib PatchCore (budget {budget:.0f} s) ...", flush=True)
     results["anomalib"] = run_anomalib(root, category, budget)
     print(json.dumps(results["anomalib"], indent=2), flush=True)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "knn.json").write_text(json.dumps(results, indent=2))
-    (out / "knn.md").write_text(markdown(results))
+    save(output, "knn", results, markdown(results))
 
 
 def markdown(r: dict) -> str:

@@ -7,13 +7,13 @@ import json
 import math
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench.evaluation import Evaluator
 from bench.metrics import METRIC_VERSION, label_regions, pixel_metrics
+from bench.perf import save
 from bench.perf.child import run_reference
 from bench.system import track_peak_memory
 from bench.types import Batch, Prediction
@@ -156,9 +156,6 @@ def main(output: str, quick: bool, budget: float) -> None:
         case = run_case(n, size, budget)
         results["cases"].append(case)
         print(json.dumps(case, indent=2), flush=True)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
     lines = [
         "| maps | pixels | regions | ours: 4 pixel metrics (s) | ours: full evaluation (s) | peak host MB | anomalib AUPRO (s) | speed-up | ours - reference | anomalib - reference |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -194,9 +191,11 @@ def main(output: str, quick: bool, budget: float) -> None:
         "adds the image metrics and every defect-type subset. Reference: the official script's algorithm "
         "re-implemented in NumPy float64. Command: `make perf`.\n"
     )
-    (out / "metrics.md").write_text(
+    save(
+        output,
+        "metrics",
+        results,
         f"# Metrics engine speed ({results['machine']}, torch {results['torch']})\n\n{note}\n"
-        + "\n".join(lines)
-        + "\n"
+        + "\n".join(lines),
     )
     print("\n".join(lines))
