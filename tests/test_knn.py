@@ -42,7 +42,7 @@ def test_greedy_coreset_covers_like_k_center():
 
 
 def test_random_projection_keeps_distances_roughly():
-    x = torch.randn(300, 512)
+    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(0))  # order-independent
     z = random_projection(x, 128, seed=0)
     ratio = torch.pdist(z) / torch.pdist(x)
     assert z.shape == (300, 128) and 0.7 < float(ratio.min()) and float(ratio.max()) < 1.3
