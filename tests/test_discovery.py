@@ -88,6 +88,7 @@ def test_cluster_f1_uses_the_largest_overlap_matching(seed):
 def test_discovery_separates_two_kinds_of_defect():
     """Red spots vs blue spots on grey images; regions described by their mean colour."""
     rng = np.random.default_rng(2)
+    noise = torch.Generator().manual_seed(2)
     images, maps, defects = [], [], []
     for i in range(12):
         kind = ["red", "blue"][i % 2]
@@ -97,7 +98,11 @@ def test_discovery_separates_two_kinds_of_defect():
         img[:, cy - 4 : cy + 4, cx - 4 : cx + 4] = colour[:, None, None]
         amap = torch.zeros(64, 64)
         amap[cy - 4 : cy + 4, cx - 4 : cx + 4] = 1.0 + rng.random()
-        images.append(img), maps.append(amap + 0.01 * torch.rand(64, 64)), defects.append(kind)
+        (
+            images.append(img),
+            maps.append(amap + 0.01 * torch.rand(64, 64, generator=noise)),
+            defects.append(kind),
+        )
 
     def mean_colour(imgs, masks):
         w = masks[:, None].float() + 1e-6  # an empty region: the image average
