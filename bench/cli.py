@@ -22,6 +22,18 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected at least one seed, got {text!r}")
+    return seeds
+
+
 def _value(text: str) -> Any:
     """A CLI value as TOML would read it (numbers, booleans, lists), else a string."""
     import tomllib
@@ -71,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DETECTOR.KEY=VALUE",
         help="override a detector parameter (repeatable)",
     )
-    run.add_argument(
-        "--seeds", type=lambda s: [int(x) for x in _csv(s)], help="comma-separated seeds"
-    )
+    run.add_argument("--seeds", type=_seeds, help="comma-separated integer seeds, e.g. 0,1,2")
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--num-workers", type=int)
@@ -335,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             "sync": cmd_sync,
         }
         return commands[args.command](args)
+    except KeyboardInterrupt:
+        hint = "; re-run the same command to resume" if args.command == "run" else ""
+        print(f"bench: interrupted{hint}", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ crop_size = 224             # optional
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -135,11 +136,43 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
         raise ConfigError(
             f"{source}: seeds must be a non-empty list of integers, got {cfg.seeds!r}"
         )
+    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
+        raise ConfigError(
+            f"{source}: num_workers must be a non-negative integer, got {cfg.num_workers!r}"
+        )
+    if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
+        raise ConfigError(
+            f"{source}: device must be auto, cpu, cuda or cuda:N (or mps), got {cfg.device!r}"
+        )
+    for entry in (*cfg.detectors, *cfg.datasets):
+        kind = "detector" if isinstance(entry, DetectorEntry) else "dataset"
+        where = f"{source}: {kind} {getattr(entry, 'display', entry.name)!r}"
+        _check_size(entry.image_size, f"{where} image_size", ("native", "none"))
+        _check_size(entry.crop_size, f"{where} crop_size", ("none", "native"))
     labels = [d.display for d in cfg.detectors]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ConfigError(
             f"{source}: detector label(s) {dupes} appear twice; give each entry a distinct 'label'"
+        )
+
+
+def _check_size(value: Any, where: str, words: tuple[str, ...]) -> None:
+    """An input size: a positive integer, [height, width] of positive integers, or a word."""
+
+    def positive(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    ok = (
+        value is None
+        or value in words
+        or positive(value)
+        or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(positive, value)))
+    )
+    if not ok:
+        raise ConfigError(
+            f"{where} must be a positive integer, [height, width] or {' / '.join(map(repr, words))}; "
+            f"got {value!r}"
         )
 
 

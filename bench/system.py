@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,12 +16,24 @@ import torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """ "auto" picks CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    """ "auto" picks CUDA when available, else CPU; "cuda" without a GPU, or a name torch does not
+    know, is a ValueError naming what is expected."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N (or mps), got {device!r}")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was asked for but torch sees no CUDA GPU")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {device!r} was asked for, but torch {torch.__version__} sees no CUDA GPU; "
+                "use --device cpu (or auto)"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: torch sees {count} CUDA GPU(s) (cuda:0..)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for, but torch sees no Apple GPU")
     return dev
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.params import Range
 from bench.registry import register_detector
 from bench.training import TrainableDetector
 from bench.types import Batch, Prediction
@@ -44,17 +47,17 @@ class AutoEncoder(TrainableDetector):
 
     def __init__(
         self,
-        input_size: int = 128,
-        latent: int = 100,
-        width: int = 32,
-        iterations: int = 2000,
-        lr: float = 2e-4,
-        weight_decay: float = 1e-5,
-        amp: str = "auto",
-        grad_clip: float | None = None,
-        checkpoint_every: int = 500,
-        sigma: float = 2.0,
-        score: str = "max",
+        input_size: Annotated[int, Range(ge=8)] = 128,
+        latent: Annotated[int, Range(ge=1)] = 100,
+        width: Annotated[int, Range(ge=1)] = 32,
+        iterations: Annotated[int, Range(ge=1)] = 2000,
+        lr: Annotated[float, Range(gt=0)] = 2e-4,
+        weight_decay: Annotated[float, Range(ge=0)] = 1e-5,
+        amp: Literal["auto", "bf16", "fp16", "off"] = "auto",
+        grad_clip: Annotated[float, Range(gt=0)] | None = None,
+        checkpoint_every: Annotated[int, Range(ge=1)] = 500,
+        sigma: Annotated[float, Range(ge=0)] = 2.0,
+        score: Literal["max", "topk"] = "max",
     ) -> None:
         self.input_size, self.latent, self.width = input_size, latent, width
         self.iterations, self.lr, self.weight_decay = iterations, lr, weight_decay

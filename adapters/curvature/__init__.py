@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import torch
 
 from bench.detector import Detector
+from bench.params import Range
 from bench.pointcloud import knn_indices, multiscale_surface_variation
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
@@ -36,12 +38,12 @@ class Curvature(Detector):
 
     def __init__(
         self,
-        ks: tuple[int, ...] = (16, 32, 64),
-        normalize: str = "scale",
-        sigma: float = 4.0,
-        score: str = "max",
-        knn: str = "auto",
-        point_smoothing: int = 0,
+        ks: tuple[Annotated[int, Range(ge=3)], ...] = (16, 32, 64),
+        normalize: Literal["scale", "none"] = "scale",
+        sigma: Annotated[float, Range(ge=0)] = 4.0,
+        score: Literal["max", "topk"] = "max",
+        knn: Literal["auto", "kdtree", "torch"] = "auto",
+        point_smoothing: Annotated[int, Range(ge=0)] = 0,
     ) -> None:
         if normalize not in ("scale", "none"):
             raise ValueError(f"normalize must be 'scale' or 'none', got {normalize!r}")

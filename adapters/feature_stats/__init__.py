@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from bench.backbones import create_backbone, normalize
 from bench.detector import Detector
+from bench.params import Range
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
@@ -31,10 +33,10 @@ class FeatureStats(Detector):
         self,
         backbone: str = "efficientnet_lite0",
         weights: str = "pretrained",
-        layers: tuple[int, ...] = (2, 3),
-        variance_floor: float = 0.01,
-        sigma: float = 4.0,
-        score: str = "max",
+        layers: tuple[Annotated[int, Range(ge=0)], ...] = (2, 3),
+        variance_floor: Annotated[float, Range(ge=0)] = 0.01,
+        sigma: Annotated[float, Range(ge=0)] = 4.0,
+        score: Literal["max", "topk"] = "max",
     ) -> None:
         self.backbone, self.weights, self.layers = backbone, weights, tuple(layers)
         self.variance_floor, self.sigma, self.score = variance_floor, sigma, score

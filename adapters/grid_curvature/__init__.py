@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from bench.detector import Detector
+from bench.params import Range
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
@@ -51,7 +53,11 @@ class GridCurvature(Detector):
     inference_amp = False  # covariance eigenvalues need full precision
 
     def __init__(
-        self, window: int = 5, tolerance: int = 3, sigma: float = 2.0, score: str = "max"
+        self,
+        window: Annotated[int, Range(ge=3)] = 5,
+        tolerance: Annotated[int, Range(ge=0)] = 3,
+        sigma: Annotated[float, Range(ge=0)] = 2.0,
+        score: Literal["max", "topk"] = "max",
     ) -> None:
         self.window, self.tolerance, self.sigma, self.score = window, tolerance, sigma, score
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from bench.backbones import create_backbone, normalize
 from bench.detector import Detector
+from bench.params import Range
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
@@ -40,18 +42,18 @@ class KNNPatchDistance(Detector):
         self,
         backbone: str = "wide_resnet50_2",
         weights: str = "pretrained",
-        layers: tuple[int, ...] = (2, 3),
-        embed_dim: int | None = 1024,
-        projection_dim: int | None = None,
-        coreset_ratio: float = 0.1,
-        coreset_projection: int | None = 128,
-        sigma: float = 4.0,
-        score: str = "max",
+        layers: tuple[Annotated[int, Range(ge=0)], ...] = (2, 3),
+        embed_dim: Annotated[int, Range(ge=1)] | None = 1024,
+        projection_dim: Annotated[int, Range(ge=1)] | None = None,
+        coreset_ratio: Annotated[float, Range(gt=0, le=1)] = 0.1,
+        coreset_projection: Annotated[int, Range(ge=1)] | None = 128,
+        sigma: Annotated[float, Range(ge=0)] = 4.0,
+        score: Literal["max", "topk"] = "max",
         reweight: bool = False,
-        num_neighbors: int = 9,
-        max_pairs: int = 1 << 24,
+        num_neighbors: Annotated[int, Range(ge=1)] = 9,
+        max_pairs: Annotated[int, Range(ge=1)] = 1 << 24,
         discover_types: bool = True,
-        n_types: int | None = None,
+        n_types: Annotated[int, Range(ge=1)] | None = None,
         seed: int = 0,
     ) -> None:
         if not 0 < coreset_ratio <= 1:
