@@ -343,9 +343,18 @@ def _curve_points(d_pos, d_neg, d_pro=None, regions: int = 0) -> dict[str, list[
     if d_pro is not None:
         pro = torch.cat([zero, torch.cumsum(d_pro, 0)])
         named["pro"] = (pro / max(regions, 1)).clamp(0, 1)
-    n = len(named["fpr"])
-    keep = torch.linspace(0, n - 1, min(CURVE_POINTS, n)).round().long().unique()
+    keep = evenly_spaced(len(named["fpr"]), CURVE_POINTS).to(fp.device)
     return {k: [round(float(v), 6) for v in t[keep].cpu()] for k, t in named.items()}
+
+
+def evenly_spaced(n: int, m: int) -> torch.Tensor:
+    """At most ``m`` indices spread evenly over ``range(n)``, first and last included, in exact
+    integer arithmetic (a float32 ``linspace`` rounds past 2^24 and can index past the end)."""
+    m = min(m, n)
+    if m <= 1:
+        return torch.zeros(m, dtype=torch.long)
+    i = torch.arange(m, dtype=torch.long)
+    return torch.unique((2 * i * (n - 1) + (m - 1)) // (2 * (m - 1)))
 
 
 def _chunks(flat_maps: list[torch.Tensor], chunk: int):

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.metrics import evenly_spaced
+
 THUMB = 160
 THUMB_POINTS = 4000  # points kept per cloud for its panel
 
@@ -16,7 +18,7 @@ def _projected(points: torch.Tensor) -> torch.Tensor:
     """[N,2] coordinates of a cloud on its two principal axes (an even subsample if large)."""
     points = points.float().cpu()
     if len(points) > THUMB_POINTS:
-        points = points[torch.linspace(0, len(points) - 1, THUMB_POINTS).long()]
+        points = points[evenly_spaced(len(points), THUMB_POINTS)]
     centred = points - points.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     return centred @ v[:2].T
@@ -35,7 +37,7 @@ class OverlayCollector:
             for points, scores, labels in zip(
                 batch.points, prediction.point_scores, batch.point_labels
             ):
-                keep = torch.linspace(0, len(points) - 1, min(len(points), THUMB_POINTS)).long()
+                keep = evenly_spaced(len(points), THUMB_POINTS)
                 self.clouds.append(
                     (
                         _projected(points[keep.to(points.device)]),
