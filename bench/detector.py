@@ -90,10 +90,18 @@ class Detector:
         self.to(self.device)
 
     def load_state(self, path: str | Path) -> None:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        if blob.get("class") != type(self).__qualname__:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
             raise ValueError(
-                f"{path} holds state of {blob.get('class')}, not {type(self).__qualname__}"
+                f"fitted state {path} is unreadable (truncated or corrupt: {err}); "
+                "re-run with --force to fit again"
+            ) from err
+        if not isinstance(blob, dict) or blob.get("class") != type(self).__qualname__:
+            held = blob.get("class") if isinstance(blob, dict) else type(blob).__name__
+            raise ValueError(
+                f"{path} holds state of {held}, not {type(self).__qualname__}; "
+                "re-run with --force to fit again"
             )
         for name, value in blob["state"].items():
             setattr(self, name, value)

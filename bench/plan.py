@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from typing import Any
 from bench import __version__
 from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry
 from bench.datasets import get_dataset
+from bench.fingerprint import data_fingerprint
 from bench.metrics import METRIC_VERSION
+from bench.params import check_params
 from bench.registry import get_detector_class
 
 
@@ -32,8 +35,17 @@ def resolved_params(entry: DetectorEntry) -> dict[str, Any]:
         for n in names
         if sig.parameters[n].default is not inspect.Parameter.empty
     }
+    check_params(cls, entry.params, f"detector {entry.display!r}")
     out.update(entry.params)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def seeded_params(entry: DetectorEntry, params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``params`` with the job seed as the detector's own ``seed`` parameter, unless the user
+    pinned it: a detector's random choices follow ``--seeds``."""
+    if "seed" in params and "seed" not in entry.params:
+        return {**params, "seed": seed}
+    return params
 
 
 def _size(value):
@@ -54,6 +66,10 @@ class Job:
     params: dict[str, Any]
     batch_size: int
     protocol: str
+    #: fingerprints of the training and test files (bench.fingerprint): a changed file changes
+    #: the fit identity (training data) or the result identity (test data)
+    train_data: str = ""
+    test_data: str = ""
 
     @property
     def run_name(self) -> str:
@@ -87,11 +103,17 @@ class Job:
             "seed": self.seed,
             "batch_size": self.batch_size,
             "harness_version": __version__,
+            "train_data": self.train_data,
         }
 
     def config(self) -> dict[str, Any]:
         """Everything that determines the result."""
-        return {**self.fit_config(), "protocol": self.protocol, "metric_version": METRIC_VERSION}
+        return {
+            **self.fit_config(),
+            "protocol": self.protocol,
+            "metric_version": METRIC_VERSION,
+            "test_data": self.test_data,
+        }
 
     @property
     def fit_hash(self) -> str:
@@ -102,7 +124,20 @@ class Job:
         return _digest(self.config())
 
 
+@functools.cache
+def split_fingerprints(name: str, root: str, category: str, options: str) -> tuple[str, str]:
+    """Fingerprints of a category's training and test files; opening both splits also checks
+    the category's layout before any job starts."""
+    spec = get_dataset(name)
+    opts = json.loads(options)
+    return tuple(
+        data_fingerprint(spec.open(category, split, root, image_size=None, **opts))
+        for split in ("train", "test")
+    )
+
+
 def plan_jobs(cfg: BenchConfig) -> list[Job]:
+    split_fingerprints.cache_clear()  # files may have changed since the last plan
     if not cfg.detectors:
         raise ConfigError(
             "no detectors configured: add [[detectors]] to the config or pass --detectors"
@@ -137,7 +172,8 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
                     f"which {ds.name} cannot provide"
                 )
             root = spec.root(ds.root)
-            available = spec.categories(root)
+            named = ds.categories or cfg.categories
+            available = spec.categories(root, named)
             categories = ds.categories or available
             absent = sorted(set(categories) - set(available))
             if absent:
@@ -148,6 +184,10 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
                 categories = [c for c in categories if c in cfg.categories]
                 seen.update(categories)
             for category in categories:
+                options = json.dumps(ds.options, sort_keys=True, default=str)
+                train_data, test_data = split_fingerprints(
+                    ds.name, str(Path(root).resolve()), category, options
+                )
                 for seed in cfg.seeds:
                     jobs.append(
                         Job(
@@ -156,9 +196,11 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
                             str(Path(root).resolve()),
                             category,
                             seed,
-                            params,
+                            seeded_params(det, params, seed),
                             cfg.batch_size,
                             cfg.protocol,
+                            train_data,
+                            test_data,
                         )
                     )
     if cfg.categories is not None and set(cfg.categories) - seen:

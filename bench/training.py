@@ -142,7 +142,13 @@ class TrainableDetector(Detector):
         path = self.checkpoint_path
         if path is None or not path.exists():
             return 0
-        blob = torch.load(path, map_location=self.device, weights_only=False)
+        try:
+            blob = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:
+            raise ValueError(
+                f"training checkpoint {path} is unreadable (truncated or corrupt: {err}); "
+                "re-run with --force to train from scratch"
+            ) from err
         if blob["params"] != self.get_params():
             return 0  # a checkpoint of another configuration: start afresh
         for name, module in self.modules().items():

@@ -90,12 +90,23 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         if key not in samples[0]:
             continue
         values = [s[key] for s in samples]
-        if key == "mask" and len({tuple(v.shape) for v in values}) > 1:
-            shapes = sorted({tuple(v.shape) for v in values})
-            paths = [s["meta"].get("path") for s in samples]
-            raise ValueError(
-                f"ground-truth masks of one batch differ in size {shapes}; files: {paths}. "
-                "Use batch_size=1 for categories with mixed image sizes."
-            )
+        if key in ("mask", "image", "xyz") and len({tuple(v.shape) for v in values}) > 1:
+            raise ValueError(_mixed_sizes(key, values, samples))
         out[key] = torch.stack(values)
     return Batch(**out)
+
+
+def _mixed_sizes(key: str, values: list[torch.Tensor], samples: list[dict[str, Any]]) -> str:
+    """Names the files whose size differs from the batch's most common size."""
+    shapes = [tuple(v.shape[-2:]) for v in values]
+    common = max(set(shapes), key=shapes.count)
+    odd = [
+        f"{s['meta'].get('path')} ({shape[0]}x{shape[1]})"
+        for s, shape in zip(samples, shapes)
+        if shape != common
+    ]
+    what = "ground-truth masks" if key == "mask" else "inputs"
+    return (
+        f"{what} of one batch differ in size: most are {common[0]}x{common[1]}, but "
+        f"{', '.join(odd)}. Use batch_size=1 for categories with mixed image sizes."
+    )

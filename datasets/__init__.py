@@ -37,12 +37,29 @@ class DatasetSpec:
     default_root: Callable[[], Path]
     modalities: tuple[str, ...]  # detectors it serves unless a detector names its datasets
     feeds: tuple[str, ...]  # every modality its samples can provide
+    #: category folders that cannot be loaded, with what each lacks
+    broken_categories: Callable[[str | Path], dict[str, str]] = lambda root: {}
 
     def root(self, root: str | Path | None = None) -> Path:
         return Path(root) if root else self.default_root()
 
-    def categories(self, root: str | Path | None = None) -> list[str]:
-        return self.list_categories(self.root(root))
+    def categories(
+        self, root: str | Path | None = None, named: list[str] | None = None
+    ) -> list[str]:
+        """The loadable categories. A category folder that cannot be loaded is an error
+        naming what it lacks: every such folder when categories are discovered (``named``
+        None), else those of ``named``."""
+        root = self.root(root)
+        found = self.list_categories(root)
+        broken = self.broken_categories(root)
+        bad = {c: why for c, why in broken.items() if named is None or c in named}
+        if bad:
+            raise DatasetLayoutError(
+                f"{self.name}: categor(ies) {sorted(bad)} cannot be loaded: "
+                + "; ".join(bad.values())
+                + ". Complete or remove the folder, or pass --categories to run the others"
+            )
+        return found
 
     def open(self, category: str, split: str, root: str | Path | None = None, **options):
         return self.loader(self.root(root), category, split, **options)
@@ -60,6 +77,7 @@ DATASETS: dict[str, DatasetSpec] = {
         _env_root("MVTEC_AD_ROOT", "data/mvtec_ad"),
         ("image",),
         ("image",),
+        mvtec_ad.broken_categories,
     ),
     "mvtec_3d": DatasetSpec(
         "mvtec_3d",
@@ -68,6 +86,7 @@ DATASETS: dict[str, DatasetSpec] = {
         _env_root("MVTEC_3D_ROOT", "data/mvtec_3d"),
         ("point_cloud", "rgb+point_cloud"),
         ("image", "point_cloud", "rgb+point_cloud"),
+        mvtec_3d.broken_categories,
     ),
     "builtin_ad": DatasetSpec(
         "builtin_ad",
@@ -76,6 +95,7 @@ DATASETS: dict[str, DatasetSpec] = {
         lambda: ensure_generated("ad"),
         ("image",),
         ("image",),
+        mvtec_ad.broken_categories,
     ),
     "builtin_3d": DatasetSpec(
         "builtin_3d",
@@ -84,6 +104,7 @@ DATASETS: dict[str, DatasetSpec] = {
         lambda: ensure_generated("3d"),
         ("point_cloud", "rgb+point_cloud"),
         ("image", "point_cloud", "rgb+point_cloud"),
+        mvtec_3d.broken_categories,
     ),
     # unorganised clouds with per-point labels (object- and point-level metrics)
     "real3d_ad": DatasetSpec(
@@ -93,6 +114,7 @@ DATASETS: dict[str, DatasetSpec] = {
         _env_root("REAL3D_AD_ROOT", "data/real3d_ad"),
         ("points",),
         ("points",),
+        real3d.broken_categories,
     ),
     "anomaly_shapenet": DatasetSpec(
         "anomaly_shapenet",
@@ -101,6 +123,7 @@ DATASETS: dict[str, DatasetSpec] = {
         _env_root("ANOMALY_SHAPENET_ROOT", "data/anomaly_shapenet"),
         ("points",),
         ("points",),
+        real3d.broken_categories,
     ),
     "builtin_points": DatasetSpec(
         "builtin_points",
@@ -109,6 +132,7 @@ DATASETS: dict[str, DatasetSpec] = {
         lambda: ensure_generated("points"),
         ("points",),
         ("points",),
+        real3d.broken_categories,
     ),
 }
 

@@ -40,6 +40,26 @@ def read_mask(path: Path, shape: tuple[int, int] | None = None) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
+#: sub-folders that make a folder of a dataset root look like a category
+CATEGORY_MARKERS = ("train", "test", "ground_truth", "validation", "gt", "GT")
+
+
+def scan_categories(root: Path, required: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """(loadable categories, {broken category: what it lacks}) of a dataset root: a folder
+    with any of ``CATEGORY_MARKERS`` is a category, loadable when it has every ``required``
+    sub-folder."""
+    found, broken = [], {}
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        if not any((folder / m).is_dir() for m in CATEGORY_MARKERS):
+            continue
+        missing = [r for r in required if not (folder / r).is_dir()]
+        if missing:
+            broken[folder.name] = f"{folder} has no {' and no '.join(missing)} folder"
+        else:
+            found.append(folder.name)
+    return found, broken
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -103,6 +123,8 @@ class CategoryDataset(Dataset):
             )
         self.root, self.category, self.split = Path(root), category, split
         self.image_size, self.crop_size = image_size, crop_size
+        #: problems found while indexing that do not stop a run (shown and recorded per job)
+        self.warnings: list[str] = []
         self.items = self._index()
 
     def _index(self) -> list[dict[str, Any]]:

@@ -13,7 +13,14 @@ import numpy as np
 import tifffile
 import torch
 
-from .common import CategoryDataset, DatasetLayoutError, input_geometry, read_rgb, resize_crop
+from .common import (
+    CategoryDataset,
+    DatasetLayoutError,
+    input_geometry,
+    read_rgb,
+    resize_crop,
+    scan_categories,
+)
 from .preprocess_3d import Preprocess3D, cached_valid_mask
 
 LAYOUT = """expected MVTec 3D-AD layout:
@@ -24,11 +31,19 @@ LAYOUT = """expected MVTec 3D-AD layout:
 SPLITS = ("train", "validation", "test")
 
 
+REQUIRED = ("train/good/xyz", "test")
+
+
+def broken_categories(root: str | Path) -> dict[str, str]:
+    """Category folders that cannot be loaded, with what each lacks."""
+    return scan_categories(Path(root), REQUIRED)[1] if Path(root).is_dir() else {}
+
+
 def categories(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetLayoutError(f"MVTec 3D-AD root {root} does not exist; {LAYOUT}")
-    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good" / "xyz").is_dir())
+    found = scan_categories(root, REQUIRED)[0]
     if not found:
         raise DatasetLayoutError(f"no category under {root} has a train/good/xyz folder; {LAYOUT}")
     return found

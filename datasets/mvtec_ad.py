@@ -14,6 +14,7 @@ from .common import (
     list_images,
     read_rgb,
     resize_crop,
+    scan_categories,
 )
 
 LAYOUT = """expected MVTec AD layout:
@@ -22,11 +23,19 @@ LAYOUT = """expected MVTec AD layout:
   <root>/<category>/ground_truth/<defect>/<id>_mask.png"""
 
 
+REQUIRED = ("train/good", "test")
+
+
+def broken_categories(root: str | Path) -> dict[str, str]:
+    """Category folders that cannot be loaded, with what each lacks."""
+    return scan_categories(Path(root), REQUIRED)[1] if Path(root).is_dir() else {}
+
+
 def categories(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetLayoutError(f"MVTec AD root {root} does not exist; {LAYOUT}")
-    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    found = scan_categories(root, REQUIRED)[0]
     if not found:
         raise DatasetLayoutError(f"no category under {root} has a train/good folder; {LAYOUT}")
     return found
@@ -63,7 +72,26 @@ class MVTecAD(CategoryDataset):
                 items.append({"path": path, "defect": defect, "mask_path": mask_path})
         if not items:
             raise DatasetLayoutError(f"no images under {split_dir}; {LAYOUT}")
+        if self.split == "test":
+            self._warn_orphan_masks(items)
         return items
+
+    def _warn_orphan_masks(self, items: list[dict[str, Any]]) -> None:
+        """Ground-truth masks that belong to no test image (a missing or renamed image)."""
+        gt_dir = self.root / self.category / "ground_truth"
+        if not gt_dir.is_dir():
+            return
+        used = {it["mask_path"] for it in items if it["mask_path"] is not None}
+        orphans = sorted(p for p in gt_dir.glob("*/*_mask.png") if p not in used)
+        if orphans:
+            self.warnings.append(
+                f"{self.category}: {len(orphans)} ground-truth mask(s) have no test image, "
+                f"e.g. {orphans[0]} (expected {self._image_of(orphans[0])})"
+            )
+
+    def _image_of(self, mask: Path) -> Path:
+        stem = mask.name.removesuffix("_mask.png")
+        return self.root / self.category / "test" / mask.parent.name / f"{stem}.png"
 
     def native_size(self, item: dict[str, Any]) -> tuple[int, int]:
         """(H, W) of an item's image, read from the file header only."""

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import DatasetLayoutError
+from .common import DatasetLayoutError, scan_categories
 
 LAYOUT = """expected Real3D-AD / Anomaly-ShapeNet layout:
   <root>/<category>/train/<id>.pcd
@@ -31,13 +31,19 @@ GOOD = ("good", "positive")
 VIEW_SUFFIXES = ("cut", "copy")  # partial-view variants of a test cloud, not defect types
 
 
+REQUIRED = ("train", "test")
+
+
+def broken_categories(root: str | Path) -> dict[str, str]:
+    """Category folders that cannot be loaded, with what each lacks."""
+    return scan_categories(Path(root), REQUIRED)[1] if Path(root).is_dir() else {}
+
+
 def categories(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetLayoutError(f"point-cloud root {root} does not exist; {LAYOUT}")
-    found = sorted(
-        p.name for p in root.iterdir() if (p / "train").is_dir() and (p / "test").is_dir()
-    )
+    found = scan_categories(root, REQUIRED)[0]
     if not found:
         raise DatasetLayoutError(f"no category under {root} has train/ and test/; {LAYOUT}")
     return found
