@@ -1,11 +1,17 @@
-"""Runs jobs: fit, predict, evaluate; measures time and memory; writes and tracks results."""
+"""Runs jobs: fit, predict, evaluate; measures time and memory; writes and tracks results.
+
+A job flows through :func:`open_data`, :func:`fit_or_load`, :func:`predict_all`,
+:func:`evaluate` and :func:`job_record`. Nothing computed is lost to a late failure: when the
+evaluation (or anything after prediction) fails, the predictions are kept in the job's state
+folder and the next run scores them without predicting again.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +19,12 @@ import timm
 import torch
 
 from bench import __version__
-from bench.config import BenchConfig
+from bench.config import BenchConfig, ConfigError
 from bench.datasets import get_dataset
+from bench.detector import Detector
 from bench.discovery import discover_types
 from bench.evaluation import Evaluator, PointEvaluator
+from bench.fingerprint import data_fingerprint
 from bench.loading import EpochLoader
 from bench.metrics import METRIC_VERSION
 from bench.overlays import OverlayCollector
@@ -25,7 +33,9 @@ from bench.progress import console, progress_bar
 from bench.registry import create_detector
 from bench.results import ResultStore
 from bench.system import device_description, resolve_device, seed_everything, track_peak_memory
-from bench.training import TrainableDetector, amp_dtype
+from bench.training import CHECKPOINT_NAME, TrainableDetector, amp_dtype
+
+__all__ = ["data_fingerprint", "run_benchmark", "run_job"]
 
 FITTED_STATE = "fitted.pt"
 
@@ -33,25 +43,6 @@ FITTED_STATE = "fitted.pt"
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def data_fingerprint(*datasets) -> str:
-    """A hash of every input file of the job (path below the root, size, modification time):
-    results can be traced to the exact data they came from."""
-    digest = hashlib.sha256()
-    for ds in datasets:
-        for item in ds.items:
-            for key in ("path", "gt_path", "rgb_path"):
-                path = item.get(key)
-                if path is not None:
-                    stat = Path(path).stat()
-                    rel = (
-                        Path(path).relative_to(ds.root)
-                        if Path(path).is_relative_to(ds.root)
-                        else path
-                    )
-                    digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def job_modality(detector, spec) -> str:
@@ -65,6 +56,16 @@ def job_modality(detector, spec) -> str:
     raise ValueError(
         f"{type(detector).__name__} accepts {accepted}; {spec.name} feeds {spec.feeds}"
     )
+
+
+def short_error(err: BaseException) -> str:
+    """``Type: message`` of an error; for one raised in a DataLoader worker, the original error
+    (the last line of the worker's traceback) instead of the whole traceback."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1]
+    return f"{type(err).__name__}: {text}"
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -81,21 +82,21 @@ def summary_line(record: dict[str, Any]) -> str:
     )
 
 
-def run_job(
-    job: Job,
-    store: ResultStore,
-    device: torch.device,
-    num_workers: int = 0,
-    export_maps: str | None = None,
-) -> dict[str, Any]:
-    """Fits (or loads the cached fitted state of) one detector and scores one category."""
-    seed_everything(job.seed)
+# -- the stages of one job ------------------------------------------------------------------------
+@dataclass
+class JobData:
+    spec: Any
+    train_set: Any
+    test_set: Any
+    train: EpochLoader
+    test: EpochLoader
+
+
+def open_data(job: Job, trainable: bool, device: torch.device, num_workers: int) -> JobData:
     spec = get_dataset(job.dataset.name)
     opts = {"image_size": job.image_size, "crop_size": job.crop_size, **job.dataset.options}
     train_set = spec.open(job.category, "train", job.root, **opts)
     test_set = spec.open(job.category, "test", job.root, **opts)
-    detector = create_detector(job.detector.name, **job.params)
-    trainable = isinstance(detector, TrainableDetector)
     pin = device.type == "cuda"
     train = EpochLoader(
         train_set,
@@ -107,11 +108,26 @@ def run_job(
         drop_last=trainable and len(train_set) >= job.batch_size,
     )
     test = EpochLoader(test_set, job.batch_size, num_workers=num_workers, pin_memory=pin)
-    detector.workdir = store.state_dir(job)
-    detector.to(device)
+    return JobData(spec, train_set, test_set, train, test)
 
+
+@dataclass
+class FitResult:
+    cached: bool
+    seconds: float
+    peak: Any
+
+
+def clear_fitted_state(workdir: Path) -> None:
+    """Removes a fit's state and checkpoint, so that it is fitted from scratch (``--force``)."""
+    for name in (FITTED_STATE, CHECKPOINT_NAME):
+        (workdir / name).unlink(missing_ok=True)
+
+
+def fit_or_load(detector: Detector, train: EpochLoader, device: torch.device) -> FitResult:
+    """Loads the fitted state from the job's state folder, or fits and saves it."""
     state_file = detector.workdir / FITTED_STATE
-    with track_peak_memory(device) as fit_mem:
+    with track_peak_memory(device) as peak:
         start = time.perf_counter()
         cached = state_file.is_file()
         if cached:
@@ -120,62 +136,132 @@ def run_job(
             detector.fit(train)
             _sync(device)
             detector.save_state(state_file)
-        fit_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    return FitResult(cached, seconds, peak)
 
+
+@dataclass
+class Predictions:
+    """Everything prediction produced: the evaluator holding every map or point score, the
+    overlay figure's picks, the defective images for type discovery, timings and memory."""
+
+    evaluator: Evaluator | PointEvaluator
+    overlays: OverlayCollector
+    defective: dict[str, list] = field(default_factory=dict)
+    model_seconds: float = 0.0
+    predict_seconds: float = 0.0
+    peak_host_bytes: int = 0
+    peak_gpu_bytes: int = 0
+    resumed: bool = False
+
+
+def new_evaluator(job: Job, modality: str, export_maps: str | None):
     export = None
     if export_maps is not None:
         export = Path(export_maps) / job.detector.display / job.dataset.name / f"seed{job.seed}"
-    modality = job_modality(detector, spec)
     if modality == "points":
-        evaluator = PointEvaluator(export_dir=export)
-    else:
-        evaluator = Evaluator(job.protocol, export_dir=export)
+        return PointEvaluator(export_dir=export)
+    return Evaluator(job.protocol, export_dir=export)
+
+
+def predict_all(
+    detector: Detector, job: Job, data: JobData, device: torch.device, evaluator, discover: bool
+) -> Predictions:
+    """Predicts every test batch and streams it into the evaluator."""
+    out = Predictions(evaluator, OverlayCollector(), {"images": [], "maps": [], "defects": []})
     dtype = amp_dtype(device, "auto") if detector.inference_amp else None
-    discover = getattr(detector, "discover_types", False) and hasattr(detector, "describe_regions")
-    defective: dict[str, list] = {"images": [], "maps": [], "defects": []}
-    overlays = OverlayCollector()
-    model_seconds = 0.0
     with (
-        track_peak_memory(device) as predict_mem,
-        progress_bar(f"predict {job.run_name}", len(test)) as bar,
+        track_peak_memory(device) as peak,
+        progress_bar(f"predict {job.run_name}", len(data.test)) as bar,
     ):
         start = time.perf_counter()
-        for batch in test:
+        for batch in data.test:
             batch = batch.to(device, non_blocking=True)
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
                 prediction = detector.predict(batch)
             _sync(device)
-            model_seconds += time.perf_counter() - t0
+            out.model_seconds += time.perf_counter() - t0
             evaluator.update(prediction, batch)
-            overlays.update(prediction, batch)
+            out.overlays.update(prediction, batch)
             if discover:
                 keep = batch.label.cpu().bool()
-                defective["images"].append(batch.image.cpu()[keep])
-                defective["maps"].append(prediction.anomaly_map.float().cpu()[keep])
-                defective["defects"] += [m["defect"] for m, k in zip(batch.meta, keep) if k]
+                out.defective["images"].append(batch.image.cpu()[keep])
+                out.defective["maps"].append(prediction.anomaly_map.float().cpu()[keep])
+                out.defective["defects"] += [m["defect"] for m, k in zip(batch.meta, keep) if k]
             bar.advance(1)
-        predict_seconds = time.perf_counter() - start
+        out.predict_seconds = time.perf_counter() - start
+    out.peak_host_bytes, out.peak_gpu_bytes = peak.host_bytes, peak.gpu_bytes
+    return out
+
+
+def pending_path(store: ResultStore, job: Job) -> Path:
+    """Where the predictions of a job that failed after predicting are kept."""
+    return store.state_dir(job) / f"predictions-{job.config_hash}.pt"
+
+
+def keep_predictions(path: Path, predictions: Predictions) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(predictions, tmp)
+    tmp.replace(path)
+
+
+def load_predictions(path: Path, device: torch.device) -> Predictions | None:
+    """Predictions kept by an earlier run of the same job, or None (also when unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        kept = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:
+        console.print(
+            f"[yellow]  kept predictions {path} are unreadable ({err}); predicting again[/]"
+        )
+        return None
+    kept.resumed = True
+    return kept
+
+
+class FailedAfterPrediction(RuntimeError):
+    """A job failed after its predictions were made; they are kept for the next run."""
+
+
+def evaluate(detector: Detector, job: Job, pred: Predictions, seed: int) -> dict[str, Any]:
+    """Metrics, anomaly-type discovery and their timings from the collected predictions."""
     start = time.perf_counter()
-    metrics = evaluator.compute()
-    eval_seconds = time.perf_counter() - start
-    discovery = None
-    if discover and defective["defects"]:
+    metrics = pred.evaluator.compute()
+    out: dict[str, Any] = {"metrics": metrics, "eval_seconds": time.perf_counter() - start}
+    found = pred.defective
+    out["discovery"] = None
+    if found and found.get("defects"):
         start = time.perf_counter()
-        discovery = discover_types(
-            torch.cat(defective["images"]),
-            torch.cat(defective["maps"]),
-            defective["defects"],
+        out["discovery"] = discover_types(
+            torch.cat(found["images"]),
+            torch.cat(found["maps"]),
+            found["defects"],
             detector.describe_regions,
             n_types=getattr(detector, "n_types", None),
-            seed=job.seed,
+            seed=seed,
         )
-        discovery["seconds"] = time.perf_counter() - start
+        out["discovery"]["seconds"] = time.perf_counter() - start
+    return out
 
-    overlay_path = overlays.save(store.root / "figures" / f"{job.slug}.png", job.run_name)
+
+def job_record(
+    job: Job,
+    data: JobData,
+    modality: str,
+    fit: FitResult,
+    pred: Predictions,
+    scored: dict,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The result file of one job: identity, metrics, curves, timings, memory, provenance."""
+    evaluator = pred.evaluator
+    n_test = len(data.test_set)
+    warnings = [*getattr(data.train_set, "warnings", []), *getattr(data.test_set, "warnings", [])]
     return {
         "run_name": job.run_name,
-        "overlays": None if overlay_path is None else str(overlay_path),
         "config_hash": job.config_hash,
         "fit_hash": job.fit_hash,
         "detector": job.detector.display,
@@ -191,31 +277,34 @@ def run_job(
         "batch_size": job.batch_size,
         "protocol": evaluator.protocol_label,
         "metric_version": METRIC_VERSION,
-        "metrics": metrics,
+        "metrics": scored["metrics"],
         "curves": evaluator.curves,
-        "discovery": discovery,
-        "warnings": evaluator.warnings,
-        "maps_exported_to": None if export is None else str(export),
-        "n_train": len(train_set),
-        "n_test": len(test_set),
-        "fit_cached": cached,
+        "discovery": scored["discovery"],
+        "warnings": warnings + evaluator.warnings,
+        "maps_exported_to": None if evaluator.export_dir is None else str(evaluator.export_dir),
+        "n_train": len(data.train_set),
+        "n_test": n_test,
+        "fit_cached": fit.cached,
+        "predictions_resumed": pred.resumed,
         "timings": {
-            "fit_seconds": fit_seconds,
-            "predict_seconds": predict_seconds,
-            "predict_images_per_second": len(test_set) / predict_seconds
-            if predict_seconds
+            "fit_seconds": fit.seconds,
+            "predict_seconds": pred.predict_seconds,
+            "predict_images_per_second": n_test / pred.predict_seconds
+            if pred.predict_seconds
             else None,
-            "model_images_per_second": len(test_set) / model_seconds if model_seconds else None,
-            "eval_seconds": eval_seconds,
+            "model_images_per_second": n_test / pred.model_seconds if pred.model_seconds else None,
+            "eval_seconds": scored["eval_seconds"],
         },
         "memory": {
-            "fit_peak_host_mb": fit_mem.host_bytes / 2**20,
-            "predict_peak_host_mb": predict_mem.host_bytes / 2**20,
-            "fit_peak_gpu_mb": fit_mem.gpu_bytes / 2**20,
-            "predict_peak_gpu_mb": predict_mem.gpu_bytes / 2**20,
+            "fit_peak_host_mb": fit.peak.host_bytes / 2**20,
+            "predict_peak_host_mb": pred.peak_host_bytes / 2**20,
+            "fit_peak_gpu_mb": fit.peak.gpu_bytes / 2**20,
+            "predict_peak_gpu_mb": pred.peak_gpu_bytes / 2**20,
         },
         "device": device_description(device),
-        "data_fingerprint": data_fingerprint(train_set, test_set),
+        "data_fingerprint": data_fingerprint(data.train_set, data.test_set),
+        "train_fingerprint": job.train_data,
+        "test_fingerprint": job.test_data,
         "versions": {
             "adbench": __version__,
             "torch": torch.__version__,
@@ -226,17 +315,84 @@ def run_job(
     }
 
 
+def run_job(
+    job: Job,
+    store: ResultStore,
+    device: torch.device,
+    num_workers: int = 0,
+    export_maps: str | None = None,
+    refit: bool = False,
+) -> dict[str, Any]:
+    """Fits (or loads the cached fitted state of) one detector and scores one category.
+
+    ``refit`` discards the cached fitted state and checkpoint first (``--force``) and any
+    predictions kept from an earlier failed run.
+    """
+    seed_everything(job.seed)
+    detector = create_detector(job.detector.name, **job.params)
+    data = open_data(job, isinstance(detector, TrainableDetector), device, num_workers)
+    detector.workdir = store.state_dir(job)
+    detector.to(device)
+    kept_at = pending_path(store, job)
+    if refit:
+        clear_fitted_state(detector.workdir)
+        kept_at.unlink(missing_ok=True)
+    fit = fit_or_load(detector, data.train, device)
+
+    modality = job_modality(detector, data.spec)
+    pred = load_predictions(kept_at, device)
+    if pred is None:
+        discover = getattr(detector, "discover_types", False) and hasattr(
+            detector, "describe_regions"
+        )
+        evaluator = new_evaluator(job, modality, export_maps)
+        pred = predict_all(detector, job, data, device, evaluator, discover)
+    try:
+        scored = evaluate(detector, job, pred, job.seed)
+        record = job_record(job, data, modality, fit, pred, scored, device)
+        overlays = pred.overlays.save(store.root / "figures" / f"{job.slug}.png", job.run_name)
+        record["overlays"] = None if overlays is None else str(overlays)
+    except BaseException as err:
+        if not pred.resumed:
+            keep_predictions(kept_at, pred)
+        if not isinstance(err, Exception):  # Ctrl-C: the predictions are kept all the same
+            raise
+        raise FailedAfterPrediction(
+            f"{short_error(err)} (after prediction: the predictions are kept in {kept_at}; "
+            "re-running the same command scores them without predicting again)"
+        ) from err
+    return record
+
+
+def check_writable(*folders: Path) -> None:
+    """Fails before any job starts when a folder the run writes to cannot be written."""
+    for folder in folders:
+        probe = folder / f".write-test-{time.time_ns()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write to {folder} ({err.strerror or err}); choose another folder "
+                "(--output, --export-maps) or fix its permissions"
+            ) from err
+
+
 def run_benchmark(
     cfg: BenchConfig, force: bool = False, track: bool = True
 ) -> tuple[list[dict], list[str]]:
     """Runs every planned job not already finished; returns (records, failed run names)."""
     from bench.tracking import Tracker
 
+    device = resolve_device(cfg.device)  # before planning: a wrong device fails at once
     jobs = plan_jobs(cfg)
     store = ResultStore(cfg.output, cfg.name)
-    device = resolve_device(cfg.device)
+    folders = [store.root / sub for sub in ("jobs", "state", "figures", "failed")]
+    check_writable(*folders, *([Path(cfg.export_maps)] if cfg.export_maps else []))
     console.print(f"[bold]{cfg.name}[/]: {len(jobs)} job(s) on {device_description(device)}")
     records, failed = [], []
+    refitted: set[str] = set()  # under --force, a fit shared by several jobs is refitted once
     tracker = Tracker.from_config(cfg) if track else None
     with tracker if tracker is not None else nullcontext():
         for i, job in enumerate(jobs, 1):
@@ -245,28 +401,22 @@ def run_benchmark(
                 console.print(f"[{i}/{len(jobs)}] {job.run_name}: done before, skipped")
             else:
                 console.print(f"[{i}/{len(jobs)}] {job.run_name}: running")
+                refit = force and job.fit_hash not in refitted
+                refitted.add(job.fit_hash)
                 try:
-                    record = run_job(job, store, device, cfg.num_workers, cfg.export_maps)
+                    record = run_job(
+                        job, store, device, cfg.num_workers, cfg.export_maps, refit=refit
+                    )
                 except KeyboardInterrupt:
                     raise
                 except Exception as err:
                     path = store.save_failure(job, err)
-                    console.print(
-                        f"[red]  failed: {type(err).__name__}: {err}[/] (traceback in {path})"
-                    )
+                    console.print(f"[red]  failed: {short_error(err)}[/] (traceback in {path})")
                     failed.append(job.run_name)
                     continue
                 store.save(record)
-                for warning in record["warnings"]:
-                    console.print(f"[yellow]  {warning}[/]")
-                console.print(summary_line(record))
-                found = record.get("discovery") or {}
-                if "nmi" in found:
-                    console.print(
-                        f"  anomaly types: NMI {found['nmi']:.3f}  ARI {found['ari']:.3f}  "
-                        f"F1 {found['f1']:.3f}  ({found['n_images']} defective images, "
-                        f"{found['n_types']} clusters)"
-                    )
+                pending_path(store, job).unlink(missing_ok=True)
+                report_job(record)
             if tracker is not None and not record.get("mlflow_run_id"):
                 run_id = tracker.log_job(record)
                 if run_id:
@@ -276,3 +426,17 @@ def run_benchmark(
         if tracker is not None:
             tracker.log_summary(records)
     return records, failed
+
+
+def report_job(record: dict[str, Any]) -> None:
+    """The console lines of a finished job: warnings, headline metrics, discovery."""
+    for warning in record["warnings"]:
+        console.print(f"[yellow]  {warning}[/]")
+    console.print(summary_line(record))
+    found = record.get("discovery") or {}
+    if "nmi" in found:
+        console.print(
+            f"  anomaly types: NMI {found['nmi']:.3f}  ARI {found['ari']:.3f}  "
+            f"F1 {found['f1']:.3f}  ({found['n_images']} defective images, "
+            f"{found['n_types']} clusters)"
+        )
