@@ -1,0 +1,328 @@
+"""Bad inputs and late failures, walked in the order of the reliability review (issue 11).
+
+Each test reproduces one failure a user met (silently wrong or lost results, stuck states,
+crashes without a useful message) and checks what the user now gets. Items checked elsewhere:
+`bench evaluate` input checks and the cropped export in test_rescore.py, truncated job files
+in `bench report`/`bench sync` and MLflow parent runs in test_tracking_robustness.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench import Detector, Prediction, register_detector
+from bench.cli import main
+from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry
+from bench.datasets import synthetic_ad
+from bench.plan import plan_jobs
+from bench.registry import _REGISTRY
+from bench.runner import FITTED_STATE, run_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"weights": "random"}
+
+
+@pytest.fixture
+def weave(tmp_path, ad_root) -> Path:
+    """A private copy of one generated category (tests change its files)."""
+    root = tmp_path / "data"
+    shutil.copytree(ad_root / "weave", root / "weave")
+    return root
+
+
+def _cfg(tmp_path, root, detector="feature_stats", params=FAST, **kw) -> BenchConfig:
+    entry = DatasetEntry("mvtec_ad", root=str(root), categories=["weave"], image_size=64)
+    settings = {"batch_size": 4, "num_workers": 0, "output": str(tmp_path / "out"), **kw}
+    return BenchConfig(
+        name="bad",
+        detectors=[DetectorEntry(detector, params=dict(params))],
+        datasets=[entry],
+        **settings,
+    )
+
+
+def _squash(text: str) -> str:
+    """Console text without whitespace: rich wraps long lines at the terminal width."""
+    return "".join(text.split())
+
+
+def _state_files(tmp_path) -> list[Path]:
+    return sorted((tmp_path / "out" / "bad" / "state").glob(f"*/{FITTED_STATE}"))
+
+
+# -- 1. stale fitted state after the training data change -------------------------------------
+def test_changed_training_data_refits_instead_of_reusing_the_old_fit(tmp_path, weave):
+    cfg = _cfg(tmp_path, weave)
+    (first,), _ = run_benchmark(cfg, track=False)
+    train = sorted((weave / "weave" / "train" / "good").glob("*.png"))
+    for path in train[: len(train) // 2]:  # half the training set replaced, same names
+        noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(path)
+    (second,), _ = run_benchmark(cfg, track=False)
+    assert not second["fit_cached"], "the old fit was reused for new training data"
+    assert second["train_fingerprint"] != first["train_fingerprint"]
+    assert second["metrics"]["all"] != first["metrics"]["all"]
+    # the result equals a run from scratch on the new data
+    fresh = _cfg(tmp_path / "fresh", weave)
+    (scratch,), _ = run_benchmark(fresh, track=False)
+    assert second["metrics"] == scratch["metrics"]
+
+
+def test_changed_test_data_rescores_and_force_refits(tmp_path, weave):
+    cfg = _cfg(tmp_path, weave)
+    (first,), _ = run_benchmark(cfg, track=False)
+    victim = sorted((weave / "weave" / "test" / "good").glob("*.png"))[0]
+    victim.unlink()
+    (second,), _ = run_benchmark(cfg, track=False)
+    assert second["n_test"] == first["n_test"] - 1 and second["fit_cached"]
+    (forced,), _ = run_benchmark(cfg, force=True, track=False)
+    assert not forced["fit_cached"], "--force reloaded the old fitted state"
+    assert forced["metrics"] == second["metrics"]
+
+
+# -- 2. a category folder that cannot be loaded ------------------------------------------------
+def test_a_category_without_train_good_is_an_error_naming_the_folder(tmp_path, ad_root):
+    root = tmp_path / "data"
+    shutil.copytree(ad_root, root)
+    shutil.rmtree(root / "weave" / "train" / "good")
+    cfg = _cfg(tmp_path, root)
+    cfg.datasets[0].categories = None  # discovered automatically
+    with pytest.raises(FileNotFoundError, match=r"weave.*has no train/good folder"):
+        plan_jobs(cfg)
+    cfg.datasets[0].categories = ["weave"]  # named explicitly: the same clear error
+    with pytest.raises(FileNotFoundError, match=r"weave.*has no train/good folder"):
+        plan_jobs(cfg)
+    others = sorted(set(synthetic_ad.CATEGORIES) - {"weave"})
+    cfg.datasets[0].categories = others  # the loadable ones still run
+    assert sorted({j.category for j in plan_jobs(cfg)}) == others
+
+
+# -- 3. the job seed reaches the detector's own random choices ---------------------------------
+def test_job_seed_reaches_knn_unless_pinned(tmp_path, weave):
+    params = {"backbone": "efficientnet_lite0", "coreset_ratio": 0.05, "discover_types": False}
+    cfg = _cfg(tmp_path, weave, "knn", params, seeds=[0, 3])
+    records, _ = run_benchmark(cfg, track=False)
+    assert [r["params"]["seed"] for r in records] == [0, 3]
+    banks = [torch.load(p, weights_only=False)["state"]["bank_"] for p in _state_files(tmp_path)]
+    assert len(banks) == 2 and not torch.equal(banks[0], banks[1])
+    pinned = _cfg(tmp_path / "pinned", weave, "knn", {**params, "seed": 7}, seeds=[0, 3])
+    assert {j.params["seed"] for j in plan_jobs(pinned)} == {7}
+
+
+# -- 4. curves past 2^24 thresholds ------------------------------------------------------------
+def test_curves_with_more_than_2_24_distinct_scores():
+    from bench.metrics import point_metrics
+
+    n = (1 << 24) + 3  # float32 rounds n - 1 up to n: the old linspace indexed past the end
+    scores = torch.arange(n, dtype=torch.float64)
+    labels = scores >= n - 1000  # the 1000 highest points are defective: AUROC 1
+    curves: dict = {}
+    out = point_metrics([scores], [labels], curves)
+    assert out["point_auroc"] == 1.0 and out["point_ap"] == pytest.approx(1.0)
+    assert curves["fpr"][0] == 0.0 and curves["fpr"][-1] == 1.0 and len(curves["fpr"]) == 512
+
+
+def test_evenly_spaced_indices_are_exact_at_any_size():
+    from bench.metrics import evenly_spaced
+
+    for n in (1, 2, 7, 513, (1 << 24) + 3, 29076652):
+        idx = evenly_spaced(n, 512)
+        expected = sorted(
+            {round(i * (n - 1) / max(1, min(512, n) - 1)) for i in range(min(512, n))}
+        )
+        assert idx.tolist() == expected and int(idx[-1]) == n - 1
+
+
+# -- 5. work thrown away on a late failure -----------------------------------------------------
+def test_an_unwritable_output_fails_before_fitting(tmp_path, weave):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the results folder should be")
+    cfg = _cfg(tmp_path, weave, output=str(blocker / "results"))
+    with pytest.raises(ConfigError, match="cannot write to .*not-a-folder"):
+        run_benchmark(cfg, track=False)
+    cfg = _cfg(tmp_path, weave, export_maps=str(blocker / "maps"))
+    with pytest.raises(ConfigError, match="cannot write to .*maps"):
+        run_benchmark(cfg, track=False)
+    assert not (tmp_path / "out" / "bad" / "jobs").exists() or not any(
+        (tmp_path / "out" / "bad" / "jobs").iterdir()
+    )
+
+
+@pytest.fixture
+def late_failure(tmp_path):
+    """A detector whose anomaly-type discovery (after prediction) fails while a marker exists;
+    it counts its predict calls in a file."""
+    marker, calls = tmp_path / "break", tmp_path / "calls"
+    marker.touch()
+
+    @register_detector("late_failure_test")
+    class LateFailure(Detector):
+        """Brightness as the anomaly score; discovery breaks while the marker exists."""
+
+        discover_types = True
+
+        def fit(self, train):
+            self.mean_ = torch.stack([b.image.mean((0, 2, 3)) for b in train]).mean(0)
+
+        def predict(self, batch):
+            with calls.open("a") as f:
+                f.write(f"{len(batch)}\n")
+            maps = (batch.image - self.mean_[:, None, None]).abs().mean(1)
+            return Prediction(score=maps.flatten(1).amax(1), anomaly_map=maps)
+
+        def describe_regions(self, images, masks):
+            if marker.exists():
+                raise RuntimeError("simulated failure after prediction")
+            return images.mean((2, 3))
+
+    yield marker, calls
+    _REGISTRY.pop("late_failure_test", None)
+
+
+def test_predictions_survive_a_failure_after_prediction(tmp_path, weave, late_failure):
+    marker, calls = late_failure
+    cfg = _cfg(tmp_path, weave, "late_failure_test", {})
+    records, failed = run_benchmark(cfg, track=False)
+    assert failed == ["late_failure_test/mvtec_ad/weave/seed0"] and not records
+    kept = list((tmp_path / "out" / "bad" / "state").glob("*/predictions-*.pt"))
+    assert len(kept) == 1
+    predicted = calls.read_text()
+    marker.unlink()
+    (record,), failed = run_benchmark(cfg, track=False)
+    assert not failed and record["predictions_resumed"] and record["fit_cached"]
+    assert calls.read_text() == predicted, "the test set was predicted again"
+    assert not kept[0].exists(), "kept predictions are removed once the job is saved"
+    fresh = _cfg(tmp_path / "fresh", weave, "late_failure_test", {})
+    (scratch,), _ = run_benchmark(fresh, track=False)
+    assert record["metrics"] == scratch["metrics"]
+
+
+# -- 7. a truncated fitted state ----------------------------------------------------------------
+def test_a_truncated_fitted_state_is_named_and_refitted_under_force(tmp_path, weave, capsys):
+    cfg = _cfg(tmp_path, weave)
+    (first,), _ = run_benchmark(cfg, track=False)
+    (state,) = _state_files(tmp_path)
+    state.write_bytes(state.read_bytes()[:100])
+    records, failed = run_benchmark(cfg, force=True, track=False)
+    assert not failed and not records[0]["fit_cached"]
+    assert records[0]["metrics"] == first["metrics"]
+    state.write_bytes(state.read_bytes()[:100])
+    (tmp_path / "out" / "bad" / "jobs" / f"{first['run_name'].replace('/', '__')}.json").unlink()
+    records, failed = run_benchmark(cfg, track=False)
+    assert failed and _squash(f"fitted state {state} is unreadable") in _squash(
+        capsys.readouterr().err
+    )
+
+
+# -- 9. parameters validated before any job ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("detector", "params", "expected"),
+    [
+        ("knn", {"coreset_ratio": "abc"}, r"coreset_ratio = 'abc'.*a number > 0 and <= 1"),
+        ("feature_stats", {"sigma": "abc"}, r"sigma = 'abc'.*a number >= 0"),
+        ("feature_stats", {"sigma": -4}, r"sigma = -4.*a number >= 0"),
+        ("feature_stats", {"score": "mean"}, r"score = 'mean'.*one of 'max', 'topk'"),
+        ("knn", {"layers": [2, "x"]}, r"layers = \[2, 'x'\].*list of integers"),
+        ("autoencoder", {"iterations": 0}, r"iterations = 0.*integer >= 1"),
+        ("curvature", {"ks": [16, 2.5]}, r"ks = \[16, 2.5\]"),
+    ],
+)
+def test_bad_parameters_fail_at_plan_time(tmp_path, ad_root, detector, params, expected):
+    cfg = _cfg(tmp_path, ad_root, detector, params)
+    if detector == "curvature":
+        cfg.datasets = [DatasetEntry("builtin_points")]
+    with pytest.raises(ValueError, match=rf"detector '{detector}': parameter {expected}"):
+        plan_jobs(cfg)
+
+
+def test_good_parameters_pass_and_the_cli_names_bad_ones(tmp_path, ad_root, capsys):
+    params = {"sigma": 0, "layers": [1, 2], "score": "topk", "variance_floor": 1}
+    assert plan_jobs(_cfg(tmp_path, ad_root, "feature_stats", {**FAST, **params}))
+    args = ["run", "--detectors", "feature_stats", "--datasets", "builtin_ad", "--no-tracking"]
+    out = str(tmp_path / "cli")
+    assert main([*args, "--output", out, "--param", "feature_stats.sigma=abc"]) == 2
+    assert "parameter sigma = 'abc' is not valid; expected a number >= 0" in capsys.readouterr().err
+    assert main([*args, "--output", out, "--image-size", "abc"]) == 2
+    assert "image_size must be a positive integer" in capsys.readouterr().err
+    assert not Path(out).exists(), "nothing ran"
+
+
+# -- 10. clear messages instead of raw tracebacks ----------------------------------------------
+def test_device_errors_are_one_line(tmp_path, capsys):
+    args = ["run", "--datasets", "builtin_ad", "--no-tracking", "--output", str(tmp_path)]
+    assert main([*args, "--device", "gpu"]) == 2
+    assert "device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+
+
+def test_seeds_that_are_not_integers(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--seeds", "a,b"])
+    err = capsys.readouterr().err
+    assert "expected comma-separated integers such as 0,1,2, got 'a,b'" in err
+    assert "lambda" not in err
+
+
+def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path, weave, capsys):
+    broken = sorted((weave / "weave" / "test" / "good").glob("*.png"))[0]
+    broken.write_bytes(b"not a png")
+    cfg = _cfg(tmp_path, weave, num_workers=1)
+    records, failed = run_benchmark(cfg, track=False)
+    out = capsys.readouterr().err
+    assert failed and _squash(f"ValueError: cannot read image {broken}") in _squash(out)
+    assert (
+        "Original Traceback" not in out
+        and "Traceback" in next((tmp_path / "out" / "bad" / "failed").glob("*.txt")).read_text()
+    )
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, weave):
+    """A real `bench run` process interrupted with SIGINT (what Ctrl-C sends)."""
+    cmd = [sys.executable, "-m", "bench", "run", "--detectors", "autoencoder", "--datasets",
+           "mvtec_ad", "--root", f"mvtec_ad={weave}", "--categories", "weave", "--image-size",
+           "64", "--param", "autoencoder.iterations=100000", "--no-tracking", "--device", "cpu",
+           "--num-workers", "0", "--output", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "ADBENCH_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "out" / "default" / "state").is_dir():
+        time.sleep(0.2)  # planning is done, the job starts
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert b"interrupted; re-run the same command to resume" in err
+    assert b"Traceback" not in err
+
+
+# -- smaller ones ------------------------------------------------------------------------------
+def test_orphan_masks_are_reported_in_the_record(tmp_path, weave):
+    image = sorted((weave / "weave" / "test").glob("[!g]*/*.png"))[0]
+    image.unlink()
+    (record,), _ = run_benchmark(_cfg(tmp_path, weave), track=False)
+    mask = weave / "weave" / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+    assert any(f"1 ground-truth mask(s) have no test image, e.g. {mask}" in w
+               for w in record["warnings"])  # fmt: skip
+
+
+def test_mixed_image_sizes_name_the_odd_file(tmp_path, weave):
+    odd = sorted((weave / "weave" / "test" / "good").glob("*.png"))[1]
+    Image.open(odd).resize((96, 128)).save(odd)
+    cfg = _cfg(tmp_path, weave)
+    cfg.datasets[0].image_size = "native"
+    records, failed = run_benchmark(cfg, track=False)
+    text = next((tmp_path / "out" / "bad" / "failed").glob("*.txt")).read_text()
+    assert failed and f"but {odd} (128x96)" in text and "most are 128x128" in text
