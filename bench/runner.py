@@ -71,15 +71,17 @@ def short_error(err: BaseException) -> str:
 def summary_line(record: dict[str, Any]) -> str:
     """One line of headline metrics for the console: image ones, then pixel or point ones."""
     m, t = record["metrics"]["all"], record["timings"]
+    return f"{headline(m)}  ({t['fit_seconds']:.1f}s fit, {t['predict_images_per_second']:.1f} samples/s)"
+
+
+def headline(m: dict[str, float]) -> str:
+    """The headline metrics of one metrics group: image ones, then pixel or point ones."""
     shown = [("image AUROC", "image_auroc")]
     if "point_auroc" in m:
         shown += [("point AUROC", "point_auroc"), ("point AP", "point_ap")]
     else:
         shown += [("pixel AUROC", "pixel_auroc"), ("AU-PRO", "au_pro")]
-    values = "  ".join(f"{label} {m[key]:.4f}" for label, key in shown)
-    return (
-        f"  {values}  ({t['fit_seconds']:.1f}s fit, {t['predict_images_per_second']:.1f} samples/s)"
-    )
+    return "".join(f"  {label} {m[key]:.4f}" for label, key in shown)
 
 
 # -- the stages of one job ------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def new_evaluator(job: Job, modality: str, export_maps: str | None):
 
 
 def predict_all(
-    detector: Detector, job: Job, data: JobData, device: torch.device, evaluator, discover: bool
+    detector: Detector, job: Job, data: JobData, device: torch.device, evaluator, keep_defective: bool
 ) -> Predictions:
     """Predicts every test batch and streams it into the evaluator."""
     out = Predictions(evaluator, OverlayCollector(), {"images": [], "maps": [], "defects": []})
@@ -184,7 +186,7 @@ def predict_all(
             out.model_seconds += time.perf_counter() - t0
             evaluator.update(prediction, batch)
             out.overlays.update(prediction, batch)
-            if discover:
+            if keep_defective:
                 keep = batch.label.cpu().bool()
                 out.defective["images"].append(batch.image.cpu()[keep])
                 out.defective["maps"].append(prediction.anomaly_map.float().cpu()[keep])
@@ -226,24 +228,28 @@ class FailedAfterPrediction(RuntimeError):
     """A job failed after its predictions were made; they are kept for the next run."""
 
 
-def evaluate(detector: Detector, job: Job, pred: Predictions, seed: int) -> dict[str, Any]:
-    """Metrics, anomaly-type discovery and their timings from the collected predictions."""
+def score(pred: Predictions) -> dict[str, Any]:
+    """Every metric from the collected predictions, with its time."""
     start = time.perf_counter()
     metrics = pred.evaluator.compute()
-    out: dict[str, Any] = {"metrics": metrics, "eval_seconds": time.perf_counter() - start}
+    return {"metrics": metrics, "eval_seconds": time.perf_counter() - start, "discovery": None}
+
+
+def discover(detector: Detector, pred: Predictions, seed: int) -> dict[str, Any] | None:
+    """Anomaly-type discovery on the defective test images, for detectors that support it."""
     found = pred.defective
-    out["discovery"] = None
-    if found and found.get("defects"):
-        start = time.perf_counter()
-        out["discovery"] = discover_types(
-            torch.cat(found["images"]),
-            torch.cat(found["maps"]),
-            found["defects"],
-            detector.describe_regions,
-            n_types=getattr(detector, "n_types", None),
-            seed=seed,
-        )
-        out["discovery"]["seconds"] = time.perf_counter() - start
+    if not (found and found.get("defects")):
+        return None
+    start = time.perf_counter()
+    out = discover_types(
+        torch.cat(found["images"]),
+        torch.cat(found["maps"]),
+        found["defects"],
+        detector.describe_regions,
+        n_types=getattr(detector, "n_types", None),
+        seed=seed,
+    )
+    out["seconds"] = time.perf_counter() - start
     return out
 
 
@@ -342,25 +348,31 @@ def run_job(
     modality = job_modality(detector, data.spec)
     pred = load_predictions(kept_at, device)
     if pred is None:
-        discover = getattr(detector, "discover_types", False) and hasattr(
+        want_types = getattr(detector, "discover_types", False) and hasattr(
             detector, "describe_regions"
         )
         evaluator = new_evaluator(job, modality, export_maps)
-        pred = predict_all(detector, job, data, device, evaluator, discover)
+        pred = predict_all(detector, job, data, device, evaluator, want_types)
+    scored = None
     try:
-        scored = evaluate(detector, job, pred, job.seed)
+        scored = score(pred)
+        scored["discovery"] = discover(detector, pred, job.seed)
         record = job_record(job, data, modality, fit, pred, scored, device)
         overlays = pred.overlays.save(store.root / "figures" / f"{job.slug}.png", job.run_name)
         record["overlays"] = None if overlays is None else str(overlays)
+        store.save(record)
     except BaseException as err:
         if not pred.resumed:
             keep_predictions(kept_at, pred)
         if not isinstance(err, Exception):  # Ctrl-C: the predictions are kept all the same
             raise
+        if scored is not None:  # metrics computed before the failure are at least shown
+            console.print(f"  computed before the failure:{headline(scored['metrics']['all'])}")
         raise FailedAfterPrediction(
             f"{short_error(err)} (after prediction: the predictions are kept in {kept_at}; "
             "re-running the same command scores them without predicting again)"
         ) from err
+    kept_at.unlink(missing_ok=True)
     return record
 
 
@@ -414,8 +426,6 @@ def run_benchmark(
                     console.print(f"[red]  failed: {short_error(err)}[/] (traceback in {path})")
                     failed.append(job.run_name)
                     continue
-                store.save(record)
-                pending_path(store, job).unlink(missing_ok=True)
                 report_job(record)
             if tracker is not None and not record.get("mlflow_run_id"):
                 run_id = tracker.log_job(record)
