@@ -167,7 +167,12 @@ def new_evaluator(job: Job, modality: str, export_maps: str | None):
 
 
 def predict_all(
-    detector: Detector, job: Job, data: JobData, device: torch.device, evaluator, keep_defective: bool
+    detector: Detector,
+    job: Job,
+    data: JobData,
+    device: torch.device,
+    evaluator,
+    keep_defective: bool,
 ) -> Predictions:
     """Predicts every test batch and streams it into the evaluator."""
     out = Predictions(evaluator, OverlayCollector(), {"images": [], "maps": [], "defects": []})
