@@ -120,6 +120,18 @@ def test_job_seed_reaches_knn_unless_pinned(tmp_path, weave):
     assert {j.params["seed"] for j in plan_jobs(pinned)} == {7}
 
 
+def test_job_seed_reaches_a_trained_detector(tmp_path, weave):
+    """The autoencoder has no seed parameter: its initialisation and batch order follow the
+    job seed through the runner's seeding, so two seeds train two different models."""
+    params = {"iterations": 3, "width": 4, "latent": 8, "checkpoint_every": 3}
+    cfg = _cfg(tmp_path, weave, "autoencoder", params, seeds=[0, 1])
+    records, _ = run_benchmark(cfg, track=False)
+    states = [torch.load(p, weights_only=False)["state"] for p in _state_files(tmp_path)]
+    weights = [next(iter(s["model_"].state_dict().values())) for s in states]
+    assert len(weights) == 2 and not torch.equal(weights[0], weights[1])
+    assert records[0]["metrics"] != records[1]["metrics"]
+
+
 # -- 4. curves past 2^24 thresholds ------------------------------------------------------------
 def test_curves_with_more_than_2_24_distinct_scores():
     from bench.metrics import point_metrics

@@ -47,7 +47,7 @@ class AutoEncoder(TrainableDetector):
 
     def __init__(
         self,
-        input_size: Annotated[int, Range(ge=8)] = 128,
+        input_size: Literal[128] = 128,  # the architecture maps 128 px to a 1x1 code and back
         latent: Annotated[int, Range(ge=1)] = 100,
         width: Annotated[int, Range(ge=1)] = 32,
         iterations: Annotated[int, Range(ge=1)] = 2000,
