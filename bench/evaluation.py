@@ -10,6 +10,7 @@ peak stays well under 2 GiB (measured by ``make perf``).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -41,7 +42,9 @@ class Evaluator:
 
     ``protocol="official"`` upsamples each map bilinearly to its ground truth's native size;
     ``"fast"`` compares both at ``fast_size`` (maps bilinear, masks nearest) and is labelled so.
-    ``export_dir`` writes every map, at native size, in the official layout.
+    ``export_dir`` writes every map in the official layout, in the native frame (the whole
+    ground truth); with a crop, pixels outside it hold the map's lowest score and the crop is
+    recorded in ``<category>/crop.json`` (see ``write_crops``).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class Evaluator:
         self.cropped = False
         self.warnings: list[str] = []
         self._exported: list[tuple[str, str, str, float]] = []
+        self._crops: list[tuple[str, str, str, tuple[int, ...], tuple[int, int]]] = []
 
     @property
     def protocol_label(self) -> str:
@@ -91,7 +95,7 @@ class Evaluator:
         maps = prediction.anomaly_map.detach().float()
         for i in range(len(batch)):
             meta = batch.meta[i]
-            where = meta.get("path", f"sample {len(self.scores)}")
+            where = meta.get("map_path") or meta.get("path", f"sample {len(self.scores)}")
             if not torch.isfinite(maps[i]).all():
                 raise ValueError(f"anomaly map has NaN or infinite values for {where}")
             if not torch.isfinite(scores[i]):
@@ -104,12 +108,8 @@ class Evaluator:
             if self.export_dir is not None or self.protocol == "official":
                 native = _resize(maps[i], tuple(mask.shape))
             if self.export_dir is not None:
-                path = export_path(self.export_dir, meta)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tifffile.imwrite(path, native.cpu().numpy().astype(np.float32))
-                self._exported.append(
-                    (meta["category"], meta["defect"], Path(meta["path"]).stem, float(scores[i]))
-                )
+                roi = (y0, x0, y1, x1)
+                self._export(meta, native, roi, tuple(batch.mask[i].shape), float(scores[i]))
             if self.protocol == "fast":
                 size = (self.fast_size, self.fast_size)
                 native = _resize(maps[i], size)
@@ -122,6 +122,17 @@ class Evaluator:
             self.labels.append(int(batch.label[i]))
             self.defects.append(str(meta.get("defect", "unknown")))
             self.categories.add(str(meta.get("category", "unknown category")))
+
+    def _export(
+        self, meta: dict, amap: torch.Tensor, roi: tuple[int, ...], shape: tuple, score: float
+    ) -> None:
+        """Writes ``amap`` (the crop region's map at native resolution) in the native frame."""
+        path = export_path(self.export_dir, meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(path, native_frame(amap.cpu().numpy(), roi, shape))
+        key = (meta["category"], meta["defect"], Path(meta["path"]).stem)
+        self._exported.append((*key, score))
+        self._crops.append((*key, roi, (int(shape[0]), int(shape[1]))))
 
     def compute(self) -> dict[str, dict[str, float]]:
         """Metrics for all test images (key "all") and per defect type (each vs the good images).
@@ -144,10 +155,11 @@ class Evaluator:
         groups = [group_of[d] if y == 1 else 0 for d, y in zip(self.defects, self.labels)]
         subsets = {"all": list(range(len(kinds) + 1)), **{d: [0, group_of[d]] for d in kinds}}
         self.curves: dict = {}
+        write_scores(self.export_dir, self._exported)  # first: the export is complete even
+        write_crops(self.export_dir, self._crops)  # if the metrics fail
         pixel = score_metrics(
             self.maps, self.masks, groups, subsets, self.pro_limit, self.chunk, self.curves
         )
-        write_scores(self.export_dir, self._exported)
         out = {}
         scores = torch.tensor(self.scores, dtype=torch.float64)
         for name, members in subsets.items():
@@ -172,6 +184,39 @@ def write_scores(export_dir: Path | None, rows: list[tuple[str, str, str, float]
         mine = [r for r in rows if r[0] == category]
         lines = ["category,defect,id,score", *(f"{c},{d},{i},{s!r}" for c, d, i, s in mine)]
         (export_dir / category / "scores.csv").write_text("\n".join(lines) + "\n")
+
+
+def native_frame(amap: np.ndarray, roi: tuple[int, ...], shape: tuple[int, int]) -> np.ndarray:
+    """float32 map of the whole ground truth (``shape``): ``amap`` inside ``roi`` = [y0, x0, y1,
+    x1], the map's lowest score outside (no pixel there outranks one inside)."""
+    y0, x0, y1, x1 = roi
+    if (y0, x0, y1, x1) == (0, 0, shape[0], shape[1]):
+        return amap.astype(np.float32)
+    full = np.full(shape, amap.min(), dtype=np.float32)
+    full[y0:y1, x0:x1] = amap
+    return full
+
+
+CROP_FILE = "crop.json"
+
+
+def write_crops(export_dir: Path | None, rows: list[tuple[str, str, str, tuple, tuple]]) -> None:
+    """``<category>/crop.json`` when a crop was evaluated: ``{"roi": [y0, x0, y1, x1]}`` (native
+    pixels, end exclusive) when every test image has the same, else ``{"rois": {"<defect>/<id>":
+    [...]}}``; ``bench evaluate`` scores only that region. An uncropped export removes a stale
+    one."""
+    if export_dir is None or not rows:
+        return
+    for category in sorted({row[0] for row in rows}):
+        mine = [r for r in rows if r[0] == category]
+        path = export_dir / category / CROP_FILE
+        if all(roi == (0, 0, *shape) for *_, roi, shape in mine):
+            path.unlink(missing_ok=True)
+            continue
+        rois = {f"{d}/{i}": list(roi) for _, d, i, roi, _ in mine}
+        same = len({tuple(r) for r in rois.values()}) == 1
+        record = {"roi": list(mine[0][3])} if same else {"rois": rois}
+        path.write_text(json.dumps(record) + "\n")
 
 
 class PointEvaluator:
