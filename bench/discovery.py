@@ -119,4 +119,7 @@ def discover_types(
         "ari": float(adjusted_rand_score(true, pred)),
         "f1": cluster_f1(true, pred),
         "mask_fraction": float(masks.float().mean()),
+        # per defective image, in test order: its defect folder and the cluster it was put in
+        "defects": list(defects),
+        "clusters": [int(c) for c in pred],
     }

@@ -68,8 +68,10 @@ def test_curvature_detector_finds_dents_and_bumps(ad3d_root):
         labels.append(batch.label)
         maps.append(pred.anomaly_map)
         masks.append(batch.mask)
-    assert auroc(torch.cat(scores), torch.cat(labels)) >= 0.8
-    assert pixel_metrics(torch.cat(maps), torch.cat(masks))["au_pro"] >= 0.8
+    # measured on the generated dome (4 good, 12 defective): image AUROC 0.9375 (45 of 48
+    # pairs), AU-PRO 0.9486
+    assert auroc(torch.cat(scores), torch.cat(labels)) >= 0.93
+    assert pixel_metrics(torch.cat(maps), torch.cat(masks))["au_pro"] >= 0.94
 
 
 def test_unorganised_clouds_get_every_point_scored_and_smoothed_over_neighbours():

@@ -23,12 +23,28 @@ def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
     return centres[which] + torch.randn(n, dim, generator=gen) * torch.rand(n, 1, generator=gen)
 
 
+def k_center_reference(points: torch.Tensor, n: int, start: int) -> list[int]:
+    """Textbook greedy k-center, written here in NumPy (float64): each pick is the point
+    farthest from every point picked so far."""
+    x = points.double().numpy()
+    nearest_pick = np.full(len(x), np.inf)
+    picks = [start]
+    while len(picks) < n:
+        d = np.sqrt(((x - x[picks[-1]]) ** 2).sum(1))
+        nearest_pick = np.minimum(nearest_pick, d)
+        picks.append(int(nearest_pick.argmax()))
+    return picks
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pruned_greedy_coreset_makes_the_plain_algorithms_choices(seed):
     points = _clustered(6000, 24, seed)
     pruned = greedy_coreset(points, 600, start=17, block=32, seed=seed)
-    assert torch.equal(pruned, greedy_coreset_plain(points, 600, start=17))
+    assert pruned.tolist() == k_center_reference(points, 600, start=17)
     assert len(set(pruned.tolist())) == 600 and int(pruned[0]) == 17
+    small = points[:700]  # few points: greedy_coreset runs the plain loop
+    assert greedy_coreset(small, 80, start=5).tolist() == k_center_reference(small, 80, 5)
+    assert greedy_coreset_plain(small, 80, 5).tolist() == k_center_reference(small, 80, 5)
 
 
 def test_greedy_coreset_covers_like_k_center():
@@ -101,5 +117,6 @@ def test_knn_on_real_bottle_subset(bottle):
         labels.append(batch.label)
         maps.append(pred.anomaly_map)
         masks.append(torch.nn.functional.interpolate(batch.mask[:, None].float(), size=224)[:, 0])
-    assert auroc(torch.cat(scores), torch.cat(labels)) >= 0.95
-    assert pixel_metrics(torch.cat(maps), torch.cat(masks) > 0.5)["pixel_auroc"] >= 0.9
+    # measured: image AUROC 1.0 (10 good, 16 defective), pixel AUROC 0.978
+    assert auroc(torch.cat(scores), torch.cat(labels)) >= 0.99
+    assert pixel_metrics(torch.cat(maps), torch.cat(masks) > 0.5)["pixel_auroc"] >= 0.97

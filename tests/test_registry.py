@@ -10,7 +10,12 @@ import textwrap
 import tomllib
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import tifffile
+from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from bench import Detector, create_detector, list_detectors, register_detector
 from bench.registry import _REGISTRY, UnknownDetectorError
@@ -189,6 +194,8 @@ def test_plugin_detector_is_listed_and_runs(plugin_site, ad_root, tmp_path):
             str(tmp_path),
             "--name",
             "plug",
+            "--export-maps",
+            str(tmp_path / "maps"),
         ],
         env=_env(plugin_site),
         capture_output=True,
@@ -199,7 +206,25 @@ def test_plugin_detector_is_listed_and_runs(plugin_site, ad_root, tmp_path):
         (tmp_path / "plug" / "jobs" / "mean_image__mvtec_ad__washer__seed0.json").read_text()
     )
     assert record["params"] == {"power": 2.0}
-    assert 0.0 <= record["metrics"]["all"]["pixel_auroc"] <= 1.0
+    # the metrics are scikit-learn's on the plugin's own exported maps and scores
+    exported = tmp_path / "maps" / "mean_image" / "mvtec_ad" / "seed0" / "washer"
+    scores = pd.read_csv(exported / "scores.csv", dtype={"id": str})
+    truth, values = [], []
+    for row in scores.itertuples():
+        amap = tifffile.imread(exported / "test" / row.defect / f"{row.id}.tiff")
+        gt = ad_root / "washer" / "ground_truth" / row.defect / f"{row.id}_mask.png"
+        mask = np.asarray(Image.open(gt)) > 0 if row.defect != "good" else amap * 0 > 0
+        assert mask.shape == amap.shape == (128, 128)  # native size
+        truth.append(mask.reshape(-1))
+        values.append(amap.reshape(-1))
+    assert len(scores) == record["n_test"]
+    metrics = record["metrics"]["all"]
+    assert metrics["pixel_auroc"] == pytest.approx(
+        roc_auc_score(np.concatenate(truth), np.concatenate(values)), abs=1e-9
+    )
+    assert metrics["image_auroc"] == pytest.approx(
+        roc_auc_score(scores["defect"] != "good", scores["score"]), abs=1e-12
+    )
 
 
 def test_without_the_plugin_its_name_is_unknown(ad_root):

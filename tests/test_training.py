@@ -62,18 +62,37 @@ def test_training_reduces_the_loss(ad_root):
     det.fit(_loader(ad_root))
     first = sum(v for _, v in det.train_log_[:5]) / 5
     last = sum(v for _, v in det.train_log_[-5:]) / 5
-    assert last < 0.7 * first
+    assert last < 0.6 * first  # measured 0.571 (mean of the last 5 losses over the first 5)
 
 
 def test_checkpoint_of_another_config_is_not_resumed(ad_root, tmp_path):
+    """A checkpoint left in the workdir by another configuration is ignored: the run is the run
+    from scratch with the same seed, not a continuation of the other one's weights and RNG."""
     seed_everything(0)
-    a = AutoEncoder(**{**PARAMS, "iterations": 5})
-    a.workdir = tmp_path
-    a.fit(_loader(ad_root))
-    b = AutoEncoder(**{**PARAMS, "iterations": 6, "lr": 5e-4})
-    b.workdir = tmp_path
+    other = AutoEncoder(**{**PARAMS, "iterations": 5})
+    other.workdir = tmp_path / "shared"
+    other.fit(_loader(ad_root))
+    assert torch.load(tmp_path / "shared" / CHECKPOINT_NAME, weights_only=False)["step"] == 5
+
+    mine = {**PARAMS, "iterations": 6, "lr": 5e-4}
+    seed_everything(1)
+    b = AutoEncoder(**mine)
+    b.workdir = tmp_path / "shared"
     b.fit(_loader(ad_root))
+
+    seed_everything(1)
+    fresh = AutoEncoder(**mine)
+    fresh.workdir = tmp_path / "fresh"
+    fresh.fit(_loader(ad_root))
+
     assert [s for s, _ in b.train_log_] == list(range(6))
+    assert b.train_log_ == fresh.train_log_
+    for (k, x), (_, y) in zip(b.model_.state_dict().items(), fresh.model_.state_dict().items()):
+        assert torch.equal(x, y), k
+    # resuming would have kept the other run's five losses (another seed: other weights)
+    assert b.train_log_[:5] != other.train_log_
+    ckpt = torch.load(tmp_path / "shared" / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["step"] == 6 and ckpt["params"] == b.get_params()
 
 
 def test_fitted_state_round_trips(ad3d_root, tmp_path):

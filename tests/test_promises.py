@@ -1,0 +1,392 @@
+"""README promises without a test elsewhere, through the real CLI (``bench.cli.main``) on tiny
+generated data: the built-in configs, ``--force``, ``--protocol fast``, ``--seeds`` averaging,
+``bench evaluate --pro-limit`` and ``--scores``, re-evaluation without refitting, F1-max."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+from bench.cli import main
+from bench.datasets import synthetic_3d, synthetic_ad, synthetic_real3d
+
+SLUG = "feature_stats__mvtec_ad__washer__seed{}"
+
+
+@pytest.fixture(scope="module")
+def tiny_ad(tmp_path_factory) -> Path:
+    """MVTec AD layout, one category at 64 px: 6 train, 3 good + 2 per defect (4 kinds) test."""
+    return synthetic_ad.generate(
+        tmp_path_factory.mktemp("tiny_ad"),
+        categories=("washer",),
+        size=64,
+        n_train=6,
+        n_test_good=3,
+        n_per_defect=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_3d(tmp_path_factory) -> Path:
+    return synthetic_3d.generate(
+        tmp_path_factory.mktemp("tiny_3d"),
+        categories=("dome",),
+        n_train=2,
+        n_validation=1,
+        n_test_good=2,
+        n_per_defect=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_points(tmp_path_factory) -> Path:
+    return synthetic_real3d.generate(
+        tmp_path_factory.mktemp("tiny_points"),
+        n_train=2,
+        n_test_good=3,
+        n_per_defect=2,
+        n_points=800,
+    )
+
+
+def run_args(tiny_ad: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """``bench run`` of feature_stats (random weights: fast, no download) on ``tiny_ad``."""
+    return [
+        "run",
+        "--detectors",
+        "feature_stats",
+        "--param",
+        "feature_stats.weights=random",
+        "--datasets",
+        "mvtec_ad",
+        "--root",
+        f"mvtec_ad={tiny_ad}",
+        "--image-size",
+        "64",  # the native size: the model's maps are the exported maps
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-tracking",
+        "--output",
+        str(out),
+        "--name",
+        name,
+        *extra,
+    ]
+
+
+def ground_truth(root: Path, category: str, defect: str, stem: str, shape) -> np.ndarray:
+    if defect == "good":
+        return np.zeros(shape, dtype=bool)
+    return (
+        np.asarray(Image.open(root / category / "ground_truth" / defect / f"{stem}_mask.png")) > 0
+    )
+
+
+def read_export(maps: Path, root: Path, category: str = "washer") -> pd.DataFrame:
+    """Every exported map with its mask and image score (scores.csv), one row per test image."""
+    table = pd.read_csv(maps / category / "scores.csv", dtype={"id": str})
+    table["map"] = [
+        tifffile.imread(maps / category / "test" / r.defect / f"{r.id}.tiff")
+        for r in table.itertuples()
+    ]
+    table["mask"] = [
+        ground_truth(root, category, r.defect, r.id, r.map.shape) for r in table.itertuples()
+    ]
+    return table
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    p, r, _ = precision_recall_curve(labels, scores)
+    return float(np.max(np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0)))
+
+
+def au_pro(maps: np.ndarray, masks: np.ndarray, limit: float) -> float:
+    """AU-PRO by its definition: every distinct score a threshold; FPR over all defect-free
+    pixels, PRO the mean covered fraction of the 8-connected regions; (0,0) first; trapezoid up
+    to ``limit`` with PRO interpolated there; divided by ``limit``."""
+    regions = []
+    for m, s in zip(masks, maps):
+        labels, count = ndimage.label(m, structure=np.ones((3, 3)))
+        regions += [np.sort(s[labels == k]) for k in range(1, count + 1)]
+    negatives = np.sort(maps[~masks])
+    thresholds = np.unique(maps)[::-1]
+
+    def share_at_or_above(sorted_values):
+        return 1 - np.searchsorted(sorted_values, thresholds, side="left") / len(sorted_values)
+
+    fpr = np.r_[0.0, share_at_or_above(negatives)]
+    pro = np.r_[0.0, np.mean([share_at_or_above(r) for r in regions], axis=0)]
+    inside = fpr <= limit
+    x, y = fpr[inside], pro[inside]
+    area = np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x))
+    if x[-1] < limit:
+        j = np.argmax(~inside)  # the first point beyond the limit
+        y_limit = pro[j - 1] + (pro[j] - pro[j - 1]) * (limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        area += 0.5 * (y[-1] + y_limit) * (limit - x[-1])
+    return float(area / limit)
+
+
+# -- the built-in configs ----------------------------------------------------------------------
+def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, tiny_points):
+    """`default` on the built-in data (its cache filled with tiny generated sets), `bench-2d`,
+    `bench-3d` and `bench-points` on the roots their environment variables name."""
+    from bench.config import builtin_configs, load_config
+    from bench.datasets.builtin import GENERATOR_VERSION
+    from bench.plan import plan_jobs
+
+    assert {"default", "bench-2d", "bench-3d", "bench-points"} <= set(builtin_configs())
+    monkeypatch.setenv("ADBENCH_CACHE", str(tmp_path))
+    for kind, root in (("ad", tiny_ad), ("3d", tiny_3d), ("points", tiny_points)):
+        (tmp_path / f"builtin_{kind}_v{GENERATOR_VERSION}").symlink_to(root)
+    monkeypatch.setenv("MVTEC_AD_ROOT", str(tiny_ad))
+    monkeypatch.setenv("MVTEC_3D_ROOT", str(tiny_3d))
+    monkeypatch.setenv("REAL3D_AD_ROOT", str(tiny_points))
+    monkeypatch.setenv("ANOMALY_SHAPENET_ROOT", str(tiny_points))
+
+    def planned(name):
+        cfg = load_config(name)
+        assert cfg.name == name and cfg.seeds == [0] and cfg.protocol == "official"
+        return cfg, {j.run_name: j for j in plan_jobs(cfg)}
+
+    cfg, jobs = planned("default")
+    assert sorted(jobs) == sorted(
+        [
+            "feature_stats/builtin_ad/washer/seed0",
+            "autoencoder/builtin_ad/washer/seed0",
+            "knn/builtin_ad/washer/seed0",
+            "grid_curvature/builtin_3d/dome/seed0",
+            "curvature/builtin_3d/dome/seed0",
+            "curvature/builtin_points/ellipsoid/seed0",
+        ]
+    )
+    assert cfg.batch_size == 8
+    assert jobs["autoencoder/builtin_ad/washer/seed0"].params["iterations"] == 300
+    assert jobs["knn/builtin_ad/washer/seed0"].params["backbone"] == "efficientnet_lite0"
+    knn = jobs["knn/builtin_ad/washer/seed0"]
+    assert (knn.image_size, knn.crop_size) == (256, None)  # no crop in `default`
+    assert jobs["curvature/builtin_3d/dome/seed0"].image_size is None  # native
+    assert Path(jobs["curvature/builtin_points/ellipsoid/seed0"].root) == tiny_points.resolve()
+
+    cfg, jobs = planned("bench-2d")
+    assert sorted(jobs) == ["feature_stats/mvtec_ad/washer/seed0", "knn/mvtec_ad/washer/seed0"]
+    assert {n: (j.image_size, j.crop_size) for n, j in jobs.items()} == {
+        "feature_stats/mvtec_ad/washer/seed0": (256, None),
+        "knn/mvtec_ad/washer/seed0": (256, 224),  # the paper's resize 256, centre crop 224
+    }
+    assert all(Path(j.root) == tiny_ad.resolve() for j in jobs.values())
+
+    cfg, jobs = planned("bench-3d")
+    assert sorted(jobs) == ["curvature/mvtec_3d/dome/seed0", "grid_curvature/mvtec_3d/dome/seed0"]
+    assert cfg.batch_size == 4
+    for job in jobs.values():
+        assert job.image_size == 224 and job.dataset.options == {"preprocess": True}
+        assert Path(job.root) == tiny_3d.resolve()
+
+    cfg, jobs = planned("bench-points")
+    assert sorted(jobs) == [
+        "curvature/anomaly_shapenet/ellipsoid/seed0",
+        "curvature/real3d_ad/ellipsoid/seed0",
+    ]
+
+
+# -- resume and --force ------------------------------------------------------------------------
+def test_force_reruns_a_finished_job_and_without_it_the_job_is_skipped(tmp_path, tiny_ad, capsys):
+    args = run_args(tiny_ad, tmp_path, "force")
+    job = tmp_path / "force" / "jobs" / f"{SLUG.format(0)}.json"
+    assert main(args) == 0
+    first_text = job.read_text()
+    first = json.loads(first_text)
+    assert first["fit_cached"] is False
+    capsys.readouterr()
+
+    assert main(args) == 0
+    assert "done before, skipped" in capsys.readouterr().err
+    assert job.read_text() == first_text  # not rewritten
+
+    time.sleep(1.1)  # "finished" has a resolution of one second
+    assert main([*args, "--force"]) == 0
+    again = json.loads(job.read_text())
+    assert again["finished"] > first["finished"]
+    assert again["config_hash"] == first["config_hash"]
+    assert again["fit_cached"] is False  # --force refits too
+
+
+# -- one official run with exported maps, re-used below -----------------------------------------
+@pytest.fixture(scope="module")
+def official(tmp_path_factory, tiny_ad):
+    out = tmp_path_factory.mktemp("official")
+    maps = out / "maps"
+    assert main(run_args(tiny_ad, out, "proto", "--export-maps", str(maps))) == 0
+    record = json.loads((out / "proto" / "jobs" / f"{SLUG.format(0)}.json").read_text())
+    return out, maps / "feature_stats" / "mvtec_ad" / "seed0", record
+
+
+def test_official_pixel_metrics_and_f1max_match_scikit_learn_on_the_exported_maps(
+    official, tiny_ad
+):
+    _, maps, record = official
+    table = read_export(maps, tiny_ad)
+    assert len(table) == record["n_test"] == 3 + 4 * 2
+    assert record["protocol"] == "official" and record["fit_cached"] is False
+    masks = np.concatenate([m.reshape(-1) for m in table["mask"]])
+    values = np.concatenate([m.reshape(-1) for m in table["map"]])
+    metrics = record["metrics"]["all"]
+    assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(masks, values), abs=1e-9)
+    assert metrics["pixel_f1max"] == pytest.approx(f1_max(masks, values), abs=1e-9)
+    labels = (table["defect"] != "good").to_numpy()
+    assert metrics["image_f1max"] == pytest.approx(f1_max(labels, table["score"]), abs=1e-12)
+
+
+def test_fast_protocol_end_to_end_reuses_the_fitted_state(official, tiny_ad):
+    """`--protocol fast` compares maps (bilinear) and masks (nearest) at 256 px, says so in
+    the record, and re-evaluating the same fit under it loads fitted.pt instead of refitting."""
+    out, official_maps, official_record = official
+    fast_maps = out / "fast_maps"
+    args = run_args(tiny_ad, out, "proto", "--protocol", "fast", "--export-maps", str(fast_maps))
+    assert main(args) == 0
+    record = json.loads((out / "proto" / "jobs" / f"{SLUG.format(0)}.json").read_text())
+    assert record["protocol"] == "fast" and record["fit_cached"] is True
+    assert record["fit_hash"] == official_record["fit_hash"]
+    assert record["config_hash"] != official_record["config_hash"]
+
+    table = read_export(fast_maps / "feature_stats" / "mvtec_ad" / "seed0", tiny_ad)
+    before = read_export(official_maps, tiny_ad)
+    for a, b in zip(table["map"], before["map"]):  # the same fit predicts the same maps
+        np.testing.assert_array_equal(a, b)
+    maps = torch.from_numpy(np.stack(table["map"]))[:, None]
+    masks = torch.from_numpy(np.stack(table["mask"])).float()[:, None]
+    maps256 = F.interpolate(maps, size=(256, 256), mode="bilinear", align_corners=False)
+    masks256 = F.interpolate(masks, size=(256, 256), mode="nearest")
+    expected = roc_auc_score(masks256.reshape(-1).numpy() > 0.5, maps256.reshape(-1).numpy())
+    fast, slow = record["metrics"]["all"], official_record["metrics"]["all"]
+    assert fast["pixel_auroc"] == pytest.approx(expected, abs=1e-9)
+    assert abs(fast["pixel_auroc"] - slow["pixel_auroc"]) > 1e-6  # resampled: not the same
+    assert fast["image_auroc"] == slow["image_auroc"]  # image scores do not depend on it
+
+
+# -- bench evaluate ------------------------------------------------------------------------------
+def evaluate(tmp_path: Path, maps: Path, data: Path, name: str, *extra: str) -> dict:
+    stem = tmp_path / name
+    assert (
+        main(["evaluate", "--maps", str(maps), "--data", str(data), "--output", str(stem), *extra])
+        == 0
+    )
+    (record,) = json.loads(stem.with_suffix(".json").read_text())
+    return record
+
+
+def test_evaluate_pro_limit_matches_the_definition_at_each_limit(official, tiny_ad, tmp_path):
+    _, maps, run_record = official
+    table = read_export(maps, tiny_ad)
+    stack, masks = np.stack(table["map"]).astype(np.float64), np.stack(table["mask"])
+    values = {}
+    for limit in (0.1, 0.3):
+        record = evaluate(tmp_path, maps, tiny_ad, f"limit{limit}", "--pro-limit", str(limit))
+        assert record["pro_limit"] == limit
+        values[limit] = record["metrics"]["all"]["au_pro"]
+        assert values[limit] == pytest.approx(au_pro(stack, masks, limit), abs=1e-9)
+    assert abs(values[0.1] - values[0.3]) > 1e-3
+    assert values[0.3] == pytest.approx(run_record["metrics"]["all"]["au_pro"], abs=1e-9)
+
+
+def test_evaluate_scores_file_supplies_the_image_scores(official, tiny_ad, tmp_path):
+    _, maps, _ = official
+    table = read_export(maps, tiny_ad)
+    labels = (table["defect"] != "good").to_numpy()
+    default = evaluate(tmp_path, maps, tiny_ad, "default")  # each map's maximum
+    peaks = [float(m.max()) for m in table["map"]]
+    assert default["metrics"]["all"]["image_auroc"] == pytest.approx(
+        roc_auc_score(labels, peaks), abs=1e-12
+    )
+
+    csv = tmp_path / "mine.csv"
+    mine = table[["category", "defect", "id"]].assign(
+        score=np.random.default_rng(0).random(len(table))
+    )
+    mine.to_csv(csv, index=False)
+    record = evaluate(tmp_path, maps, tiny_ad, "scored", "--scores", str(csv))
+    expected = roc_auc_score(labels, mine["score"])
+    assert record["metrics"]["all"]["image_auroc"] == pytest.approx(expected, abs=1e-12)
+    assert expected != pytest.approx(roc_auc_score(labels, peaks))  # the file made the difference
+    assert record["metrics"]["all"]["pixel_auroc"] == default["metrics"]["all"]["pixel_auroc"]
+
+
+# -- seeds -----------------------------------------------------------------------------------------
+def test_seeds_are_averaged_in_the_leaderboard(tmp_path, tiny_ad):
+    assert main(run_args(tiny_ad, tmp_path, "seeds", "--seeds", "0,1")) == 0
+    folder = tmp_path / "seeds"
+    per_seed = [
+        json.loads((folder / "jobs" / f"{SLUG.format(s)}.json").read_text()) for s in (0, 1)
+    ]
+    assert [r["seed"] for r in per_seed] == [0, 1]
+    values = [r["metrics"]["all"]["pixel_auroc"] for r in per_seed]
+    assert values[0] != values[1]  # random weights drawn per seed: averaging is visible
+    mean = float(np.mean(values))
+    summary = pd.read_csv(folder / "summary.csv")
+    (row,) = summary[
+        (summary.detector == "feature_stats") & (summary.dataset == "mvtec_ad")
+    ].itertuples()
+    assert row.pixel_auroc == pytest.approx(mean, abs=1e-12)
+    board = (folder / "leaderboard.md").read_text()
+    section = board.split("## pixel_auroc")[1].split("##")[0]
+    assert f"| feature_stats | {mean:.4f} | {mean:.4f} |" in section  # washer, then the mean
+
+
+# -- unorganised clouds: point F1-max ---------------------------------------------------------------
+def test_point_f1max_matches_scikit_learn_on_the_exported_point_scores(tmp_path, tiny_points):
+    from bench.datasets.real3d import PointCloudSet
+
+    maps = tmp_path / "maps"
+    args = [
+        "run",
+        "--detectors",
+        "curvature",
+        "--datasets",
+        "real3d_ad",
+        "--root",
+        f"real3d_ad={tiny_points}",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-tracking",
+        "--output",
+        str(tmp_path),
+        "--name",
+        "points",
+        "--export-maps",
+        str(maps),
+    ]
+    assert main(args) == 0
+    record = json.loads(
+        (tmp_path / "points" / "jobs" / "curvature__real3d_ad__ellipsoid__seed0.json").read_text()
+    )
+    exported = maps / "curvature" / "real3d_ad" / "seed0" / "ellipsoid" / "test"
+    scores, labels = [], []
+    for item in PointCloudSet(tiny_points, "ellipsoid", "test").items:
+        values = np.loadtxt(exported / item["defect"] / f"{item['path'].stem}.txt")
+        truth = (
+            np.zeros(len(values), bool)
+            if item["gt_path"] is None
+            else np.loadtxt(item["gt_path"])[:, 3] > 0.5
+        )
+        assert len(values) == len(truth)
+        scores.append(values)
+        labels.append(truth)
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    assert record["protocol"] == "points"
+    assert record["metrics"]["all"]["point_f1max"] == pytest.approx(f1_max(y, s), abs=1e-6)
+    assert record["metrics"]["all"]["point_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
