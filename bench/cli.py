@@ -264,8 +264,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bench.report import print_leaderboard, write_report
     from bench.results import ResultStore
 
-    paths = write_report(args.output, args.name)
-    print_leaderboard(ResultStore(args.output, args.name).records())
+    records = ResultStore(args.output, args.name).records()  # read once: one warning a file
+    paths = write_report(args.output, args.name, records)
+    print_leaderboard(records)
     print(f"leaderboard: {paths['markdown']}  ({paths['csv']})")
     return 0
 
@@ -316,7 +317,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from bench.tracking import Tracker, sync
 
     store = ResultStore(args.output, args.name)
-    if not store.records():
+    records = store.records()  # read once: one warning a file
+    if not records:
         raise FileNotFoundError(f"no finished jobs under {store.root / 'jobs'}; nothing to sync")
     cfg = BenchConfig(
         name=args.name,
@@ -324,13 +326,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
     )
-    with Tracker.from_config(cfg) as tracker:
+    with Tracker.from_config(cfg, open_parent=False) as tracker:
         if tracker.failed:
             return 1
-        uploaded, present = sync(store, tracker)
+        uploaded, present = sync(store, tracker, records)
     if tracker.failed:
         return 1
-    console.print(f"synced {args.name}: {uploaded} job(s) uploaded, {present} already there")
+    where = ""
+    if uploaded:
+        kind = "a new parent run" if tracker.owns_parent else "the benchmark's parent run"
+        where = f" (under {kind}, {tracker.parent_id})"
+    console.print(
+        f"synced {args.name}: {uploaded} job(s) uploaded, {present} already there{where}",
+        soft_wrap=True,
+    )
     return 0
 
 

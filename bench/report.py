@@ -164,9 +164,12 @@ def leaderboard_figure(records: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def write_report(output: str | Path, name: str) -> dict[str, Path]:
+def write_report(
+    output: str | Path, name: str, records: list[dict[str, Any]] | None = None
+) -> dict[str, Path]:
+    """Leaderboard files in ``output/name``, from ``records`` or the readable job files."""
     store = ResultStore(output, name)
-    records = store.records()
+    records = store.records() if records is None else records
     if not records:
         raise FileNotFoundError(
             f"no finished jobs under {store.root / 'jobs'}; run `bench run` first"

@@ -34,11 +34,10 @@ class ResultStore:
         path = self.job_path(job)
         if not path.is_file():
             return None
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        record = read_record(path)  # unreadable: the job counts as not finished
+        if isinstance(record, str) or record.get("config_hash") != job.config_hash:
             return None
-        return record if record.get("config_hash") == job.config_hash else None
+        return record
 
     def save(self, record: dict[str, Any]) -> Path:
         path = self.root / "jobs" / f"{record['run_name'].replace('/', '__')}.json"
@@ -57,7 +56,38 @@ class ResultStore:
         return path
 
     def records(self) -> list[dict[str, Any]]:
+        """Every finished job's record. A file that cannot be read as a JSON object (e.g.
+        truncated by a full disk) is skipped with one warning naming it: its job counts as not
+        finished, so the report and ``bench sync`` leave it out and ``bench run`` re-runs it."""
         folder = self.root / "jobs"
         if not folder.is_dir():
             return []
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+        records = []
+        for path in sorted(folder.glob("*.json")):
+            record = read_record(path)
+            if isinstance(record, str):
+                warn_unreadable(path, record)
+            else:
+                records.append(record)
+        return records
+
+
+def warn_unreadable(path: Path, reason: str) -> None:
+    from rich.markup import escape
+
+    from bench.progress import console
+
+    console.print(
+        f"[yellow]skipping unreadable result file {escape(str(path))} ({escape(reason)}); "
+        "its job counts as not finished and `bench run` re-runs it[/]",
+        soft_wrap=True,  # the path stays whole on one line
+    )
+
+
+def read_record(path: Path) -> dict[str, Any] | str:
+    """The record in ``path``, or why it cannot be read."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return record if isinstance(record, dict) else "not a JSON object"

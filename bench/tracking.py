@@ -1,5 +1,9 @@
 """MLflow mirror of the results: a parent run per ``bench run``, a child run per job.
 
+A parent records the host and pid of its process (tags ``adbench.host``, ``adbench.pid``,
+``adbench.pid_started``), so that the next ``bench run`` of the benchmark can mark a parent
+left RUNNING by a killed process as KILLED.
+
 The default store is ``sqlite:///<output>/mlflow.db`` with artifacts under
 ``<output>/mlartifacts``; ``MLFLOW_TRACKING_URI`` (or ``tracking_uri`` in the config) points at a
 server instead. A tracking failure never loses results: they are on disk already, and the user
@@ -11,15 +15,19 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
 from bench.config import BenchConfig
 from bench.progress import console
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 
 def default_tracking_uri(output: str | Path) -> str:
@@ -47,16 +55,27 @@ def probe(uri: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"tracking server {uri} is unreachable ({err})") from err
 
 
-def sync(store, tracker: Tracker) -> tuple[int, int]:
-    """Uploads every finished job of ``store`` that has no run on ``tracker``'s server yet
-    (tracking was down, or another server was used); returns (uploaded, already there)."""
-    uploaded = present = 0
-    records = store.records()
+def sync(store, tracker: Tracker, records: list[dict] | None = None) -> tuple[int, int]:
+    """Uploads every finished job of ``store`` (or of ``records``) that has no run on
+    ``tracker``'s server yet (tracking was down, or another server was used); returns
+    (uploaded, already there).
+
+    The uploaded runs go under one parent: the benchmark's own parent run when this server
+    still holds it (the parent of the jobs it already has, the latest if several), else one new
+    parent run for this sync. That parent is opened with the first upload, so a sync with
+    nothing to upload creates no run; the leaderboard of every job is logged on it."""
+    records = store.records() if records is None else records
+    missing, parents = [], set()
     for record in records:
-        run_id = record.get("mlflow_run_id")
-        if run_id and tracker.has_run(run_id, record["config_hash"]):
-            present += 1
-            continue
+        run = tracker.job_run(record)
+        if run is None:
+            missing.append(record)
+        else:
+            parents.add(run.data.tags.get("mlflow.parentRunId"))
+    if missing:
+        tracker.adopt_parent(parents - {None})
+    uploaded = 0
+    for record in missing:
         new_id = tracker.log_job(record)
         if new_id is None:
             break
@@ -65,7 +84,38 @@ def sync(store, tracker: Tracker) -> tuple[int, int]:
         uploaded += 1
     if uploaded:
         tracker.log_summary(records)
-    return uploaded, present
+    return uploaded, len(records) - len(missing)
+
+
+def process_tags() -> dict[str, str]:
+    """Where this process runs: host, pid and the pid's start time (pids are reused)."""
+    import psutil
+
+    me = psutil.Process()
+    return {
+        "adbench.host": socket.gethostname(),
+        "adbench.pid": str(me.pid),
+        "adbench.pid_started": f"{me.create_time():.3f}",
+    }
+
+
+def process_gone(tags: dict[str, str]) -> bool:
+    """Whether the process named by a run's :func:`process_tags` is known to be gone: it ran
+    on this host and its pid is not alive, is a zombie, or now belongs to a younger process.
+    Runs from other hosts, or without the tags, are never called gone."""
+    import psutil
+
+    if tags.get("adbench.host") != socket.gethostname():
+        return False
+    try:
+        pid, started = int(tags["adbench.pid"]), float(tags.get("adbench.pid_started", "nan"))
+        proc = psutil.Process(pid)
+        zombie = proc.status() == psutil.STATUS_ZOMBIE
+        return zombie or abs(proc.create_time() - started) > 1.0  # NaN: never a mismatch
+    except psutil.NoSuchProcess:
+        return True
+    except (KeyError, ValueError, psutil.Error):
+        return False
 
 
 @functools.cache
@@ -170,21 +220,32 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 class Tracker:
     def __init__(
-        self, uri: str, experiment: str, artifact_root: Path, benchmark: str, config: dict
+        self,
+        uri: str,
+        experiment: str,
+        artifact_root: Path,
+        benchmark: str,
+        config: dict,
+        open_parent: bool = True,
     ) -> None:
         self.uri, self.experiment, self.artifact_root = uri, experiment, artifact_root
         self.benchmark, self.config = benchmark, config
+        #: open the parent run on entering (``bench run``); else with the first new job run
+        self.open_parent = open_parent
+        self.client: Any = None
         self.parent_id: str | None = None
+        self.owns_parent = False  # False for an adopted parent: its status is left alone
         self.failed = False
 
     @classmethod
-    def from_config(cls, cfg: BenchConfig) -> Tracker:
+    def from_config(cls, cfg: BenchConfig, open_parent: bool = True) -> Tracker:
         return cls(
             resolve_tracking_uri(cfg),
             cfg.experiment or f"adbench/{cfg.name}",
             Path(cfg.output).resolve() / "mlartifacts",
             cfg.name,
             cfg.to_dict(),
+            open_parent,
         )
 
     def _fail(self, err: Exception) -> None:
@@ -197,29 +258,81 @@ class Tracker:
         self.failed = True
 
     def __enter__(self) -> Tracker:
+        """Connects; with ``open_parent`` (``bench run``) marks the benchmark's parents left
+        RUNNING by dead processes KILLED, then opens this run's parent."""
         try:
             import mlflow
 
             probe(self.uri)
-            self.client = mlflow.MlflowClient(tracking_uri=self.uri)
-            exp = self.client.get_experiment_by_name(self.experiment)
+            client = mlflow.MlflowClient(tracking_uri=self.uri)
+            exp = client.get_experiment_by_name(self.experiment)
             if exp is None:
                 location = self.artifact_root.as_uri() if self.uri.startswith("sqlite:") else None
-                exp_id = self.client.create_experiment(self.experiment, artifact_location=location)
+                exp_id = client.create_experiment(self.experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
-            self.experiment_id = exp_id
-            run = self.client.create_run(
-                exp_id, run_name=self.benchmark, tags={"adbench.kind": "benchmark", **git_state()}
-            )
-            self.parent_id = run.info.run_id
-            self.client.log_dict(self.parent_id, self.config, "config.json")
+            self.client, self.experiment_id = client, exp_id
+            if self.open_parent:
+                self.close_dead_parents()
+                self._start_parent()
         except Exception as err:
             self._fail(err)
         return self
 
+    def _start_parent(self) -> None:
+        tags = {"adbench.kind": "benchmark", **git_state(), **process_tags()}
+        if not self.open_parent:
+            tags["adbench.origin"] = "sync"
+        run = self.client.create_run(self.experiment_id, run_name=self.benchmark, tags=tags)
+        self.parent_id, self.owns_parent = run.info.run_id, True
+        if self.open_parent:  # a sync knows no benchmark configuration; its jobs hold theirs
+            self.client.log_dict(self.parent_id, self.config, "config.json")
+
+    def close_dead_parents(self) -> list[str]:
+        """Marks KILLED this benchmark's parent runs left RUNNING by a process that is gone
+        (see :func:`process_gone`: only runs opened on this host); returns their ids."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string="tags.`adbench.kind` = 'benchmark' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
+        dead = [
+            r.info.run_id
+            for r in runs
+            if r.info.run_name == self.benchmark and process_gone(r.data.tags)
+        ]
+        for run_id in dead:
+            self.client.set_terminated(run_id, "KILLED")
+        if dead:
+            console.print(
+                f"MLflow: marked {len(dead)} earlier run(s) of {escape(self.benchmark)} as "
+                f"KILLED: left RUNNING by a process on this host that is gone ({', '.join(dead)})",
+                soft_wrap=True,
+            )
+        return dead
+
+    def adopt_parent(self, candidates: set[str]) -> str | None:
+        """Makes the latest of ``candidates`` that is an active run of this experiment the
+        parent of new job runs (its status is left as it is); None when there is none."""
+        if self.parent_id is not None:
+            return self.parent_id
+        runs = []
+        for run_id in candidates:
+            try:
+                runs.append(self.client.get_run(run_id))
+            except Exception:
+                continue
+        runs = [
+            r
+            for r in runs
+            if r.info.lifecycle_stage == "active" and r.info.experiment_id == self.experiment_id
+        ]
+        if runs:
+            self.parent_id = max(runs, key=lambda r: r.info.start_time).info.run_id
+        return self.parent_id
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.parent_id and not self.failed:
+        if self.parent_id and self.owns_parent and not self.failed:
             try:
                 self.client.set_terminated(
                     self.parent_id, "FINISHED" if exc_type is None else "KILLED"
@@ -231,7 +344,7 @@ class Tracker:
         """The MLflow run of a finished job: created once; a run already logged for the same
         job and configuration (e.g. by an invocation killed before it saved the run id) is
         reused, so a job never has two runs."""
-        if self.failed or self.parent_id is None:
+        if self.failed or self.client is None:
             return None
         try:
             existing = self.client.search_runs(
@@ -242,6 +355,8 @@ class Tracker:
             )
             if existing:
                 return existing[0].info.run_id
+            if self.parent_id is None:
+                self._start_parent()
             tags = {
                 "mlflow.parentRunId": self.parent_id,
                 "adbench.kind": "job",
@@ -277,13 +392,18 @@ class Tracker:
             self._fail(err)
             return None
 
-    def has_run(self, run_id: str, config_hash: str) -> bool:
-        """Whether this server holds ``run_id`` for the same job configuration."""
+    def job_run(self, record: dict[str, Any]) -> Run | None:
+        """The active run this server holds under ``record``'s run id for the same job
+        configuration, or None (a deleted run counts as missing)."""
+        run_id = record.get("mlflow_run_id")
+        if not run_id:
+            return None
         try:
             run = self.client.get_run(run_id)
         except Exception:
-            return False
-        return run.data.tags.get("config_hash") == config_hash
+            return None
+        same = run.data.tags.get("config_hash") == record["config_hash"]
+        return run if same and run.info.lifecycle_stage == "active" else None
 
     def _log_job_artifacts(self, rid: str, record: dict[str, Any]) -> None:
         """The per-defect-type table and the job's resolved configuration."""

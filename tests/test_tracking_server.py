@@ -1,5 +1,6 @@
 """A real `mlflow server` on loopback: a benchmark run while it is down still writes its
-results, `bench sync` uploads them once it is up, and nothing is uploaded twice."""
+results, `bench sync` uploads them once it is up under one parent run, and nothing is uploaded
+twice (nor is an empty parent created by a sync with nothing to upload)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,14 @@ def test_outage_then_sync_uploads_each_job_once(tmp_path, ad_root, server_addres
             if r.data.tags.get("adbench.kind") == "job"
         ]
         assert sorted(r.info.run_name for r in jobs) == sorted(r["run_name"] for r in records)
+        (parent,) = [  # the run was never on this server: one new parent for the sync
+            r
+            for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("adbench.kind") == "benchmark"
+        ]
+        assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+        assert parent.info.status == "FINISHED"
+        assert "leaderboard.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
         for run in jobs:
             record = json.loads(
                 (
@@ -106,6 +115,7 @@ def test_outage_then_sync_uploads_each_job_once(tmp_path, ad_root, server_addres
 
         again = bench("sync", "--name", "outage", "--output", str(out), "--tracking-uri", uri)
         assert "0 job(s) uploaded, 2 already there" in again.stderr
+        assert len(client.search_runs([exp.experiment_id])) == 3  # no empty parent
         rerun = bench("run", *args, *common, "--tracking-uri", uri)
         assert rerun.returncode == 0 and rerun.stderr.count("done before, skipped") == 2
         jobs_after = [
