@@ -32,36 +32,24 @@ def bench(*args):
     )
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, ad3d_root):
-    out = tmp_path_factory.mktemp("export")
+def run_export(out: Path, detector: str, dataset: str, root: Path, category: str, *extra: str):
+    """``bench run`` of one detector on one category at 64 px with ``--export-maps``:
+    (the exported maps of seed 0, the job's record)."""
     run = bench(
-        "run",
-        "--detectors",
-        "grid_curvature",
-        "--datasets",
-        "mvtec_3d",
-        "--root",
-        f"mvtec_3d={ad3d_root}",
-        "--categories",
-        "puck",
-        "--image-size",
-        "64",
-        "--no-tracking",
-        "--output",
-        str(out / "results"),
-        "--name",
-        "exp",
-        "--export-maps",
-        str(out / "maps"),
+        *("run", "--detectors", detector, "--datasets", dataset, "--root", f"{dataset}={root}"),
+        *("--categories", category, "--image-size", "64", *extra, "--no-tracking"),
+        *("--output", str(out / "results"), "--name", "exp", "--export-maps", str(out / "maps")),
     )
     assert run.returncode == 0, run.stderr
-    record = json.loads(
-        (
-            out / "results" / "exp" / "jobs" / "grid_curvature__mvtec_3d__puck__seed0.json"
-        ).read_text()
+    job = out / "results" / "exp" / "jobs" / f"{detector}__{dataset}__{category}__seed0.json"
+    return out / "maps" / detector / dataset / "seed0", json.loads(job.read_text())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ad3d_root):
+    return run_export(
+        tmp_path_factory.mktemp("export"), "grid_curvature", "mvtec_3d", ad3d_root, "puck"
     )
-    return out / "maps" / "grid_curvature" / "mvtec_3d" / "seed0", record
 
 
 def test_maps_are_written_in_the_official_layout_at_native_size(exported, ad3d_root):
@@ -132,31 +120,8 @@ def test_missing_extra_and_broken_maps_are_named(exported, ad3d_root, tmp_path):
 
 
 def run_2d(out: Path, ad_root: Path, *extra: str) -> tuple[Path, dict]:
-    """``bench run`` of feature_stats on washer at 64 px with ``--export-maps``: (maps, record)."""
-    run = bench(
-        "run",
-        "--detectors",
-        "feature_stats",
-        "--datasets",
-        "mvtec_ad",
-        "--root",
-        str(ad_root),
-        "--categories",
-        "washer",
-        "--image-size",
-        "64",
-        *extra,
-        "--no-tracking",
-        "--output",
-        str(out / "results"),
-        "--name",
-        "exp",
-        "--export-maps",
-        str(out / "maps"),
-    )
-    assert run.returncode == 0, run.stderr
-    job = out / "results" / "exp" / "jobs" / "feature_stats__mvtec_ad__washer__seed0.json"
-    return out / "maps" / "feature_stats" / "mvtec_ad" / "seed0", json.loads(job.read_text())
+    """feature_stats on washer at 64 px with ``--export-maps``: (maps, record)."""
+    return run_export(out, "feature_stats", "mvtec_ad", ad_root, "washer", *extra)
 
 
 @pytest.fixture(scope="module")
