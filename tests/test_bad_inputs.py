@@ -1,9 +1,10 @@
 """Bad inputs and late failures, walked in the order of the reliability review (issue 11).
 
 Each test reproduces one failure a user met (silently wrong or lost results, stuck states,
-crashes without a useful message) and checks what the user now gets. Items checked elsewhere:
-`bench evaluate` input checks and the cropped export in test_rescore.py, truncated job files
-in `bench report`/`bench sync` and MLflow parent runs in test_tracking_robustness.py.
+crashes without a useful message) and checks what the user now gets. Items 6 and 8 are
+checked here end to end and in full elsewhere: `bench evaluate`'s input checks and the cropped
+export in test_rescore.py, truncated job files in `bench sync` and MLflow parent runs (empty
+sync parents, parents left RUNNING by a killed run) in test_tracking_robustness.py.
 """
 
 from __future__ import annotations
@@ -220,6 +221,25 @@ def test_predictions_survive_a_failure_after_prediction(tmp_path, weave, late_fa
     assert record["metrics"] == scratch["metrics"]
 
 
+# -- 6. bench evaluate on wrong input (in full: test_rescore.py) --------------------------------
+def test_evaluate_names_a_stretched_map_and_a_duplicated_score_row(tmp_path, weave, capsys):
+    import tifffile
+
+    cfg = _cfg(tmp_path, weave, export_maps=str(tmp_path / "maps"))
+    run_benchmark(cfg, track=False)
+    maps = tmp_path / "maps" / "feature_stats" / "mvtec_ad" / "seed0"
+    scores = maps / "weave" / "scores.csv"
+    rows = scores.read_text().splitlines()
+    (tmp_path / "dup.csv").write_text("\n".join([*rows, rows[1]]) + "\n")
+    ev = ["evaluate", "--maps", str(maps), "--data", str(weave)]
+    assert main([*ev, "--scores", str(tmp_path / "dup.csv")]) == 2
+    assert _squash(f"line {len(rows) + 1}: row (") in _squash(capsys.readouterr().err)
+    victim = sorted(maps.glob("weave/test/good/*.tiff"))[0]
+    tifffile.imwrite(victim, tifffile.imread(victim)[:, :64])  # half the width
+    assert main(ev) == 2
+    assert _squash(f"anomaly map {victim} is 128x64") in _squash(capsys.readouterr().err)
+
+
 # -- 7. a truncated fitted state ----------------------------------------------------------------
 def test_a_truncated_fitted_state_is_named_and_refitted_under_force(tmp_path, weave, capsys):
     cfg = _cfg(tmp_path, weave)
@@ -235,6 +255,20 @@ def test_a_truncated_fitted_state_is_named_and_refitted_under_force(tmp_path, we
     assert failed and _squash(f"fitted state {state} is unreadable") in _squash(
         capsys.readouterr().err
     )
+
+
+# -- 8. a truncated job file (MLflow sync and parent runs: test_tracking_robustness.py) --------
+def test_report_names_and_skips_a_truncated_job_file(tmp_path, weave, capsys):
+    cfg = _cfg(tmp_path, weave, seeds=[0, 1])
+    records, _ = run_benchmark(cfg, track=False)
+    job = tmp_path / "out" / "bad" / "jobs" / f"{records[1]['run_name'].replace('/', '__')}.json"
+    job.write_text(job.read_text()[:300])
+    capsys.readouterr()
+    assert main(["report", "--name", "bad", "--output", str(tmp_path / "out")]) == 0
+    err = _squash(capsys.readouterr().err)
+    assert _squash(f"skipping unreadable result file {job}") in err
+    rerun, _ = run_benchmark(cfg, track=False)  # the truncated job counts as not finished
+    assert rerun[1]["metrics"] == records[1]["metrics"] and job.read_text().endswith("}")
 
 
 # -- 9. parameters validated before any job ----------------------------------------------------
