@@ -20,6 +20,10 @@ from torch import nn
 from bench.types import Batch, Prediction
 
 
+class UnreadableState(ValueError):
+    """A fitted-state file that is truncated, corrupt or of another detector."""
+
+
 class Detector:
     """Base class: ``fit`` on defect-free batches, ``predict`` one test batch at a time."""
 
@@ -93,16 +97,12 @@ class Detector:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise ValueError(
-                f"fitted state {path} is unreadable (truncated or corrupt: {err}); "
-                "re-run with --force to fit again"
+            raise UnreadableState(
+                f"fitted state {path} is unreadable (truncated or corrupt: {err})"
             ) from err
         if not isinstance(blob, dict) or blob.get("class") != type(self).__qualname__:
             held = blob.get("class") if isinstance(blob, dict) else type(blob).__name__
-            raise ValueError(
-                f"{path} holds state of {held}, not {type(self).__qualname__}; "
-                "re-run with --force to fit again"
-            )
+            raise UnreadableState(f"{path} holds state of {held}, not {type(self).__qualname__}")
         for name, value in blob["state"].items():
             setattr(self, name, value)
         self.to(self.device)

@@ -17,11 +17,12 @@ from typing import Any
 
 import timm
 import torch
+from rich.markup import escape
 
 from bench import __version__
 from bench.config import BenchConfig, ConfigError
 from bench.datasets import get_dataset
-from bench.detector import Detector
+from bench.detector import Detector, UnreadableState
 from bench.discovery import discover_types
 from bench.evaluation import Evaluator, PointEvaluator
 from bench.fingerprint import data_fingerprint
@@ -133,8 +134,13 @@ def fit_or_load(detector: Detector, train: EpochLoader, device: torch.device) ->
         start = time.perf_counter()
         cached = state_file.is_file()
         if cached:
-            detector.load_state(state_file)
-        else:
+            try:
+                detector.load_state(state_file)
+            except UnreadableState as err:  # a cache: named, then fitted again
+                console.print(f"[yellow]  {escape(str(err))}; fitting again[/]", soft_wrap=True)
+                state_file.unlink(missing_ok=True)
+                cached = False
+        if not cached:
             detector.fit(train)
             _sync(device)
             detector.save_state(state_file)
@@ -214,19 +220,32 @@ def keep_predictions(path: Path, predictions: Predictions) -> None:
     tmp.replace(path)
 
 
-def load_predictions(path: Path, device: torch.device) -> Predictions | None:
-    """Predictions kept by an earlier run of the same job, or None (also when unreadable)."""
+def load_predictions(path: Path, export_dir: Path | None) -> Predictions | None:
+    """Predictions kept by an earlier run of the same job, or None when there are none, they
+    are unreadable, or they were exported elsewhere (the maps must reach the new folder).
+    They stay on the host, where the evaluator and the overlays work."""
     if not path.is_file():
         return None
     try:
-        kept = torch.load(path, map_location=device, weights_only=False)
+        kept = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         console.print(
-            f"[yellow]  kept predictions {path} are unreadable ({err}); predicting again[/]"
+            f"[yellow]  kept predictions {escape(str(path))} are unreadable ({escape(str(err))}); "
+            "predicting again[/]",
+            soft_wrap=True,
         )
+        return None
+    if kept.evaluator.export_dir != export_dir:
         return None
     kept.resumed = True
     return kept
+
+
+def drop_kept_predictions(state_dir: Path) -> None:
+    """Removes every kept prediction file of a fit's state folder (older configurations'
+    too: each can be hundreds of MB)."""
+    for path in state_dir.glob("predictions-*.pt"):
+        path.unlink(missing_ok=True)
 
 
 class FailedAfterPrediction(RuntimeError):
@@ -351,12 +370,12 @@ def run_job(
     fit = fit_or_load(detector, data.train, device)
 
     modality = job_modality(detector, data.spec)
-    pred = load_predictions(kept_at, device)
+    evaluator = new_evaluator(job, modality, export_maps)
+    pred = load_predictions(kept_at, evaluator.export_dir)
     if pred is None:
         want_types = getattr(detector, "discover_types", False) and hasattr(
             detector, "describe_regions"
         )
-        evaluator = new_evaluator(job, modality, export_maps)
         pred = predict_all(detector, job, data, device, evaluator, want_types)
     scored = None
     try:
@@ -367,18 +386,45 @@ def run_job(
         record["overlays"] = None if overlays is None else str(overlays)
         store.save(record)
     except BaseException as err:
-        if not pred.resumed:
-            keep_predictions(kept_at, pred)
+        kept = pred.resumed or _keep(kept_at, pred)
         if not isinstance(err, Exception):  # Ctrl-C: the predictions are kept all the same
             raise
         if scored is not None:  # metrics computed before the failure are at least shown
             console.print(f"  computed before the failure:{headline(scored['metrics']['all'])}")
-        raise FailedAfterPrediction(
-            f"{short_error(err)} (after prediction: the predictions are kept in {kept_at}; "
-            "re-running the same command scores them without predicting again)"
-        ) from err
-    kept_at.unlink(missing_ok=True)
+        outcome = (
+            f"the predictions are kept in {kept_at}; re-running the same command scores them "
+            "without predicting again"
+            if kept
+            else "the predictions could not be kept either"
+        )
+        raise FailedAfterPrediction(f"{short_error(err)} (after prediction: {outcome})") from err
+    drop_kept_predictions(detector.workdir)
+    _check_unchanged(job, data, record)
     return record
+
+
+def _keep(path: Path, pred: Predictions) -> bool:
+    """Keeps the predictions of a failed job; False (with a message) when that fails too."""
+    try:
+        keep_predictions(path, pred)
+        return True
+    except Exception as err:
+        path.with_suffix(".tmp").unlink(missing_ok=True)
+        console.print(f"[red]  cannot keep the predictions in {escape(str(path))}: {err}[/]")
+        return False
+
+
+def _check_unchanged(job: Job, data: JobData, record: dict[str, Any]) -> None:
+    """Warns when the data changed between planning and the end of the job: the record then
+    stands under the identity of the data as planned."""
+    now = (data_fingerprint(data.train_set), data_fingerprint(data.test_set))
+    if now != (job.train_data, job.test_data):
+        warning = (
+            f"{job.category}: the data changed while the job ran (fingerprints {now} now, "
+            f"{(job.train_data, job.test_data)} when planned); re-run to score the new data"
+        )
+        console.print(f"[yellow]  {escape(warning)}[/]")
+        record["warnings"].append(warning)
 
 
 def check_writable(*folders: Path) -> None:

@@ -87,31 +87,64 @@ def sync(store, tracker: Tracker, records: list[dict] | None = None) -> tuple[in
     return uploaded, len(records) - len(missing)
 
 
+def _machine() -> str:
+    """This boot of this machine and this process's pid namespace (Linux), so that pids are
+    only compared where they name the same processes: containers sharing a host name, or a
+    reboot, never make a live run look dead. Empty where unknown."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux ``/proc/<pid>/stat`` field
+    22): unlike a wall-clock start time, a clock step does not move it. Empty where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 def process_tags() -> dict[str, str]:
-    """Where this process runs: host, pid and the pid's start time (pids are reused)."""
+    """Where this process runs: host, machine (boot and pid namespace), pid and the pid's
+    start (pids are reused)."""
     import psutil
 
     me = psutil.Process()
     return {
         "adbench.host": socket.gethostname(),
+        "adbench.machine": _machine(),
         "adbench.pid": str(me.pid),
         "adbench.pid_started": f"{me.create_time():.3f}",
+        "adbench.pid_ticks": _start_ticks(me.pid),
     }
 
 
 def process_gone(tags: dict[str, str]) -> bool:
     """Whether the process named by a run's :func:`process_tags` is known to be gone: it ran
-    on this host and its pid is not alive, is a zombie, or now belongs to a younger process.
-    Runs from other hosts, or without the tags, are never called gone."""
+    in this boot of this machine, in this pid namespace, and its pid is not alive, is a
+    zombie, or now belongs to a process started later. Runs from elsewhere, or without the
+    tags, are never called gone."""
     import psutil
 
-    if tags.get("adbench.host") != socket.gethostname():
+    machine = _machine()
+    if tags.get("adbench.host") != socket.gethostname() or not machine:
+        return False
+    if tags.get("adbench.machine") != machine:
         return False
     try:
-        pid, started = int(tags["adbench.pid"]), float(tags.get("adbench.pid_started", "nan"))
+        pid = int(tags["adbench.pid"])
         proc = psutil.Process(pid)
-        zombie = proc.status() == psutil.STATUS_ZOMBIE
-        return zombie or abs(proc.create_time() - started) > 1.0  # NaN: never a mismatch
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return True
+        ticks = tags.get("adbench.pid_ticks", "")
+        if ticks and _start_ticks(pid):
+            return _start_ticks(pid) != ticks
+        started = float(tags.get("adbench.pid_started", "nan"))
+        return abs(proc.create_time() - started) > 1.0  # NaN: never a mismatch
     except psutil.NoSuchProcess:
         return True
     except (KeyError, ValueError, psutil.Error):
@@ -273,7 +306,7 @@ class Tracker:
                 exp_id = exp.experiment_id
             self.client, self.experiment_id = client, exp_id
             if self.open_parent:
-                self.close_dead_parents()
+                self._close_dead_parents_safely()
                 self._start_parent()
         except Exception as err:
             self._fail(err)
@@ -287,6 +320,13 @@ class Tracker:
         self.parent_id, self.owns_parent = run.info.run_id, True
         if self.open_parent:  # a sync knows no benchmark configuration; its jobs hold theirs
             self.client.log_dict(self.parent_id, self.config, "config.json")
+
+    def _close_dead_parents_safely(self) -> None:
+        """Housekeeping that must never turn tracking off: a failure is one message."""
+        try:
+            self.close_dead_parents()
+        except Exception as err:
+            console.print(f"[yellow]MLflow: could not check for runs left RUNNING ({err})[/]")
 
     def close_dead_parents(self) -> list[str]:
         """Marks KILLED this benchmark's parent runs left RUNNING by a process that is gone
@@ -341,9 +381,10 @@ class Tracker:
                 self._fail(err)
 
     def log_job(self, record: dict[str, Any]) -> str | None:
-        """The MLflow run of a finished job: created once; a run already logged for the same
-        job and configuration (e.g. by an invocation killed before it saved the run id) is
-        reused, so a job never has two runs."""
+        """The MLflow run of a finished job: created once; a finished run already logged for
+        the same job and configuration (e.g. by an invocation killed before it saved the run
+        id) is reused, so a job never has two runs, and one left unfinished by a process killed
+        mid-upload is deleted and logged again."""
         if self.failed or self.client is None:
             return None
         try:
@@ -351,10 +392,13 @@ class Tracker:
                 [self.experiment_id],
                 filter_string=f"tags.config_hash = '{record['config_hash']}' "
                 f"and tags.`adbench.kind` = 'job' and attributes.run_name = '{record['run_name']}'",
-                max_results=1,
+                max_results=10,
             )
-            if existing:
-                return existing[0].info.run_id
+            finished = [r for r in existing if r.info.status == "FINISHED"]
+            if finished:
+                return finished[0].info.run_id
+            for half in existing:  # logged by a process killed mid-upload: replaced whole
+                self.client.delete_run(half.info.run_id)
             if self.parent_id is None:
                 self._start_parent()
             tags = {
@@ -403,7 +447,8 @@ class Tracker:
         except Exception:
             return None
         same = run.data.tags.get("config_hash") == record["config_hash"]
-        return run if same and run.info.lifecycle_stage == "active" else None
+        whole = run.info.lifecycle_stage == "active" and run.info.status == "FINISHED"
+        return run if same and whole else None
 
     def _log_job_artifacts(self, rid: str, record: dict[str, Any]) -> None:
         """The per-defect-type table and the job's resolved configuration."""

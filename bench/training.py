@@ -144,11 +144,17 @@ class TrainableDetector(Detector):
             return 0
         try:
             blob = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as err:
-            raise ValueError(
-                f"training checkpoint {path} is unreadable (truncated or corrupt: {err}); "
-                "re-run with --force to train from scratch"
-            ) from err
+        except Exception as err:  # a cache: named, then training starts afresh
+            from rich.markup import escape
+
+            from bench.progress import console
+
+            console.print(
+                f"[yellow]  training checkpoint {escape(str(path))} is unreadable (truncated or "
+                f"corrupt: {escape(str(err))}); training from scratch[/]",
+                soft_wrap=True,
+            )
+            return 0
         if blob["params"] != self.get_params():
             return 0  # a checkpoint of another configuration: start afresh
         for name, module in self.modules().items():

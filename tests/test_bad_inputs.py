@@ -241,7 +241,9 @@ def test_evaluate_names_a_stretched_map_and_a_duplicated_score_row(tmp_path, wea
 
 
 # -- 7. a truncated fitted state ----------------------------------------------------------------
-def test_a_truncated_fitted_state_is_named_and_refitted_under_force(tmp_path, weave, capsys):
+def test_a_truncated_fitted_state_is_named_and_refitted(tmp_path, weave, capsys):
+    """Fitted state is a cache: a truncated file is named and the job fits again (with or
+    without --force), with the numbers of the first fit."""
     cfg = _cfg(tmp_path, weave)
     (first,), _ = run_benchmark(cfg, track=False)
     (state,) = _state_files(tmp_path)
@@ -251,10 +253,28 @@ def test_a_truncated_fitted_state_is_named_and_refitted_under_force(tmp_path, we
     assert records[0]["metrics"] == first["metrics"]
     state.write_bytes(state.read_bytes()[:100])
     (tmp_path / "out" / "bad" / "jobs" / f"{first['run_name'].replace('/', '__')}.json").unlink()
+    capsys.readouterr()
     records, failed = run_benchmark(cfg, track=False)
-    assert failed and _squash(f"fitted state {state} is unreadable") in _squash(
-        capsys.readouterr().err
-    )
+    assert not failed and not records[0]["fit_cached"]
+    assert records[0]["metrics"] == first["metrics"]
+    err = _squash(capsys.readouterr().err)
+    assert _squash(f"fitted state {state} is unreadable") in err and "fittingagain" in err
+
+
+def test_a_truncated_checkpoint_is_named_and_training_starts_afresh(tmp_path, weave, capsys):
+    params = {"iterations": 4, "width": 4, "latent": 8, "checkpoint_every": 2}
+    cfg = _cfg(tmp_path, weave, "autoencoder", params)
+    (first,), _ = run_benchmark(cfg, track=False)
+    (state,) = _state_files(tmp_path)
+    checkpoint = state.parent / "last.ckpt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    state.unlink()  # as if killed during training, after a checkpoint
+    (tmp_path / "out" / "bad" / "jobs" / f"{first['run_name'].replace('/', '__')}.json").unlink()
+    capsys.readouterr()
+    (again,), failed = run_benchmark(cfg, track=False)
+    assert not failed and again["metrics"] == first["metrics"]
+    err = _squash(capsys.readouterr().err)
+    assert _squash(f"training checkpoint {checkpoint} is unreadable") in err
 
 
 # -- 8. a truncated job file (MLflow sync and parent runs: test_tracking_robustness.py) --------

@@ -5,6 +5,8 @@ stores under ``tmp_path``."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -14,16 +16,30 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import psutil
+import pytest
 from mlflow import MlflowClient
+
+from bench.cli import main
+from bench.tracking import _machine, _start_ticks
 
 BIN = Path(sys.executable).parent
 
 
-def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "bench"), *args], capture_output=True, text=True, env=_env())
+@pytest.fixture(autouse=True)
+def _default_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def bench(*args: str) -> SimpleNamespace:
+    """The ``bench`` command in this process (no interpreter start-up): exit code and stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def _env() -> dict[str, str]:
@@ -142,8 +158,10 @@ def _fake_parent(
     tags = {
         "adbench.kind": "benchmark",
         "adbench.host": host,
+        "adbench.machine": _machine(),
         "adbench.pid": str(pid),
         "adbench.pid_started": f"{started:.3f}",
+        "adbench.pid_ticks": _start_ticks(pid) if started else "1",
     }
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 

@@ -54,7 +54,7 @@ class AutoEncoder(TrainableDetector):
         lr: Annotated[float, Range(gt=0)] = 2e-4,
         weight_decay: Annotated[float, Range(ge=0)] = 1e-5,
         amp: Literal["auto", "bf16", "fp16", "off"] = "auto",
-        grad_clip: Annotated[float, Range(gt=0)] | None = None,
+        grad_clip: Annotated[float, Range(ge=0)] | None = None,  # 0 or unset: no clipping
         checkpoint_every: Annotated[int, Range(ge=1)] = 500,
         sigma: Annotated[float, Range(ge=0)] = 2.0,
         score: Literal["max", "topk"] = "max",

@@ -33,7 +33,7 @@ class FeatureStats(Detector):
         self,
         backbone: str = "efficientnet_lite0",
         weights: str = "pretrained",
-        layers: tuple[Annotated[int, Range(ge=0)], ...] = (2, 3),
+        layers: tuple[int, ...] = (2, 3),  # timm out_indices (negative: from the end)
         variance_floor: Annotated[float, Range(ge=0)] = 0.01,
         sigma: Annotated[float, Range(ge=0)] = 4.0,
         score: Literal["max", "topk"] = "max",

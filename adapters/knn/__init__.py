@@ -42,7 +42,7 @@ class KNNPatchDistance(Detector):
         self,
         backbone: str = "wide_resnet50_2",
         weights: str = "pretrained",
-        layers: tuple[Annotated[int, Range(ge=0)], ...] = (2, 3),
+        layers: tuple[int, ...] = (2, 3),  # timm out_indices (negative: from the end)
         embed_dim: Annotated[int, Range(ge=1)] | None = 1024,
         projection_dim: Annotated[int, Range(ge=1)] | None = None,
         coreset_ratio: Annotated[float, Range(gt=0, le=1)] = 0.1,
@@ -53,7 +53,7 @@ class KNNPatchDistance(Detector):
         num_neighbors: Annotated[int, Range(ge=1)] = 9,
         max_pairs: Annotated[int, Range(ge=1)] = 1 << 24,
         discover_types: bool = True,
-        n_types: Annotated[int, Range(ge=1)] | None = None,
+        n_types: Annotated[int, Range(ge=0)] | None = None,  # 0: estimated
         seed: int = 0,
     ) -> None:
         if not 0 < coreset_ratio <= 1:
