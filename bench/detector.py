@@ -24,8 +24,17 @@ class UnreadableState(ValueError):
     """A fitted-state file that is truncated, corrupt or of another detector."""
 
 
+#: the fit scopes of the plan (bench.plan): which training images a fit receives
+FIT_SCOPES = ("per_category", "unified", "train_on", "shots")
+
+
 class Detector:
-    """Base class: ``fit`` on defect-free batches, ``predict`` one test batch at a time."""
+    """Base class: ``fit`` on defect-free batches, ``predict`` one test batch at a time.
+
+    A two-stage detector (``reference_stage = True``) is first fitted on its training source
+    (another dataset, ``train_on``) and then given each evaluated category's k-shot references
+    through :meth:`fit_references`; the plan makes the first stage one fit shared by every job.
+    """
 
     modality: ClassVar[str] = "image"
     #: further inputs it scores, e.g. ("points",) for unorganised clouds (see bench.types)
@@ -33,6 +42,10 @@ class Detector:
     registered_name: ClassVar[str] = ""
     #: whether the runner may run ``predict`` under autocast on a GPU
     inference_amp: ClassVar[bool] = True
+    #: the fit scopes it supports (a subset of ``FIT_SCOPES``); the plan refuses the others
+    scopes: ClassVar[tuple[str, ...]] = ("per_category",)
+    #: whether ``fit_references`` is a second stage after ``fit`` (see the class docstring)
+    reference_stage: ClassVar[bool] = False
 
     device: torch.device = torch.device("cpu")
     #: folder for checkpoints and caches of this job; set by the runner, None when unused
@@ -42,6 +55,11 @@ class Detector:
         raise NotImplementedError
 
     def predict(self, batch: Batch) -> Prediction:
+        raise NotImplementedError
+
+    def fit_references(self, references: Iterable[Batch]) -> None:
+        """Second stage of a two-stage detector: the k-shot references of one category, after
+        ``fit`` (or its cached state) on the training source."""
         raise NotImplementedError
 
     @classmethod

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.detector import FIT_SCOPES
 from bench.params import Range
 from bench.registry import register_detector
 from bench.training import TrainableDetector
@@ -44,6 +45,8 @@ class AutoEncoder(TrainableDetector):
     """
 
     modality = "image"
+    #: its fit uses whatever images it is given: every scope applies
+    scopes = FIT_SCOPES
 
     def __init__(
         self,

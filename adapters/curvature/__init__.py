@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import torch
 
-from bench.detector import Detector
+from bench.detector import FIT_SCOPES, Detector
 from bench.params import Range
 from bench.pointcloud import knn_indices, multiscale_surface_variation
 from bench.registry import register_detector
@@ -34,6 +34,8 @@ class Curvature(Detector):
 
     modality = "point_cloud"
     also_accepts = ("points",)
+    #: its fit uses whatever images it is given: every scope applies
+    scopes = FIT_SCOPES
     inference_amp = False  # covariance eigenvalues need full precision
 
     def __init__(

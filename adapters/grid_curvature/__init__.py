@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 
-from bench.detector import Detector
+from bench.detector import FIT_SCOPES, Detector
 from bench.params import Range
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
@@ -50,6 +50,8 @@ class GridCurvature(Detector):
     """
 
     modality = "point_cloud"
+    #: its fit uses whatever images it is given: every scope applies
+    scopes = FIT_SCOPES
     inference_amp = False  # covariance eigenvalues need full precision
 
     def __init__(

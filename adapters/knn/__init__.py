@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.backbones import create_backbone, normalize
-from bench.detector import Detector
+from bench.detector import FIT_SCOPES, Detector
 from bench.params import Range
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
@@ -37,6 +37,8 @@ class KNNPatchDistance(Detector):
     """
 
     modality = "image"
+    #: its fit uses whatever images it is given: every scope applies
+    scopes = FIT_SCOPES
 
     def __init__(
         self,
