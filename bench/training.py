@@ -4,6 +4,10 @@ A subclass builds its modules, names its optimiser and scheduler, and returns th
 step; :class:`TrainableDetector.fit` does the rest: optimiser steps over an endless stream of
 batches, mixed precision on GPUs, gradient clipping, periodic checkpoints under ``workdir``, and
 exact resume (model, optimiser, scheduler, scaler, RNG states and the position in the data).
+
+Each step's loss, learning rate and throughput are kept in ``train_metrics_`` and, when the
+runner sets a :class:`bench.trainlog.StepLogger` as ``step_logger``, reported to it while the
+training runs (every ``log_every`` steps).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,6 +27,7 @@ from torch import nn
 
 from bench.detector import Detector
 from bench.progress import progress_bar
+from bench.trainlog import StepLogger, TrainRecord, full_record
 from bench.types import Batch
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -44,12 +50,20 @@ class TrainableDetector(Detector):
     Subclasses set ``self.iterations``, ``self.amp``, ``self.grad_clip`` and
     ``self.checkpoint_every`` in ``__init__`` (they are part of the configuration) and implement
     :meth:`build`, :meth:`configure_optimizers` and :meth:`training_step`.
+
+    After :meth:`fit`, ``train_log_`` holds ``(step, loss)`` per step and ``train_metrics_``
+    ``(step, loss, lr, images_per_second)`` (lr and images/s NaN for steps restored from a
+    checkpoint written before they were kept).
     """
 
     iterations: int = 1000
     amp: str = "auto"
     grad_clip: float | None = None
     checkpoint_every: int = 500
+    #: set by the runner (neither configuration nor fitted state): where step metrics go
+    step_logger: StepLogger | None = None
+    #: report to ``step_logger`` every this many steps (and always the last step)
+    log_every: int = 1
 
     # -- to implement ------------------------------------------------------------------------
     def build(self, example: Batch) -> None:
@@ -79,12 +93,18 @@ class TrainableDetector(Detector):
         scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
         start = self._resume(optimizer, scheduler, scaler)
         self.train_log_: list[tuple[int, float]] = getattr(self, "train_log_", [])
+        metrics: list[TrainRecord] = getattr(self, "train_metrics_", [])
+        if len(metrics) != len(self.train_log_):  # restored from a checkpoint of before
+            metrics = [full_record(r) for r in self.train_log_]
+        self.train_metrics_ = metrics
+        logger, every = self.step_logger, max(1, int(self.log_every))
         for module in self.modules().values():
             module.train()
         stream = _batches_from(train, start)
         with progress_bar(f"train {self.registered_name}", total=self.iterations) as bar:
             bar.advance(start)
             for step in range(start, self.iterations):
+                tic = time.perf_counter()
                 batch = next(stream).to(self.device, non_blocking=True)
                 ctx = torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
                 with ctx:
@@ -101,19 +121,40 @@ class TrainableDetector(Detector):
                     nn.utils.clip_grad_norm_(params, self.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
+                lr = float(optimizer.param_groups[0]["lr"])  # the lr this step used
                 if scheduler is not None:
                     scheduler.step()
-                self.train_log_.append((step, float(loss.detach())))
+                value = float(loss.detach())
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                images_per_second = len(batch) / max(time.perf_counter() - tic, 1e-9)
+                self.train_log_.append((step, value))
+                self.train_metrics_.append((step, value, lr, images_per_second))
                 bar.advance(1)
                 done = step + 1
+                if logger is not None and (done % every == 0 or done == self.iterations):
+                    logger.log(
+                        step,
+                        {
+                            "train/loss": value,
+                            "train/lr": lr,
+                            "train/images_per_second": images_per_second,
+                        },
+                    )
                 if self.workdir is not None and (
                     done % self.checkpoint_every == 0 or done == self.iterations
                 ):
+                    if logger is not None:
+                        logger.flush()
                     self._save_checkpoint(done, optimizer, scheduler, scaler)
+        if logger is not None:
+            logger.flush()
         for module in self.modules().values():
             module.eval()
         with torch.no_grad():
             self.after_training(train)
+        if logger is not None:
+            logger.finish(self.train_metrics_)
 
     # -- checkpoints -----------------------------------------------------------------------------
     @property
@@ -132,6 +173,7 @@ class TrainableDetector(Detector):
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(),
             "train_log": self.train_log_,
+            "train_metrics": self.train_metrics_,
             "rng": _rng_state(),
         }
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -163,7 +205,8 @@ class TrainableDetector(Detector):
         if scheduler is not None and blob["scheduler"] is not None:
             scheduler.load_state_dict(blob["scheduler"])
         scaler.load_state_dict(blob["scaler"])
-        self.train_log_ = list(blob["train_log"])
+        self.train_log_ = [(int(r[0]), float(r[1])) for r in blob["train_log"]]
+        self.train_metrics_ = [full_record(r) for r in blob.get("train_metrics", blob["train_log"])]
         _set_rng_state(blob["rng"])
         return int(blob["step"])
 
