@@ -22,6 +22,18 @@ categories = ["bottle"]     # optional: default = every category found
 image_size = 256
 crop_size = 224             # optional
 ```
+
+Fit scopes (which training images a fit receives; see bench.scopes), top level or per detector:
+
+```toml
+scope = "unified"           # per_category (default) | unified: one fit over every category
+train_on = "visa:candle,pcb1"   # fit on another dataset's training split (or a table:
+                            # { dataset = "visa", root = "...", categories = [...] })
+shots = 4                   # k normal training images per category ...
+shot_draws = 5              # ... drawn 5 times (seeded by category and draw index)
+shot_files = ["refs.txt"]   # or the reference images listed in files, one file per draw
+train_log_every = 1         # trained detectors log loss, lr and images/s every N steps
+```
 """
 
 from __future__ import annotations
@@ -50,6 +62,12 @@ class DetectorEntry:
     #: crop_size "none" = no crop
     image_size: int | list[int] | str | None = None
     crop_size: int | list[int] | str | None = None
+    #: fit scope overrides for this detector (None: the benchmark's own, see BenchConfig)
+    scope: str | None = None
+    train_on: str | dict[str, Any] | None = None
+    shots: int | None = None
+    shot_draws: int | None = None
+    shot_files: list[str] | None = None
 
     @property
     def display(self) -> str:
@@ -84,6 +102,14 @@ class BenchConfig:
     export_maps: str | None = None
     experiment: str | None = None
     tracking_uri: str | None = None
+    #: fit scope of every detector that does not set its own (bench.scopes)
+    scope: str = "per_category"
+    train_on: str | dict[str, Any] | None = None
+    shots: int | None = None
+    shot_draws: int = 1
+    shot_files: list[str] | None = None
+    #: trained detectors log their loss, learning rate and throughput every N steps
+    train_log_every: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +175,15 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
         where = f"{source}: {kind} {getattr(entry, 'display', entry.name)!r}"
         _check_size(entry.image_size, f"{where} image_size", ("native", "none"))
         _check_size(entry.crop_size, f"{where} crop_size", ("none", "native"))
+    if not _positive(cfg.train_log_every):
+        raise ConfigError(
+            f"{source}: train_log_every must be a positive integer, got {cfg.train_log_every!r}"
+        )
+    from bench.scopes import check_scope_fields
+
+    check_scope_fields(cfg, f"{source}:")
+    for det in cfg.detectors:
+        check_scope_fields(det, f"{source}: detector {det.display!r}")
     labels = [d.display for d in cfg.detectors]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
@@ -157,17 +192,17 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
         )
 
 
+def _positive(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def _check_size(value: Any, where: str, words: tuple[str, ...]) -> None:
     """An input size: a positive integer, [height, width] of positive integers, or a word."""
-
-    def positive(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
     ok = (
         value is None
         or value in words
-        or positive(value)
-        or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(positive, value)))
+        or _positive(value)
+        or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_positive, value)))
     )
     if not ok:
         raise ConfigError(

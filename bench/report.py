@@ -35,8 +35,15 @@ def _present(frame: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
     return [m for m in metrics if frame[m].notna().any()]
 
 
+#: a row of the leaderboards: a detector under one fit scope
+ROW = ["detector", "fit"]
+#: one repetition of a setting: a seed and, for few-shot fits, a draw of references
+REPLICATE = ["seed", "draw"]
+
+
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per job with the overall metrics, protocol and metric version.
+    """One row per job (every seed and few-shot draw) with the overall metrics, fit scope,
+    protocol and metric version.
 
     Results of one dataset under different protocols or metric versions are never averaged or
     compared in one column: such rows get the dataset label ``name [protocol, vX]``."""
@@ -46,13 +53,18 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             k: r[k]
             for k in ("detector", "dataset", "category", "seed", "protocol", "metric_version")
         }
+        row["fit"] = r.get("fit_label", "per-category")
+        row["draw"] = r.get("draw")
+        row["shots"] = (r.get("scope") or {}).get("shots")
         row.update(r["metrics"]["all"])
         row["fit_seconds"] = r["timings"]["fit_seconds"]
+        row["fitted_seconds"] = r["timings"].get("fitted_seconds")
         row["predict_images_per_second"] = r["timings"]["predict_images_per_second"]
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    frame["draw"] = frame["draw"].fillna(-1).astype(int)  # -1: not a few-shot job
     for metric in METRICS:
         if metric not in frame:
             frame[metric] = float("nan")
@@ -64,45 +76,89 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
+def replicate_means(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """The unweighted mean over categories of each replicate (seed, draw) of every row and
+    dataset: what mean and standard deviation are taken over."""
+    return frame.groupby([*ROW, "dataset", *REPLICATE])[metric].mean()
+
+
 def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Mean over seeds, then unweighted mean over categories, per (detector, dataset)."""
+    """Per (detector, fit, dataset): each metric's mean over replicates (seeds x few-shot
+    draws) of the unweighted mean over categories, its sample standard deviation over
+    replicates (``<metric>_std``, NaN with one replicate), and the numbers of categories,
+    seeds and draws."""
     frame = records_frame(records)
-    per_cat = frame.groupby(["detector", "dataset", "category"])[list(METRICS)].mean()
-    return per_cat.groupby(["detector", "dataset"]).mean()
+    keys = [*ROW, "dataset"]
+    out = {}
+    for metric in METRICS:
+        per_replicate = frame.groupby([*keys, *REPLICATE])[metric].mean()
+        grouped = per_replicate.groupby(keys)
+        out[metric] = grouped.mean()
+        out[f"{metric}_std"] = grouped.std(ddof=1)
+    summary = pd.DataFrame(out)
+    counts = frame.groupby(keys).agg(
+        categories=("category", "nunique"),
+        seeds=("seed", "nunique"),
+        draws=("draw", lambda d: int((d >= 0).any() and d[d >= 0].nunique())),
+    )
+    return summary.join(counts)
 
 
-def metric_table(records: list[dict[str, Any]], metric: str) -> pd.DataFrame:
-    """Detectors as rows, (dataset/category) and the per-dataset mean as columns."""
+def metric_table(records: list[dict[str, Any]], metric: str, std: bool = False) -> pd.DataFrame:
+    """(detector, fit) as rows, (dataset/category) and the per-dataset mean as columns: means
+    over replicates, or with ``std`` their sample standard deviations."""
     frame = records_frame(records)
-    per_cat = (
-        frame.groupby(["detector", "dataset", "category"])[metric]
-        .mean()
-        .unstack(["dataset", "category"])
+    per_replicate = frame.groupby([*ROW, "dataset", "category", *REPLICATE])[metric].mean()
+    reduce = (lambda g: g.std(ddof=1)) if std else (lambda g: g.mean())
+    per_cat = reduce(per_replicate.groupby([*ROW, "dataset", "category"])).unstack(
+        ["dataset", "category"]
+    )
+    dataset_means = reduce(replicate_means(frame, metric).groupby([*ROW, "dataset"])).unstack(
+        "dataset"
     )
     out = {}
     for dataset in sorted({d for d, _ in per_cat.columns}):
         cols = [c for c in per_cat.columns if c[0] == dataset]
         for c in sorted(cols):
             out[f"{dataset}/{c[1]}"] = per_cat[c]
-        out[f"{dataset}/mean"] = per_cat[cols].mean(axis=1, skipna=False)
+        complete = per_cat[cols].notna().all(axis=1)  # a missing category: no mean
+        out[f"{dataset}/mean"] = dataset_means[dataset].where(complete)
     return pd.DataFrame(out)
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    header = "| detector | " + " | ".join(table.columns) + " |"
-    lines = [header, "|" + "---|" * (len(table.columns) + 1)]
+def _markdown(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> str:
+    names = list(table.index.names)
+    header = "| " + " | ".join(names) + " | " + " | ".join(table.columns) + " |"
+    lines = [header, "|" + "---|" * (len(table.columns) + len(names))]
     best = table.max(axis=0)
-    for det, row in table.iterrows():
+    for key, row in table.iterrows():
         cells = []
         for col, v in row.items():
             if v != v:
                 cells.append("–")
             else:
                 text = f"{v:.4f}"
-                cells.append(
-                    f"**{text}**" if v == best[col] and table[col].notna().sum() > 1 else text
-                )
-        lines.append(f"| {det} | " + " | ".join(cells) + " |")
+                if v == best[col] and table[col].notna().sum() > 1:
+                    text = f"**{text}**"
+                sd = None if spread is None else spread.loc[key, col]
+                cells.append(text if sd is None or sd != sd else f"{text} ± {sd:.4f}")
+        keys = key if isinstance(key, tuple) else (key,)
+        lines.append("| " + " | ".join(map(str, keys)) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _runs_markdown(summary: pd.DataFrame) -> str:
+    """What each leaderboard row averages: categories, seeds and few-shot draws."""
+    lines = [
+        "| detector | fit | dataset | categories | seeds | draws |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (detector, fit, dataset), row in summary.iterrows():
+        draws = str(int(row["draws"])) if row["draws"] else "–"
+        lines.append(
+            f"| {detector} | {fit} | {dataset} | {int(row['categories'])} | "
+            f"{int(row['seeds'])} | {draws} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,19 +166,28 @@ def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
     frame = records_frame(records)
     protocols = ", ".join(sorted(set(frame["protocol"])))
     versions = ", ".join(sorted(set(frame["metric_version"])))
+    summary = summary_frame(records)
+    repeated = bool((summary["seeds"] > 1).any() or (summary["draws"] > 1).any())
     parts = [
         f"# Leaderboard\n\nProtocol: {protocols}; metric version {versions}. "
-        "Categories are averaged without weights; seeds are averaged first."
+        "Categories are averaged without weights; seeds and few-shot draws are averaged last"
+        + (
+            " (mean ± sample standard deviation over seeds x draws of the category mean)."
+            if repeated
+            else "."
+        )
         + (
             " On unorganised clouds (protocol `points`) `image_*` are object-level metrics."
             if (frame["protocol"] == "points").any()
             else ""
         )
-        + "\n"
+        + "\n",
+        f"## Runs\n\n{_runs_markdown(summary)}\n",
     ]
     for metric in _present(frame, METRICS):
         table = metric_table(records, metric).dropna(axis=1, how="all")
-        parts.append(f"## {metric}\n\n{_markdown(table)}\n")
+        spread = metric_table(records, metric, std=True).reindex_like(table) if repeated else None
+        parts.append(f"## {metric}\n\n{_markdown(table, spread)}\n")
     return "\n".join(parts)
 
 
@@ -135,6 +200,8 @@ def leaderboard_figure(records: list[dict[str, Any]], path: str | Path) -> Path:
 
     frame = records_frame(records)
     frame["column"] = frame["dataset"] + "/" + frame["category"]
+    scoped = frame["fit"] != "per-category"
+    frame.loc[scoped, "detector"] = frame["detector"] + " [" + frame["fit"] + "]"
     metrics = _present(frame, FIGURE_METRICS)
     columns = sorted(frame["column"].unique())
     detectors = sorted(frame["detector"].unique())
@@ -188,18 +255,29 @@ def print_leaderboard(records: list[dict[str, Any]], console: Console | None = N
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     summary = summary_frame(records)
     frame = records_frame(records)
-    table = Table(title="Leaderboard (mean over categories)")
+    table = Table(title="Leaderboard (mean over categories; ± std over seeds x draws)")
     headline = _present(frame, HEADLINE)
-    for col in ("detector", "dataset", "categories", *headline):
+    for col in ("detector", "fit", "dataset", "categories", "runs", *headline):
         table.add_column(
-            col, justify="left" if col in ("detector", "dataset") else "right", no_wrap=True
+            col, justify="left" if col in ("detector", "fit", "dataset") else "right", no_wrap=True
         )
-    for (detector, dataset), row in summary.iterrows():
-        n = frame[(frame.detector == detector) & (frame.dataset == dataset)]["category"].nunique()
+
+    def cell(row, m: str) -> str:
+        if row[m] != row[m]:
+            return "–"
+        sd = row[f"{m}_std"]
+        return f"{row[m]:.4f}" if sd != sd else f"{row[m]:.4f} ± {sd:.4f}"
+
+    for (detector, fit, dataset), row in summary.iterrows():
+        runs = f"{int(row['seeds'])} seed(s)" + (
+            f" x {int(row['draws'])} draws" if row["draws"] else ""
+        )
         table.add_row(
             escape(detector),
+            escape(fit),
             escape(dataset),
-            str(n),
-            *("–" if row[m] != row[m] else f"{row[m]:.4f}" for m in headline),
+            str(int(row["categories"])),
+            runs,
+            *(cell(row, m) for m in headline),
         )
     console.print(table)

@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.plan import Job
+from bench.plan import Fit, Job
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -26,8 +26,13 @@ class ResultStore:
         return self.root / "jobs" / f"{job.slug}.json"
 
     def state_dir(self, job: Job) -> Path:
-        """Checkpoints and fitted state; keyed by the fit config so re-evaluation reuses it."""
+        """The job's own state (predictions kept after a failure), keyed by its fit."""
         return self.root / "state" / f"{job.slug}-{job.fit_hash}"
+
+    def fit_dir(self, fit: Fit) -> Path:
+        """A fit's checkpoints and fitted state, keyed by its config so every job that shares
+        it (and every later run) reuses it; a per-category fit's is its job's state folder."""
+        return self.root / "state" / f"{fit.name.replace('/', '__')}-{fit.hash}"
 
     def load(self, job: Job) -> dict[str, Any] | None:
         """The finished record of ``job`` if one exists for the same config hash."""

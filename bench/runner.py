@@ -9,7 +9,10 @@ folder and the next run scores them without predicting again.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import time
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 import timm
 import torch
 from rich.markup import escape
+from torch.utils.data import ConcatDataset
 
 from bench import __version__
 from bench.config import BenchConfig, ConfigError
@@ -29,16 +33,24 @@ from bench.fingerprint import data_fingerprint
 from bench.loading import EpochLoader
 from bench.metrics import METRIC_VERSION
 from bench.overlays import OverlayCollector
-from bench.plan import Job, plan_jobs
+from bench.plan import Fit, Job, open_split, plan_jobs, select
 from bench.progress import console, progress_bar
 from bench.registry import create_detector
-from bench.results import ResultStore
-from bench.system import device_description, resolve_device, seed_everything, track_peak_memory
+from bench.results import ResultStore, read_record, write_json
+from bench.system import (
+    PeakMemory,
+    device_description,
+    resolve_device,
+    seed_everything,
+    track_peak_memory,
+)
 from bench.training import CHECKPOINT_NAME, TrainableDetector, amp_dtype
 
 __all__ = ["data_fingerprint", "run_benchmark", "run_job"]
 
 FITTED_STATE = "fitted.pt"
+#: when and from what a fit was computed (its seconds are reported by every job sharing it)
+FIT_INFO = "fit.json"
 
 
 def _sync(device: torch.device) -> None:
@@ -72,7 +84,8 @@ def short_error(err: BaseException) -> str:
 def summary_line(record: dict[str, Any]) -> str:
     """One line of headline metrics for the console: image ones, then pixel or point ones."""
     m, t = record["metrics"]["all"], record["timings"]
-    return f"{headline(m)}  ({t['fit_seconds']:.1f}s fit, {t['predict_images_per_second']:.1f} samples/s)"
+    fit = "shared fit" if record.get("fit_shared") else f"{t['fit_seconds']:.1f}s fit"
+    return f"{headline(m)}  ({fit}, {t['predict_images_per_second']:.1f} samples/s)"
 
 
 def headline(m: dict[str, float]) -> str:
@@ -89,29 +102,50 @@ def headline(m: dict[str, float]) -> str:
 @dataclass
 class JobData:
     spec: Any
-    train_set: Any
     test_set: Any
-    train: EpochLoader
     test: EpochLoader
 
 
-def open_data(job: Job, trainable: bool, device: torch.device, num_workers: int) -> JobData:
+def open_data(job: Job, device: torch.device, num_workers: int) -> JobData:
+    """The evaluated category's test split (the training data belongs to the fit)."""
     spec = get_dataset(job.dataset.name)
     opts = {"image_size": job.image_size, "crop_size": job.crop_size, **job.dataset.options}
-    train_set = spec.open(job.category, "train", job.root, **opts)
     test_set = spec.open(job.category, "test", job.root, **opts)
     pin = device.type == "cuda"
-    train = EpochLoader(
-        train_set,
-        job.batch_size,
-        shuffle=trainable,
-        seed=job.seed,
-        num_workers=num_workers,
-        pin_memory=pin,
-        drop_last=trainable and len(train_set) >= job.batch_size,
-    )
     test = EpochLoader(test_set, job.batch_size, num_workers=num_workers, pin_memory=pin)
-    return JobData(spec, train_set, test_set, train, test)
+    return JobData(spec, test_set, test)
+
+
+def open_fit_data(
+    fit: Fit, trainable: bool, device: torch.device, num_workers: int
+) -> tuple[list[Any], EpochLoader]:
+    """The training images of one fit (every part, pooled) and their batches."""
+    sets = []
+    for part in fit.parts:
+        opts = {"image_size": fit.image_size, "crop_size": fit.crop_size}
+        split = get_dataset(part.dataset).open(
+            part.category, "train", part.root, **opts, **json.loads(part.options)
+        )
+        sets.append(select(split, part.files))
+    pooled = sets[0] if len(sets) == 1 else ConcatDataset(sets)
+    loader = EpochLoader(
+        pooled,
+        fit.batch_size,
+        shuffle=trainable,
+        seed=fit.seed,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=trainable and len(pooled) >= fit.batch_size,
+    )
+    return sets, loader
+
+
+def fit_size(fit: Fit) -> int:
+    """How many training images the fit gets (from the plan's index, without loading)."""
+    return sum(
+        len(select(open_split(p.dataset, p.root, p.category, p.options, "train"), p.files))
+        for p in fit.parts
+    )
 
 
 @dataclass
@@ -119,33 +153,109 @@ class FitResult:
     cached: bool
     seconds: float
     peak: Any
+    #: the stages computed by this job (a cached or shared fit computes none)
+    computed: list[str] = field(default_factory=list)
+    #: seconds the fit took when it was computed (by this job or an earlier one)
+    fitted_seconds: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    shared: bool = False
 
 
 def clear_fitted_state(workdir: Path) -> None:
     """Removes a fit's state and checkpoint, so that it is fitted from scratch (``--force``)."""
-    for name in (FITTED_STATE, CHECKPOINT_NAME):
+    for name in (FITTED_STATE, CHECKPOINT_NAME, FIT_INFO):
         (workdir / name).unlink(missing_ok=True)
 
 
-def fit_or_load(detector: Detector, train: EpochLoader, device: torch.device) -> FitResult:
-    """Loads the fitted state from the job's state folder, or fits and saves it."""
-    state_file = detector.workdir / FITTED_STATE
+def load_fitted(detector: Detector, workdir: Path) -> bool:
+    """Loads a fit's cached state; False when there is none or it is unreadable (named)."""
+    state_file = workdir / FITTED_STATE
+    if not state_file.is_file():
+        return False
+    try:
+        detector.load_state(state_file)
+        return True
+    except UnreadableState as err:  # a cache: named, then fitted again
+        console.print(f"[yellow]  {escape(str(err))}; fitting again[/]", soft_wrap=True)
+        state_file.unlink(missing_ok=True)
+        return False
+
+
+def fit_or_load(
+    detector: Detector,
+    fit: Fit,
+    store: ResultStore,
+    device: torch.device,
+    num_workers: int = 0,
+    logger_for: Any = None,
+) -> FitResult:
+    """Brings ``detector`` to the state of ``fit``: loads the cached state of the fit, or of the
+    nearest stage before it, and computes the stages after that, saving each stage's state.
+    ``logger_for(fit)`` gives a trained stage's step logger (live training curves)."""
+    chain = fit_chain(fit)
+    result = FitResult(cached=False, seconds=0.0, peak=None)
     with track_peak_memory(device) as peak:
         start = time.perf_counter()
-        cached = state_file.is_file()
-        if cached:
+        todo = []
+        for stage in chain:  # the job's own fit first, then the stages it starts from
+            if load_fitted(detector, store.fit_dir(stage)):
+                break
+            todo.append(stage)
+        for stage in reversed(todo):
+            workdir = store.fit_dir(stage)
+            detector.workdir = workdir
+            trainable = isinstance(detector, TrainableDetector) and stage.stage == "fit"
+            sets, loader = open_fit_data(stage, trainable, device, num_workers)
+            result.warnings += [w for ds in sets for w in getattr(ds, "warnings", [])]
+            if trainable and logger_for is not None:
+                detector.step_logger = logger_for(stage)
+            t0 = time.perf_counter()
             try:
-                detector.load_state(state_file)
-            except UnreadableState as err:  # a cache: named, then fitted again
-                console.print(f"[yellow]  {escape(str(err))}; fitting again[/]", soft_wrap=True)
-                state_file.unlink(missing_ok=True)
-                cached = False
-        if not cached:
-            detector.fit(train)
+                (detector.fit if stage.stage == "fit" else detector.fit_references)(loader)
+            finally:
+                if trainable:
+                    detector.step_logger = None
             _sync(device)
-            detector.save_state(state_file)
-        seconds = time.perf_counter() - start
-    return FitResult(cached, seconds, peak)
+            detector.save_state(workdir / FITTED_STATE)
+            write_json(workdir / FIT_INFO, {"seconds": time.perf_counter() - t0,
+                                            "fit": stage.config(), "name": stage.name})  # fmt: skip
+            result.computed.append(stage.stage)
+        result.seconds = time.perf_counter() - start
+    detector.workdir = store.fit_dir(fit)
+    result.cached, result.peak = not todo, peak
+    result.fitted_seconds = fitted_seconds(store, fit)
+    return result
+
+
+def fitted_seconds(store: ResultStore, fit: Fit) -> float | None:
+    """Seconds all stages of ``fit`` took when they were computed (None if unrecorded)."""
+    total = 0.0
+    stage: Fit | None = fit
+    while stage is not None:
+        info = read_record(store.fit_dir(stage) / FIT_INFO)
+        if isinstance(info, str):
+            return None
+        total += float(info.get("seconds", 0.0))
+        stage = stage.parent
+    return total
+
+
+class LiveFit:
+    """The detector of the last fit, kept in memory for the next job that shares the fit (the
+    jobs of a unified or train_on fit run one after the other)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, str] | None = None
+        self.detector: Detector | None = None
+
+    def take(self, fit: Fit) -> Detector | None:
+        return self.detector if self.key == (fit.name, fit.hash) else None
+
+    def keep(self, fit: Fit, detector: Detector) -> None:
+        self.key, self.detector = (fit.name, fit.hash), detector
+
+    def drop(self) -> None:
+        self.key = self.detector = None
 
 
 @dataclass
@@ -242,10 +352,14 @@ def load_predictions(path: Path, export_dir: Path | None) -> Predictions | None:
 
 
 def drop_kept_predictions(state_dir: Path) -> None:
-    """Removes every kept prediction file of a fit's state folder (older configurations'
-    too: each can be hundreds of MB)."""
+    """Removes every kept prediction file of a job's state folder (older configurations'
+    too: each can be hundreds of MB), and the folder when nothing else is in it."""
     for path in state_dir.glob("predictions-*.pt"):
         path.unlink(missing_ok=True)
+    try:
+        state_dir.rmdir()  # a job of a shared fit keeps nothing else there
+    except OSError:
+        pass
 
 
 class FailedAfterPrediction(RuntimeError):
@@ -289,7 +403,7 @@ def job_record(
     """The result file of one job: identity, metrics, curves, timings, memory, provenance."""
     evaluator = pred.evaluator
     n_test = len(data.test_set)
-    warnings = [*getattr(data.train_set, "warnings", []), *getattr(data.test_set, "warnings", [])]
+    warnings = [*fit.warnings, *getattr(data.test_set, "warnings", [])]
     return {
         "run_name": job.run_name,
         "config_hash": job.config_hash,
@@ -302,6 +416,7 @@ def job_record(
         "root": job.root,
         "category": job.category,
         "seed": job.seed,
+        **scope_fields(job),
         "image_size": job.image_size,
         "crop_size": job.crop_size,
         "batch_size": job.batch_size,
@@ -312,12 +427,14 @@ def job_record(
         "discovery": scored["discovery"],
         "warnings": warnings + evaluator.warnings,
         "maps_exported_to": None if evaluator.export_dir is None else str(evaluator.export_dir),
-        "n_train": len(data.train_set),
+        "n_train": fit_size(job.fit),
         "n_test": n_test,
         "fit_cached": fit.cached,
+        "fit_shared": fit.shared,
         "predictions_resumed": pred.resumed,
         "timings": {
             "fit_seconds": fit.seconds,
+            "fitted_seconds": fit.fitted_seconds,
             "predict_seconds": pred.predict_seconds,
             "predict_images_per_second": n_test / pred.predict_seconds
             if pred.predict_seconds
@@ -332,7 +449,9 @@ def job_record(
             "predict_peak_gpu_mb": pred.peak_gpu_bytes / 2**20,
         },
         "device": device_description(device),
-        "data_fingerprint": data_fingerprint(data.train_set, data.test_set),
+        "data_fingerprint": hashlib.sha256(
+            f"{job.train_data}|{job.test_data}".encode()
+        ).hexdigest()[:16],
         "train_fingerprint": job.train_data,
         "test_fingerprint": job.test_data,
         "versions": {
@@ -345,29 +464,87 @@ def job_record(
     }
 
 
+def scope_fields(job: Job) -> dict[str, Any]:
+    """What a job was fitted on: the fit scope, the fit's identity and training categories, and
+    for few-shot jobs the draw and its reference images (relative to ``references_root``)."""
+    fit, scope = job.fit, job.scope
+    stages = []
+    stage: Fit | None = fit
+    while stage is not None:
+        stages.append(
+            {
+                "name": stage.name,
+                "hash": stage.hash,
+                "stage": stage.stage,
+                "label": stage.label,
+                "categories": [f"{p.dataset}/{p.category}" for p in stage.parts],
+                "root": sorted({p.root for p in stage.parts}),
+            }
+        )
+        stage = stage.parent
+    return {
+        "fit_label": fit.label,
+        "scope": {
+            "scope": scope.scope if scope is not None else "per_category",
+            "train_on": None
+            if scope is None or scope.train_on is None
+            else {
+                "dataset": scope.train_on.dataset,
+                "categories": stages[-1]["categories"],
+                "root": stages[-1]["root"][0],
+            },
+            "shots": len(job.references) if job.references else None,
+            "shot_draws": scope.draws if scope is not None and scope.few_shot else None,
+            "shot_files": list(scope.shot_files) if scope is not None else [],
+        },
+        "fit": {"name": fit.name, "stages": stages},
+        "draw": job.draw,
+        "references": list(job.references) or None,
+        "references_root": job.root if job.references else None,
+    }
+
+
 def run_job(
     job: Job,
     store: ResultStore,
     device: torch.device,
     num_workers: int = 0,
     export_maps: str | None = None,
-    refit: bool = False,
+    refit: Collection[str] = (),
+    live: LiveFit | None = None,
+    logger_for: Any = None,
+    log_every: int = 1,
 ) -> dict[str, Any]:
-    """Fits (or loads the cached fitted state of) one detector and scores one category.
+    """Brings a detector to the job's fit (shared in memory through ``live``, loaded from the
+    fit's cached state, or fitted) and scores one category.
 
-    ``refit`` discards the cached fitted state and checkpoint first (``--force``) and any
-    predictions kept from an earlier failed run.
+    ``refit`` holds the hashes of the fit stages whose cached state and checkpoint are discarded
+    first (``--force``); any predictions kept from an earlier failed run are discarded then too.
     """
     seed_everything(job.seed)
-    detector = create_detector(job.detector.name, **job.params)
-    data = open_data(job, isinstance(detector, TrainableDetector), device, num_workers)
-    detector.workdir = store.state_dir(job)
-    detector.to(device)
     kept_at = pending_path(store, job)
     if refit:
-        clear_fitted_state(detector.workdir)
+        stage: Fit | None = job.fit
+        while stage is not None:
+            if stage.hash in refit:
+                clear_fitted_state(store.fit_dir(stage))
+            stage = stage.parent
         kept_at.unlink(missing_ok=True)
-    fit = fit_or_load(detector, data.train, device)
+        if live is not None:
+            live.drop()
+    detector = live.take(job.fit) if live is not None else None
+    if detector is None:
+        detector = create_detector(job.detector.name, **job.params)
+        detector.to(device)
+        if isinstance(detector, TrainableDetector):
+            detector.log_every = log_every
+        fit = fit_or_load(detector, job.fit, store, device, num_workers, logger_for)
+        if live is not None:
+            live.keep(job.fit, detector)
+    else:
+        fit = FitResult(True, 0.0, PeakMemory(), shared=True)
+        fit.fitted_seconds = fitted_seconds(store, job.fit)
+    data = open_data(job, device, num_workers)
 
     modality = job_modality(detector, data.spec)
     evaluator = new_evaluator(job, modality, export_maps)
@@ -398,7 +575,7 @@ def run_job(
             else "the predictions could not be kept either"
         )
         raise FailedAfterPrediction(f"{short_error(err)} (after prediction: {outcome})") from err
-    drop_kept_predictions(detector.workdir)
+    drop_kept_predictions(store.state_dir(job))
     _check_unchanged(job, data, record)
     return record
 
@@ -414,10 +591,28 @@ def _keep(path: Path, pred: Predictions) -> bool:
         return False
 
 
+def current_train_fingerprint(fit: Fit) -> str:
+    """The fingerprint of a fit's training files as they are now (not as planned)."""
+    sets = [
+        select(
+            get_dataset(p.dataset).open(
+                p.category, "train", p.root, image_size=None, **json.loads(p.options)
+            ),
+            p.files,
+        )
+        for p in fit.parts
+    ]
+    return data_fingerprint(*sets)
+
+
 def _check_unchanged(job: Job, data: JobData, record: dict[str, Any]) -> None:
     """Warns when the data changed between planning and the end of the job: the record then
     stands under the identity of the data as planned."""
-    now = (data_fingerprint(data.train_set), data_fingerprint(data.test_set))
+    try:
+        train_now = current_train_fingerprint(job.fit)
+    except Exception as err:  # e.g. a training file removed meanwhile
+        train_now = f"unreadable ({err})"
+    now = (train_now, data_fingerprint(data.test_set))
     if now != (job.train_data, job.test_data):
         warning = (
             f"{job.category}: the data changed while the job ran (fingerprints {now} now, "
@@ -425,6 +620,14 @@ def _check_unchanged(job: Job, data: JobData, record: dict[str, Any]) -> None:
         )
         console.print(f"[yellow]  {escape(warning)}[/]")
         record["warnings"].append(warning)
+
+
+def fit_chain(fit: Fit) -> list[Fit]:
+    """A fit and the stages it starts from."""
+    chain = [fit]
+    while chain[-1].parent is not None:
+        chain.append(chain[-1].parent)
+    return chain
 
 
 def check_writable(*folders: Path) -> None:
@@ -457,6 +660,8 @@ def run_benchmark(
     records, failed = [], []
     refitted: set[str] = set()  # under --force, a fit shared by several jobs is refitted once
     tracker = Tracker.from_config(cfg) if track else None
+    live = LiveFit()
+    logger_for = None if tracker is None else tracker.fit_logger
     with tracker if tracker is not None else nullcontext():
         for i, job in enumerate(jobs, 1):
             record = None if force else store.load(job)
@@ -464,11 +669,19 @@ def run_benchmark(
                 console.print(f"[{i}/{len(jobs)}] {job.run_name}: done before, skipped")
             else:
                 console.print(f"[{i}/{len(jobs)}] {job.run_name}: running")
-                refit = force and job.fit_hash not in refitted
-                refitted.add(job.fit_hash)
+                refit = {f.hash for f in fit_chain(job.fit)} - refitted if force else set()
+                refitted |= refit
                 try:
                     record = run_job(
-                        job, store, device, cfg.num_workers, cfg.export_maps, refit=refit
+                        job,
+                        store,
+                        device,
+                        cfg.num_workers,
+                        cfg.export_maps,
+                        refit=refit,
+                        live=live,
+                        logger_for=logger_for,
+                        log_every=cfg.train_log_every,
                     )
                 except KeyboardInterrupt:
                     raise

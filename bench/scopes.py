@@ -1,0 +1,209 @@
+"""Fit scopes: which training images a fit receives (the config side of bench.plan).
+
+- ``per_category`` (default): each category's own training split.
+- ``unified``: one fit over the training splits of every configured category of the dataset,
+  scored per category (the multi-class / MUAD setting of ADer and Dinomaly).
+- ``train_on``: the training split of another dataset (all or some of its categories), scored on
+  the configured one (cross-dataset transfer).
+- ``shots = k``: k normal training images per category, ``shot_draws`` seeded draws, or the
+  images listed in ``shot_files`` (one file per draw).
+
+A draw depends only on the category and the draw index (not on the model seed), and the k-shot
+set of a draw holds the (k-1)-shot set of the same draw: seeds and draws vary independently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.config import ConfigError
+
+SCOPES = ("per_category", "unified")
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """Another dataset's training split, the training data of ``train_on``."""
+
+    dataset: str
+    root: str | None = None
+    categories: tuple[str, ...] | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        cats = f" ({'+'.join(self.categories)})" if self.categories else ""
+        return f"from {self.dataset}{cats}"
+
+    @property
+    def slug(self) -> str:
+        cats = f".{'+'.join(self.categories)}" if self.categories else ""
+        return f"from-{self.dataset}{cats}"
+
+
+@dataclass(frozen=True)
+class FitScope:
+    """The resolved fit scope of one detector."""
+
+    scope: str = "per_category"
+    train_on: TrainSource | None = None
+    shots: int | None = None
+    shot_draws: int = 1
+    shot_files: tuple[str, ...] = ()
+
+    @property
+    def few_shot(self) -> bool:
+        return self.shots is not None or bool(self.shot_files)
+
+    @property
+    def draws(self) -> int:
+        return len(self.shot_files) if self.shot_files else self.shot_draws
+
+    def needs(self) -> list[str]:
+        """The scopes a detector must support to run under this one."""
+        out = ["train_on"] if self.train_on is not None else [self.scope]
+        return out + (["shots"] if self.few_shot else [])
+
+    def label(self, k: int | None = None) -> str:
+        """What the leaderboard's ``fit`` column shows, e.g. "unified 4-shot"."""
+        parts = [self.train_on.label if self.train_on else self.scope.replace("_", "-")]
+        if self.few_shot:
+            shot = f"{k or self.shots or 'listed'}-shot"
+            parts = [shot] if parts == ["per-category"] else [*parts, shot]
+        return " ".join(parts)
+
+    def slug(self, draw: int | None, k: int | None = None) -> str:
+        """The run-name part of a job under this scope; empty for ``per_category``."""
+        parts = [self.train_on.slug] if self.train_on else []
+        if self.scope == "unified":
+            parts.append("unified")
+        if self.few_shot:
+            parts.append(f"{k or self.shots or 'listed'}shot-d{draw}")
+        return "-".join(parts)
+
+
+def parse_train_on(value: Any, where: str) -> TrainSource | None:
+    """``"visa"``, ``"visa:candle,pcb1"`` or a table ``{dataset, root, categories, options}``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name, _, cats = value.partition(":")
+        categories = tuple(c.strip() for c in cats.split(",") if c.strip()) or None
+        if not name.strip():
+            raise ConfigError(f"{where} train_on: expected DATASET[:CATEGORY,...], got {value!r}")
+        return TrainSource(name.strip(), categories=categories)
+    if isinstance(value, dict):
+        allowed = {"dataset", "root", "categories", "options"}
+        unknown = set(value) - allowed
+        if unknown or "dataset" not in value:
+            raise ConfigError(
+                f"{where} train_on: a table needs 'dataset' and may hold {sorted(allowed)}, "
+                f"got {sorted(value)}"
+            )
+        cats = value.get("categories")
+        if cats is not None and not (
+            isinstance(cats, list) and all(isinstance(c, str) for c in cats)
+        ):
+            raise ConfigError(
+                f"{where} train_on.categories: expected a list of names, got {cats!r}"
+            )
+        return TrainSource(
+            str(value["dataset"]),
+            value.get("root"),
+            tuple(cats) if cats else None,
+            tuple(sorted((value.get("options") or {}).items())),
+        )
+    raise ConfigError(f"{where} train_on: expected a string or a table, got {value!r}")
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_scope_fields(obj: Any, where: str) -> None:
+    """Type and value checks of the scope fields of a BenchConfig or a DetectorEntry."""
+    scope = obj.scope
+    if scope is not None and scope not in SCOPES:
+        raise ConfigError(f"{where} scope must be one of {SCOPES}, got {scope!r}")
+    train_on = parse_train_on(obj.train_on, where)
+    if obj.shots is not None and not _positive(obj.shots):
+        raise ConfigError(f"{where} shots must be a positive integer, got {obj.shots!r}")
+    if obj.shot_draws is not None and not _positive(obj.shot_draws):
+        raise ConfigError(f"{where} shot_draws must be a positive integer, got {obj.shot_draws!r}")
+    files = obj.shot_files
+    if files is not None and not (
+        isinstance(files, list) and files and all(isinstance(f, str) for f in files)
+    ):
+        raise ConfigError(f"{where} shot_files must be a non-empty list of paths, got {files!r}")
+    if files and (obj.shot_draws or 1) > 1:
+        raise ConfigError(
+            f"{where} shot_files and shot_draws exclude each other: each listed file is one draw"
+        )
+    if train_on is not None and scope == "unified":
+        raise ConfigError(
+            f"{where} scope 'unified' and train_on exclude each other: a train_on fit is already "
+            "one fit shared by every category"
+        )
+
+
+def resolve_scope(cfg: Any, det: Any) -> FitScope:
+    """The fit scope of detector entry ``det``: its own fields, else the benchmark's."""
+
+    def pick(name: str) -> Any:
+        own = getattr(det, name)
+        return getattr(cfg, name) if own is None else own
+
+    files = pick("shot_files")
+    own_draws = det.shot_draws is not None or det.shot_files is not None
+    draws = (det.shot_draws or 1) if own_draws else (cfg.shot_draws or 1)
+    scope = FitScope(
+        pick("scope") or "per_category",
+        parse_train_on(pick("train_on"), f"detector {det.display!r}"),
+        pick("shots"),
+        1 if files else draws,
+        tuple(files or ()),
+    )
+    if scope.train_on is not None and scope.scope == "unified":
+        raise ConfigError(
+            f"detector {det.display!r}: scope 'unified' and train_on exclude each other"
+        )
+    return scope
+
+
+def draw_references(paths: list[str], k: int, category: str, draw: int) -> tuple[str, ...]:
+    """``k`` of ``paths`` (a category's training images, relative to its dataset root) for draw
+    ``draw``: the first k of a permutation seeded by the category and the draw index, sorted."""
+    if k > len(paths):
+        raise ConfigError(
+            f"{category}: shots = {k} but its training split holds only {len(paths)} image(s)"
+        )
+    seed = int.from_bytes(hashlib.sha256(f"{category}|{draw}".encode()).digest()[:8], "big")
+    order = random.Random(seed).sample(sorted(paths), len(paths))
+    return tuple(sorted(order[:k]))
+
+
+def read_shot_file(path: str | Path) -> list[tuple[int, str]]:
+    """The (line number, image path) entries of a reference list: one path per line, relative
+    to the dataset root (or absolute); blank lines and ``#`` comments are ignored."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"shot file {path}: cannot be read ({err.strerror or err})") from err
+    entries = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            entries.append((n, line))
+    if not entries:
+        raise ConfigError(f"shot file {path}: lists no image")
+    return entries
+
+
+def references_text(root: str, references: tuple[str, ...], header: str) -> str:
+    """A reference list in the format :func:`read_shot_file` reads (``--shot-file`` replays it)."""
+    return f"# {header}\n# dataset root: {root}\n" + "".join(f"{r}\n" for r in references)
