@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-2d bench-3d bench-points report test lint format ui perf clean help
+.PHONY: install bench bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-3d  3D detectors on MVTec 3D-AD at MVTEC_3D_ROOT (built-in 3D data when unset)"
 	@echo "make bench-points  curvature on Real3D-AD / Anomaly-ShapeNet at REAL3D_AD_ROOT /"
 	@echo "               ANOMALY_SHAPENET_ROOT (built-in unorganised clouds when neither is set)"
+	@echo "make bench-visa  2D detectors on VisA at VISA_ROOT (built-in VisA-layout data when unset)"
 	@echo "make report    rebuild the leaderboard of results/default"
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff"
@@ -67,6 +68,11 @@ bench-points: $(STAMP)
 	  sets=builtin_points; fi; \
 	$(BIN)/bench run --config bench-points --datasets $$sets --output $(RESULTS)
 
+bench-visa: $(STAMP)
+	@if [ -n "$$VISA_ROOT" ]; then $(BIN)/bench run --config bench-visa --output $(RESULTS); \
+	else echo "VISA_ROOT is not set: running on the built-in VisA-layout data"; \
+	  $(BIN)/bench run --config bench-visa --datasets builtin_visa --output $(RESULTS); fi
+
 report: $(STAMP)
 	$(BIN)/bench report --output $(RESULTS)
 
@@ -81,6 +87,9 @@ format: $(STAMP)
 
 ui: $(STAMP)
 	@mkdir -p $(RESULTS)
+	@# the latest benchmark run, in the model-training view (MLflow 3 opens experiments in GenAI)
+	@env -u MLFLOW_TRACKING_URI $(BIN)/bench links --output $(RESULTS) \
+	  --base-url http://127.0.0.1:$(PORT) || true
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(abspath $(RESULTS))/mlflow.db)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RESULTS))/mlflow.db --host 127.0.0.1 --port $(PORT)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import synthetic_3d, synthetic_ad, synthetic_real3d
+from . import synthetic_3d, synthetic_ad, synthetic_real3d, synthetic_visa
 
 GENERATOR_VERSION = "1"
 
@@ -15,8 +16,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADBENCH_CACHE", Path.home() / ".cache" / "adbench"))
 
 
+def generated_root(kind: str) -> Path:
+    """Where the generated ``kind`` data lives (or will live) in the cache."""
+    return cache_dir() / f"builtin_{kind}_v{GENERATOR_VERSION}"
+
+
+@dataclass(frozen=True)
+class GeneratedRoot:
+    """The default root of a built-in dataset: its cache folder, generated on first use."""
+
+    kind: str
+    env: str = "ADBENCH_CACHE"  # the variable that moves the cache
+
+    def __call__(self) -> Path:
+        return ensure_generated(self.kind)
+
+    def __str__(self) -> str:
+        return f"generated: {generated_root(self.kind)}"
+
+
 def ensure_generated(kind: str) -> Path:
-    """Root of the generated ``kind`` ("ad", "3d" or "points") data, generating it if missing.
+    """Root of the generated ``kind`` ("ad", "3d", "points" or "visa") data, generating it if
+    missing.
 
     Generation writes into a temporary sibling and renames it at the end, so an interrupted
     generation never leaves a half-written dataset behind.
@@ -25,10 +46,11 @@ def ensure_generated(kind: str) -> Path:
         "ad": synthetic_ad.generate,
         "3d": synthetic_3d.generate,
         "points": synthetic_real3d.generate,
+        "visa": synthetic_visa.generate,
     }
     if kind not in generators:
         raise ValueError(f"built-in data kind must be one of {sorted(generators)}, got {kind!r}")
-    root = cache_dir() / f"builtin_{kind}_v{GENERATOR_VERSION}"
+    root = generated_root(kind)
     if root.is_dir():
         return root
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")

@@ -149,7 +149,7 @@ def test_dataset_registry_knows_the_built_in_data():
     with pytest.raises(
         KeyError,
         match="known datasets: anomaly_shapenet, builtin_3d, builtin_ad, builtin_points, "
-        "mvtec_3d, mvtec_ad, real3d_ad",
+        "builtin_visa, mvtec_3d, mvtec_ad, real3d_ad, visa",
     ):
         get_dataset("mvtec")
 

@@ -170,9 +170,11 @@ def test_plugin_detector_is_listed_and_runs(plugin_site, ad_root, tmp_path):
         text=True,
         check=True,
     )
-    entries = {e["name"]: e for e in json.loads(listed.stdout)}
+    entries = {e["name"]: e for e in json.loads(listed.stdout)["detectors"]}
     assert entries["mean_image"]["source"] == "plugin:adbench-demo-plugin"
     assert entries["mean_image"]["modality"] == "image"
+    assert entries["mean_image"]["scopes"] == ["per_category"]  # the Detector default
+    assert entries["feature_stats"]["scopes"] == ["per_category", "unified", "train_on", "shots"]
     assert "feature_stats" in entries
 
     run = subprocess.run(
