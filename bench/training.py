@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bench.detector import Detector
-from bench.progress import progress_bar
+from bench.progress import console, progress_bar
 from bench.trainlog import StepLogger, TrainRecord, full_record
 from bench.types import Batch
 
@@ -92,6 +92,12 @@ class TrainableDetector(Detector):
         dtype = amp_dtype(self.device, self.amp)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
         start = self._resume(optimizer, scheduler, scaler)
+        if start:
+            console.print(
+                f"  {self.registered_name}: resuming training at step {start} of "
+                f"{self.iterations} from {self.checkpoint_path}",
+                soft_wrap=True,
+            )
         self.train_log_: list[tuple[int, float]] = getattr(self, "train_log_", [])
         metrics: list[TrainRecord] = getattr(self, "train_metrics_", [])
         if len(metrics) != len(self.train_log_):  # restored from a checkpoint of before
