@@ -277,16 +277,16 @@ def parts_fingerprint(parts: tuple[Part, ...]) -> str:
 
 def check_supported(det: DetectorEntry, cls, scope: FitScope) -> None:
     """The detector takes the scope it is asked to fit under, or a ConfigError names both."""
+    if cls.reference_stage and scope.train_on is None:
+        raise ConfigError(
+            f"detector {det.display!r} ({det.name}) is fitted in two stages: set train_on to "
+            "the dataset of its first stage (its references come from each evaluated category)"
+        )
     missing = [s for s in scope.needs() if s not in cls.scopes]
     if missing:
         raise ConfigError(
             f"detector {det.display!r} ({det.name}) supports the fit scope(s) "
             f"{', '.join(cls.scopes)}; the config asks for {', '.join(missing)}"
-        )
-    if cls.reference_stage and scope.train_on is None:
-        raise ConfigError(
-            f"detector {det.display!r} ({det.name}) is fitted in two stages: set train_on to "
-            "the dataset of its first stage (its references come from each evaluated category)"
         )
     if not cls.reference_stage and scope.train_on is not None and scope.few_shot:
         raise ConfigError(
