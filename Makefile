@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
+.PHONY: install bench bench-protocols bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -27,6 +27,8 @@ help:
 	@echo "make bench-points  curvature on Real3D-AD / Anomaly-ShapeNet at REAL3D_AD_ROOT /"
 	@echo "               ANOMALY_SHAPENET_ROOT (built-in unorganised clouds when neither is set)"
 	@echo "make bench-visa  2D detectors on VisA at VISA_ROOT (built-in VisA-layout data when unset)"
+	@echo "make bench-protocols  knn under every fit scope (per category, unified, from VisA, k-shot)"
+	@echo "               on MVTec AD at MVTEC_AD_ROOT and the built-in data"
 	@echo "make report    rebuild the leaderboard of results/default"
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff"
@@ -72,6 +74,9 @@ bench-visa: $(STAMP)
 	@if [ -n "$$VISA_ROOT" ]; then $(BIN)/bench run --config bench-visa --output $(RESULTS); \
 	else echo "VISA_ROOT is not set: running on the built-in VisA-layout data"; \
 	  $(BIN)/bench run --config bench-visa --datasets builtin_visa --output $(RESULTS); fi
+
+bench-protocols: $(STAMP)
+	$(BIN)/bench run --config protocols-knn --output $(RESULTS)
 
 report: $(STAMP)
 	$(BIN)/bench report --output $(RESULTS)

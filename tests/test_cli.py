@@ -214,8 +214,8 @@ def test_leaderboard_keeps_protocols_in_separate_columns():
         "mvtec_ad [official-cropped, v1.0]/bottle",
         "mvtec_ad [official-cropped, v1.0]/mean",
     }
-    assert table.loc["a", "mvtec_ad [official, v1.0]/mean"] == 0.9
-    assert table["mvtec_ad [official-cropped, v1.0]/mean"].isna()["a"]
+    assert table.loc[("a", "per-category"), "mvtec_ad [official, v1.0]/mean"] == 0.9
+    assert table["mvtec_ad [official-cropped, v1.0]/mean"].isna()[("a", "per-category")]
     assert len(summary_frame(records)) == 2
 
 
