@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    ls = sub.add_parser("list", help="registered detectors with their modality")
+    ls = sub.add_parser("list", help="registered detectors and datasets")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
 
     run = sub.add_parser("run", help="run a benchmark (resumes: finished jobs are skipped)")
@@ -84,6 +84,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a detector parameter (repeatable)",
     )
     run.add_argument("--seeds", type=_seeds, help="comma-separated integer seeds, e.g. 0,1,2")
+    fit = run.add_argument_group(
+        "fit scope", "which training images each fit receives (for every detector)"
+    )
+    fit.add_argument(
+        "--scope",
+        choices=["per_category", "unified"],
+        help="per_category (default): a fit per category; unified: one fit over every category",
+    )
+    fit.add_argument(
+        "--train-on",
+        metavar="DATASET[:CATEGORY,...]",
+        help="fit on another dataset's training split (its root: --root DATASET=PATH)",
+    )
+    fit.add_argument("--shots", type=int, help="k normal training images per category")
+    fit.add_argument("--shot-draws", type=int, help="seeded draws of the k shots (default 1)")
+    fit.add_argument(
+        "--shot-file",
+        action="append",
+        metavar="FILE",
+        help="reference images listed in FILE (paths relative to the dataset root), one file "
+        "per draw (repeatable)",
+    )
+    fit.add_argument(
+        "--train-log-every",
+        type=int,
+        metavar="N",
+        help="trained detectors log loss, lr and images/s to MLflow every N steps (default 1)",
+    )
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--num-workers", type=int)
@@ -148,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="leaderboard (Markdown, CSV) from the results folder")
     rep.add_argument("--name", default="default")
     rep.add_argument("--output", default="results")
+
+    lnk = sub.add_parser(
+        "links", help="MLflow UI links (model-training view) of the latest benchmark run"
+    )
+    lnk.add_argument("--name", help="benchmark name (default: the latest of every benchmark)")
+    lnk.add_argument("--output", default="results", help="results folder holding mlflow.db")
+    lnk.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite store)",
+    )
+    lnk.add_argument("--base-url", default="http://127.0.0.1:5000", help="where the UI is served")
     return p
 
 
@@ -161,6 +200,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cfg.datasets = [by_name.get(n, DatasetEntry(name=n)) for n in args.datasets]
         for det in cfg.detectors:  # an explicit dataset choice overrides per-detector lists
             det.datasets = None
+    apply_scope_flags(cfg, args)
+    train_on_roots: dict[str, str] = {}
     for text in args.root:
         name, sep, path = text.partition("=")
         if not sep:
@@ -170,11 +211,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                 )
             name, path = cfg.datasets[0].name, text
         match = [d for d in cfg.datasets if d.name == name]
-        if not match:
+        if match:
+            match[0].root = path
+        elif name in train_on_datasets(cfg, args):
+            train_on_roots[name] = path
+        else:
             raise ConfigError(
-                f"--root {text}: dataset {name!r} is not configured ({[d.name for d in cfg.datasets]})"
+                f"--root {text}: dataset {name!r} is neither configured "
+                f"({[d.name for d in cfg.datasets]}) nor a train_on dataset"
             )
-        match[0].root = path
     for text in args.param:
         key, sep, value = text.partition("=")
         det_name, dot, field = key.partition(".")
@@ -184,6 +229,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if not match:
             raise ConfigError(f"--param {text}: detector {det_name!r} is not configured")
         match[0].params = {**match[0].params, field: _value(value)}
+    if train_on_roots:
+        set_train_on_roots(cfg, train_on_roots)
     if args.categories:
         cfg.categories = args.categories
     for flag in ("image_size", "crop_size"):  # the command line wins over every entry
@@ -210,36 +257,110 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return cfg
 
 
+SCOPE_FLAGS = ("scope", "train_on", "shots", "shot_draws", "shot_files")
+
+
+def apply_scope_flags(cfg: BenchConfig, args: argparse.Namespace) -> None:
+    """Fit-scope flags set the benchmark's scope and override every detector's own."""
+    values = {
+        "scope": args.scope,
+        "train_on": args.train_on,
+        "shots": args.shots,
+        "shot_draws": args.shot_draws,
+        "shot_files": args.shot_file,
+    }
+    given = {k: v for k, v in values.items() if v is not None}
+    if args.train_log_every is not None:
+        cfg.train_log_every = args.train_log_every
+    if not given:
+        return
+    if "shot_files" in given and "shot_draws" not in given:
+        given["shot_draws"] = 1
+    if "train_on" in given and "scope" not in given:
+        given["scope"] = "per_category"
+    for key, value in given.items():
+        setattr(cfg, key, value)
+        for det in cfg.detectors:
+            setattr(det, key, None)
+
+
+def train_on_datasets(cfg: BenchConfig, args: argparse.Namespace) -> set[str]:
+    from bench.scopes import parse_train_on
+
+    sources = [cfg.train_on, *(d.train_on for d in cfg.detectors)]
+    parsed = [parse_train_on(s, "config") for s in sources if s is not None]
+    return {p.dataset for p in parsed}
+
+
+def set_train_on_roots(cfg: BenchConfig, roots: dict[str, str]) -> None:
+    """``--root DATASET=PATH`` for a train_on dataset: its root in every train_on setting."""
+    from bench.scopes import parse_train_on
+
+    def with_root(value: Any) -> Any:
+        src = parse_train_on(value, "config")
+        if src is None or src.dataset not in roots:
+            return value
+        table = {"dataset": src.dataset, "root": roots[src.dataset]}
+        if src.categories:
+            table["categories"] = list(src.categories)
+        if src.options:
+            table["options"] = dict(src.options)
+        return table
+
+    cfg.train_on = with_root(cfg.train_on)
+    for det in cfg.detectors:
+        det.train_on = with_root(det.train_on)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    from bench.datasets import list_datasets
     from bench.registry import list_detectors
 
-    infos = list_detectors()
+    infos, datasets = list_detectors(), list_datasets()
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "name": i.name,
-                        "modality": i.modality,
-                        "modalities": list(i.modalities),
-                        "source": i.source,
-                        "summary": i.summary,
-                    }
-                    for i in infos
-                ],
-                indent=2,
-            )
-        )
+        detectors = [
+            {
+                "name": i.name,
+                "modality": i.modality,
+                "modalities": list(i.modalities),
+                "scopes": list(i.cls.scopes),
+                "source": i.source,
+                "summary": i.summary,
+            }
+            for i in infos
+        ]
+        sets = [
+            {
+                "name": d.name,
+                "modalities": list(d.modalities),
+                "feeds": list(d.feeds),
+                "default_root": d.spec.root_text,
+                "root_env": d.spec.root_env,
+                "loader": f"{d.spec.loader.__module__}.{d.spec.loader.__qualname__}",
+                "source": d.source,
+            }
+            for d in datasets
+        ]
+        print(json.dumps({"detectors": detectors, "datasets": sets}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=160)
     table = Table(title="Registered detectors")
-    for col in ("name", "modality", "source", "summary"):
+    for col in ("name", "modality", "scopes", "source", "summary"):
         table.add_column(col)
     for i in infos:
-        table.add_row(i.name, ", ".join(i.modalities), i.source, i.summary)
-    Console(width=160).print(table)
+        table.add_row(i.name, ", ".join(i.modalities), ", ".join(i.cls.scopes), i.source, i.summary)
+    console.print(table)
+    table = Table(title="Registered datasets")
+    for col in ("name", "modalities (also feeds)", "default root", "root env", "source"):
+        table.add_column(col)
+    for d in datasets:
+        extra = [m for m in d.feeds if m not in d.modalities]
+        fed = ", ".join(d.modalities) + (f" (+ {', '.join(extra)})" if extra else "")
+        table.add_row(d.name, fed, d.spec.root_text, d.spec.root_env or "", d.source)
+    console.print(table)
     return 0
 
 
@@ -343,6 +464,29 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_links(args: argparse.Namespace) -> int:
+    import os
+
+    from bench.tracking import default_tracking_uri
+    from bench.ui import benchmark_links
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        db = Path(args.output) / "mlflow.db"
+        if not db.is_file():
+            print(f"no MLflow store at {db} yet: run `make bench` (or `bench run`) first")
+            return 1
+        uri = default_tracking_uri(args.output)
+    links = benchmark_links(uri, args.base_url, args.name)
+    if not links:
+        which = f"adbench/{args.name}" if args.name else "any adbench/* experiment"
+        print(f"no benchmark run with job runs in {which} at {uri}: run `make bench` first")
+        return 1
+    for label, url in links:
+        print(f"{label}\n  {url}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -352,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate": cmd_evaluate,
             "report": cmd_report,
             "sync": cmd_sync,
+            "links": cmd_links,
         }
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -18,6 +18,8 @@ import re
 import socket
 import subprocess
 import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ from rich.markup import escape
 
 from bench.config import BenchConfig
 from bench.progress import console
+from bench.scopes import references_text
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -178,6 +181,18 @@ JOB_FIELDS = (
 )
 
 
+def scope_params(record: dict[str, Any]) -> dict[str, str]:
+    """The fit scope of a job as MLflow params (records from before fit scopes: per-category)."""
+    scope = record.get("scope") or {}
+    out = {"fit": record.get("fit_label", "per-category")}
+    if scope.get("train_on"):
+        out["train_on"] = scope["train_on"]["dataset"]
+    if record.get("draw") is not None:
+        out["draw"] = str(record["draw"])
+        out["shots"] = str(scope.get("shots"))
+    return out
+
+
 def curves_figure(record: dict[str, Any], path: Path) -> Path:
     """ROC and PRO curves of a job (subset "all") as a PNG, the AU-PRO limit marked; the point
     ROC alone for unorganised clouds."""
@@ -296,6 +311,8 @@ class Tracker:
         try:
             import mlflow
 
+            from bench.ui import describe_experiment
+
             probe(self.uri)
             client = mlflow.MlflowClient(tracking_uri=self.uri)
             exp = client.get_experiment_by_name(self.experiment)
@@ -304,6 +321,7 @@ class Tracker:
                 exp_id = client.create_experiment(self.experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
+            describe_experiment(client, exp_id, self.benchmark, self.config)
             self.client, self.experiment_id = client, exp_id
             if self.open_parent:
                 self._close_dead_parents_safely()
@@ -405,6 +423,8 @@ class Tracker:
                 "mlflow.parentRunId": self.parent_id,
                 "adbench.kind": "job",
                 "config_hash": record["config_hash"],
+                "fit_hash": record.get("fit_hash", ""),
+                "fit": record.get("fit_label", "per-category"),
                 "data_fingerprint": record.get("data_fingerprint", "unknown"),
                 "protocol": record["protocol"],
                 "metric_version": record["metric_version"],
@@ -419,6 +439,10 @@ class Tracker:
             rid = run.info.run_id
             params = {f"detector.{k}": str(v)[:500] for k, v in record["params"].items()}
             params.update({k: str(record[k]) for k in ("detector", *JOB_FIELDS)})
+            params.update(scope_params(record))
+            fit_run = self.fit_run_of(record)
+            if fit_run is not None:
+                self.client.set_tag(rid, "adbench.fit_run_id", fit_run)
             import time
 
             from mlflow.entities import Metric, Param
@@ -455,13 +479,59 @@ class Tracker:
         self.client.log_text(rid, per_defect_table(record).to_csv(index=False), "per_defect.csv")
         keys = (*JOB_FIELDS, "params", "root", "metric_version", "config_hash")
         resolved = {k: record[k] for k in keys}
+        for key in ("fit_label", "scope", "fit", "draw", "references", "references_root"):
+            if key in record:
+                resolved[key] = record[key]
         self.client.log_dict(rid, resolved, "config.json")
+        if record.get("references"):
+            header = f"references of {record['run_name']} (replay: --shot-file references.txt)"
+            text = references_text(record["references_root"], record["references"], header)
+            self.client.log_text(rid, text, "references.txt")
         if record.get("overlays") and Path(record["overlays"]).is_file():
             self.client.log_artifact(rid, record["overlays"], "overlays")
         if record.get("curves"):
             with tempfile.TemporaryDirectory() as tmp:
                 figure = curves_figure(record, Path(tmp) / "curves.png")
                 self.client.log_artifact(rid, str(figure))
+
+    def fit_logger(self, fit: Any) -> FitRunLogger | None:
+        """The live training-curve logger of a fit stage (a child run of the benchmark run,
+        tagged ``adbench.kind = "fit"``); None when tracking is off or failed."""
+        if self.failed or self.client is None:
+            return None
+        try:
+            if self.parent_id is None:
+                self._start_parent()
+            params = {f"detector.{k}": str(v)[:500] for k, v in fit.params.items()}
+            params.update(
+                {
+                    "detector": fit.detector.display,
+                    "detector_name": fit.detector.name,
+                    "fit": fit.label,
+                    "stage": fit.stage,
+                    "seed": str(fit.seed),
+                    "batch_size": str(fit.batch_size),
+                    "image_size": str(fit.image_size),
+                    "train_categories": ",".join(f"{p.dataset}/{p.category}" for p in fit.parts)[
+                        :500
+                    ],
+                }
+            )
+            tags = {"fit_name": fit.name, **git_state()}
+        except Exception as err:
+            self._fail(err)
+            return None
+        return FitRunLogger(
+            self.client, self.experiment_id, self.parent_id, fit.name, fit.hash, params, tags
+        )
+
+    def fit_run_of(self, record: dict[str, Any]) -> str | None:
+        """The id of the training run of a job's fit (its nearest trained stage), if any."""
+        for stage in (record.get("fit") or {}).get("stages", []):
+            run = find_fit_run(self.client, self.experiment_id, stage["hash"])
+            if run is not None:
+                return run.info.run_id
+        return None
 
     def log_summary(self, records: list[dict[str, Any]]) -> None:
         if self.failed or self.parent_id is None or not records:
@@ -470,14 +540,171 @@ class Tracker:
             from bench.report import leaderboard_figure, leaderboard_markdown, summary_frame
 
             summary = summary_frame(records)
-            for (detector, dataset), row in summary.iterrows():
+            for (detector, fit, dataset), row in summary.iterrows():
+                row_name = detector if fit == "per-category" else f"{detector}.{fit}"
                 for metric, value in row.items():
                     if value == value:
-                        key = _METRIC_NAME_UNSAFE.sub("", f"{detector}.{dataset}.{metric}")
+                        key = _METRIC_NAME_UNSAFE.sub("", f"{row_name}.{dataset}.{metric}")
                         self.client.log_metric(self.parent_id, key, float(value))
             self.client.log_text(self.parent_id, leaderboard_markdown(records), "leaderboard.md")
             with tempfile.TemporaryDirectory() as tmp:
                 figure = leaderboard_figure(records, Path(tmp) / "leaderboard.png")
                 self.client.log_artifact(self.parent_id, str(figure))
+        except Exception as err:
+            self._fail(err)
+
+
+#: MLflow's largest batch is 1000 metrics; a fit run sends at most this many at once
+_FIT_BATCH = 500
+
+
+def _fit_filter(fit_hash: str) -> str:
+    return f"tags.fit_hash = '{fit_hash}' and tags.`adbench.kind` = 'fit'"
+
+
+def find_fit_run(client: Any, experiment_id: str, fit_hash: str) -> Run | None:
+    """The latest FINISHED training run (``adbench.kind = "fit"``) of ``fit_hash``, or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=_fit_filter(fit_hash) + " and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+class FitRunLogger:
+    """A :class:`bench.trainlog.StepLogger` that streams a training's curve to an MLflow run.
+
+    The run (a child of ``parent_id`` when given, tagged ``adbench.kind = "fit"`` and
+    ``fit_hash``) is opened on :meth:`start` or the first :meth:`log`. A run of the same
+    ``fit_hash`` left unfinished (a training killed, now resumed from its checkpoint) is reused
+    and set RUNNING again, so one fit has one curve; steps it already holds are not sent again.
+    Metrics are buffered and sent every ``flush_seconds``, at ``_FIT_BATCH`` buffered, and on
+    :meth:`flush`. It never raises: the first MLflow error is one message, then it stops
+    logging and the training goes on. :meth:`finish` adds the curve PNG
+    (``training_curve.png``) and marks the run FINISHED.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        experiment_id: str,
+        parent_id: str | None,
+        run_name: str,
+        fit_hash: str,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        flush_seconds: float = 2.0,
+    ) -> None:
+        self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self.run_name, self.fit_hash = run_name, fit_hash
+        self.params, self.tags = dict(params or {}), dict(tags or {})
+        self.flush_seconds = flush_seconds
+        self.run_id: str | None = None
+        self.failed = False
+        self._buffer: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._logged_upto = -1  # steps <= this are in the run already (a resumed run)
+
+    def _fail(self, err: Exception) -> None:
+        if not self.failed:
+            console.print(
+                f"[yellow]MLflow: logging the training curve of {escape(self.run_name)} failed "
+                f"({type(err).__name__}: {escape(str(err))}); training goes on untracked.[/]",
+                soft_wrap=True,
+            )
+        self.failed = True
+        self._buffer.clear()
+
+    def start(self) -> str | None:
+        """Opens (or reuses) the run; its id, None once tracking failed."""
+        if self.run_id is None and not self.failed:
+            try:
+                self._open()
+            except Exception as err:
+                self._fail(err)
+        return None if self.failed else self.run_id
+
+    def _open(self) -> None:
+        from mlflow.entities import Param, RunTag
+
+        tags = {**self.tags, "adbench.kind": "fit", "fit_hash": self.fit_hash}
+        if self.parent_id is not None:
+            tags["mlflow.parentRunId"] = self.parent_id
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=_fit_filter(self.fit_hash),
+            order_by=["attributes.start_time DESC"],
+            max_results=100,
+        )
+        unfinished = [r for r in runs if r.info.status != "FINISHED"]
+        if unfinished:
+            rid = unfinished[0].info.run_id
+            self.client.update_run(rid, status="RUNNING")
+            self.client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            history = self.client.get_metric_history(rid, "train/loss")
+            self._logged_upto = max((m.step for m in history), default=-1)
+        else:
+            rid = self.client.create_run(
+                self.experiment_id, run_name=self.run_name, tags=tags
+            ).info.run_id
+            params = [Param(k, str(v)[:500]) for k, v in self.params.items()]
+            if params:
+                self.client.log_batch(rid, params=params)
+        self.run_id = rid
+        self._last_flush = time.monotonic()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Buffers the metrics of ``step``; sends the buffer when it is due."""
+        if self.failed or (self.run_id is None and self.start() is None):
+            return
+        if step <= self._logged_upto:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value == value:  # NaN is left out
+                self._buffer.append(Metric(key, float(value), now, step))
+        due = time.monotonic() - self._last_flush >= self.flush_seconds
+        if due or len(self._buffer) >= _FIT_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Sends the buffered metrics now."""
+        if self.failed or self.run_id is None:
+            return
+        try:
+            while self._buffer:
+                self.client.log_batch(self.run_id, metrics=self._buffer[:_FIT_BATCH])
+                del self._buffer[:_FIT_BATCH]
+        except Exception as err:
+            self._fail(err)
+        self._last_flush = time.monotonic()
+
+    def finish(self, train_log: Sequence[Sequence[float]]) -> None:
+        """Sends the rest, logs the curve PNG and marks the run FINISHED. A fit that had
+        nothing to train (resumed from its final checkpoint) whose run is FINISHED already
+        leaves that run as it is."""
+        if self.failed:
+            return
+        try:
+            if self.run_id is None:
+                done = find_fit_run(self.client, self.experiment_id, self.fit_hash)
+                if done is not None:
+                    self.run_id = done.info.run_id
+                    return
+                if self.start() is None:
+                    return
+            self.flush()
+            if self.failed:
+                return
+            from bench.trainlog import curve_figure
+
+            with tempfile.TemporaryDirectory() as tmp:
+                figure = curve_figure(train_log, Path(tmp) / "training_curve.png", self.run_name)
+                self.client.log_artifact(self.run_id, str(figure))
+            self.client.set_terminated(self.run_id, "FINISHED")
         except Exception as err:
             self._fail(err)
