@@ -213,9 +213,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         match = [d for d in cfg.datasets if d.name == name]
         if match:
             match[0].root = path
-        elif name in train_on_datasets(cfg, args):
+        if name in train_on_datasets(cfg, args):
             train_on_roots[name] = path
-        else:
+        elif not match:
             raise ConfigError(
                 f"--root {text}: dataset {name!r} is neither configured "
                 f"({[d.name for d in cfg.datasets]}) nor a train_on dataset"
@@ -272,16 +272,19 @@ def apply_scope_flags(cfg: BenchConfig, args: argparse.Namespace) -> None:
     given = {k: v for k, v in values.items() if v is not None}
     if args.train_log_every is not None:
         cfg.train_log_every = args.train_log_every
-    if not given:
-        return
-    if "shot_files" in given and "shot_draws" not in given:
-        given["shot_draws"] = 1
-    if "train_on" in given and "scope" not in given:
-        given["scope"] = "per_category"
-    for key, value in given.items():
-        setattr(cfg, key, value)
-        for det in cfg.detectors:
-            setattr(det, key, None)
+    source = {k: given[k] for k in ("scope", "train_on") if k in given}
+    shots = {k: given[k] for k in ("shots", "shot_draws", "shot_files") if k in given}
+    defaults = BenchConfig()
+    for group, given_group in (
+        (("scope", "train_on"), source),
+        (("shots", "shot_draws", "shot_files"), shots),
+    ):
+        if not given_group:
+            continue
+        for key in group:  # flags of a group replace the config's whole group
+            setattr(cfg, key, given_group.get(key, getattr(defaults, key)))
+            for det in cfg.detectors:
+                setattr(det, key, None)
 
 
 def train_on_datasets(cfg: BenchConfig, args: argparse.Namespace) -> set[str]:

@@ -270,7 +270,17 @@ def select(dataset, files: tuple[str, ...] | None):
     return subset
 
 
+@functools.cache
+def split_fingerprint(
+    name: str, root: str, category: str, options: str, split: str, files: tuple | None
+) -> str:
+    return data_fingerprint(select(open_split(name, root, category, options, split), files))
+
+
 def parts_fingerprint(parts: tuple[Part, ...]) -> str:
+    if len(parts) == 1:
+        p = parts[0]
+        return split_fingerprint(p.dataset, p.root, p.category, p.options, "train", p.files)
     splits = [open_split(p.dataset, p.root, p.category, p.options, "train") for p in parts]
     return data_fingerprint(*(select(ds, p.files) for ds, p in zip(splits, parts)))
 
@@ -344,7 +354,13 @@ def source_parts(src: TrainSource, det: DetectorEntry, cls) -> tuple[Part, ...]:
             f"{' or '.join(cls.accepted_modalities())} input"
         )
     root = spec.root(src.root)
-    available = spec.categories(root, list(src.categories) if src.categories else None)
+    try:
+        available = spec.categories(root, list(src.categories) if src.categories else None)
+    except FileNotFoundError as err:  # DatasetLayoutError: say which setting it comes from
+        raise ConfigError(
+            f"train_on dataset {src.dataset} (root {root}; set it with --root "
+            f"{src.dataset}=PATH or train_on = {{ dataset = ..., root = ... }}): {err}"
+        ) from err
     absent = sorted(set(src.categories or ()) - set(available))
     if absent:
         raise ConfigError(
@@ -369,8 +385,8 @@ class ShotLists:
         known, found = set(paths), []
         for n, line in self.entries[draw]:
             rel = Path(line)
-            if rel.is_absolute() and rel.is_relative_to(root):
-                rel = rel.relative_to(root)
+            if rel.is_absolute() and rel.resolve().is_relative_to(Path(root).resolve()):
+                rel = rel.resolve().relative_to(Path(root).resolve())
             if rel.as_posix() in known:
                 found.append(rel.as_posix())
                 self.matched[draw].add(n)
@@ -387,8 +403,8 @@ class ShotLists:
                 if n not in matched:
                     raise ConfigError(
                         f"shot file {path} line {n}: {line} is not a training image of any "
-                        "evaluated category (expected a path relative to the dataset root, such "
-                        "as <category>/train/good/000.png)"
+                        "evaluated category (expected a path relative to the dataset root, as "
+                        "a job record's references list them)"
                     )
 
 
@@ -416,7 +432,7 @@ def scope_jobs(
         )  # fmt: skip
 
     def job(category: str, fit: Fit, draw: int | None, refs: tuple[str, ...] | None) -> Job:
-        test = data_fingerprint(open_split(ds.name, root, category, options, "test"))
+        test = split_fingerprint(ds.name, root, category, options, "test", None)
         return Job(
             det, ds, root, category, seed, params, cfg.batch_size, cfg.protocol, fit, test,
             draw, refs or (), scope,
@@ -438,7 +454,14 @@ def scope_jobs(
             if shot_lists is not None:
                 refs[c] = shot_lists.references(draw, root, c, train_paths(c))
             elif scope.shots is not None:
-                refs[c] = draw_references(train_paths(c), scope.shots, c, draw)
+                paths = train_paths(c)
+                if scope.draws > 1 and scope.shots >= len(paths):
+                    raise ConfigError(
+                        f"{ds.name}/{c}: shots = {scope.shots} takes all {len(paths)} training "
+                        f"images, so its {scope.draws} draws would be the same; lower shots or "
+                        "set shot_draws = 1"
+                    )
+                refs[c] = draw_references(paths, scope.shots, c, draw, f"{ds.name}/{c}")
             else:
                 refs[c] = None
             if scope.shots is not None and refs[c] is not None and len(refs[c]) != scope.shots:
@@ -467,6 +490,7 @@ def scope_jobs(
 
 def plan_jobs(cfg: BenchConfig) -> list[Job]:
     open_split.cache_clear()  # files may have changed since the last plan
+    split_fingerprint.cache_clear()
     if not cfg.detectors:
         raise ConfigError(
             "no detectors configured: add [[detectors]] to the config or pass --detectors"

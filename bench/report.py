@@ -54,6 +54,7 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             for k in ("detector", "dataset", "category", "seed", "protocol", "metric_version")
         }
         row["fit"] = r.get("fit_label", "per-category")
+        row["fit_hash"] = r.get("fit_hash", "")
         row["draw"] = r.get("draw")
         row["shots"] = (r.get("scope") or {}).get("shots")
         row.update(r["metrics"]["all"])
@@ -78,51 +79,75 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def replicate_means(frame: pd.DataFrame, metric: str) -> pd.Series:
     """The unweighted mean over categories of each replicate (seed, draw) of every row and
-    dataset: what mean and standard deviation are taken over."""
-    return frame.groupby([*ROW, "dataset", *REPLICATE])[metric].mean()
+    dataset that scored all of the row's categories: what the standard deviation is over."""
+    keys = [*ROW, "dataset"]
+    n_categories = frame.groupby(keys)["category"].nunique()
+    per_replicate = frame.groupby([*keys, *REPLICATE]).agg(
+        value=(metric, "mean"), n=("category", "nunique")
+    )
+    complete = (
+        per_replicate["n"] == n_categories.reindex(per_replicate.index.droplevel([-2, -1])).values
+    )
+    return per_replicate.loc[complete, "value"]
+
+
+def category_means(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """Per row, dataset and category: the mean over replicates."""
+    return frame.groupby([*ROW, "dataset", "category"])[metric].mean()
+
+
+def fit_seconds(frame: pd.DataFrame) -> pd.Series:
+    """Per row and dataset: the mean time of its distinct fits when they were computed (a fit
+    shared by several jobs counts once)."""
+    seconds = frame["fitted_seconds"].fillna(frame["fit_seconds"])
+    per_fit = frame.assign(s=seconds).groupby([*ROW, "dataset", "fit_hash"])["s"].max()
+    return per_fit.groupby([*ROW, "dataset"]).mean()
 
 
 def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Per (detector, fit, dataset): each metric's mean over replicates (seeds x few-shot
-    draws) of the unweighted mean over categories, its sample standard deviation over
-    replicates (``<metric>_std``, NaN with one replicate), and the numbers of categories,
-    seeds and draws."""
+    """Per (detector, fit, dataset): each metric's unweighted mean over categories of the mean
+    over replicates (seeds x few-shot draws), the sample standard deviation over replicates of
+    the category mean (``<metric>_std``; NaN with one replicate), the numbers of categories,
+    seeds and draws, and the mean seconds of a fit."""
     frame = records_frame(records)
     keys = [*ROW, "dataset"]
     out = {}
     for metric in METRICS:
-        per_replicate = frame.groupby([*keys, *REPLICATE])[metric].mean()
-        grouped = per_replicate.groupby(keys)
-        out[metric] = grouped.mean()
-        out[f"{metric}_std"] = grouped.std(ddof=1)
+        out[metric] = category_means(frame, metric).groupby(keys).mean()
+        out[f"{metric}_std"] = replicate_means(frame, metric).groupby(keys).std(ddof=1)
     summary = pd.DataFrame(out)
     counts = frame.groupby(keys).agg(
         categories=("category", "nunique"),
         seeds=("seed", "nunique"),
         draws=("draw", lambda d: int((d >= 0).any() and d[d >= 0].nunique())),
+        fits=("fit_hash", "nunique"),
     )
-    return summary.join(counts)
+    return summary.join(counts).join(fit_seconds(frame).rename("fit_seconds"))
 
 
 def metric_table(records: list[dict[str, Any]], metric: str, std: bool = False) -> pd.DataFrame:
     """(detector, fit) as rows, (dataset/category) and the per-dataset mean as columns: means
-    over replicates, or with ``std`` their sample standard deviations."""
+    over replicates (the dataset mean: over categories), or with ``std`` sample standard
+    deviations over replicates."""
     frame = records_frame(records)
-    per_replicate = frame.groupby([*ROW, "dataset", "category", *REPLICATE])[metric].mean()
-    reduce = (lambda g: g.std(ddof=1)) if std else (lambda g: g.mean())
-    per_cat = reduce(per_replicate.groupby([*ROW, "dataset", "category"])).unstack(
-        ["dataset", "category"]
-    )
-    dataset_means = reduce(replicate_means(frame, metric).groupby([*ROW, "dataset"])).unstack(
-        "dataset"
-    )
+    if std:
+        per_replicate = frame.groupby([*ROW, "dataset", "category", *REPLICATE])[metric].mean()
+        per_cat = per_replicate.groupby([*ROW, "dataset", "category"]).std(ddof=1)
+        dataset_col = replicate_means(frame, metric).groupby([*ROW, "dataset"]).std(ddof=1)
+    else:
+        per_cat = category_means(frame, metric)
+        dataset_col = per_cat.groupby([*ROW, "dataset"]).mean()
+    per_cat = per_cat.unstack(["dataset", "category"])
+    dataset_col = dataset_col.unstack("dataset")
     out = {}
     for dataset in sorted({d for d, _ in per_cat.columns}):
         cols = [c for c in per_cat.columns if c[0] == dataset]
         for c in sorted(cols):
             out[f"{dataset}/{c[1]}"] = per_cat[c]
-        complete = per_cat[cols].notna().all(axis=1)  # a missing category: no mean
-        out[f"{dataset}/mean"] = dataset_means[dataset].where(complete)
+        column = dataset_col[dataset] if dataset in dataset_col else float("nan")
+        if not std:  # a category missing in a row: no mean (never a silently smaller one)
+            column = per_cat[cols].mean(axis=1, skipna=False)
+        out[f"{dataset}/mean"] = column
     return pd.DataFrame(out)
 
 

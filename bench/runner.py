@@ -191,7 +191,8 @@ def fit_or_load(
 ) -> FitResult:
     """Brings ``detector`` to the state of ``fit``: loads the cached state of the fit, or of the
     nearest stage before it, and computes the stages after that, saving each stage's state.
-    ``logger_for(fit)`` gives a trained stage's step logger (live training curves)."""
+    ``logger_for(fit, resuming)`` gives a trained stage's step logger (live training curves;
+    ``resuming``: a checkpoint exists, so the training continues an earlier one)."""
     chain = fit_chain(fit)
     result = FitResult(cached=False, seconds=0.0, peak=None)
     with track_peak_memory(device) as peak:
@@ -208,7 +209,8 @@ def fit_or_load(
             sets, loader = open_fit_data(stage, trainable, device, num_workers)
             result.warnings += [w for ds in sets for w in getattr(ds, "warnings", [])]
             if trainable and logger_for is not None:
-                detector.step_logger = logger_for(stage)
+                resuming = (workdir / CHECKPOINT_NAME).is_file()
+                detector.step_logger = logger_for(stage, resuming)
             t0 = time.perf_counter()
             try:
                 (detector.fit if stage.stage == "fit" else detector.fit_references)(loader)
@@ -500,6 +502,9 @@ def scope_fields(job: Job) -> dict[str, Any]:
         "fit": {"name": fit.name, "stages": stages},
         "draw": job.draw,
         "references": list(job.references) or None,
+        #: every reference of the fit (a unified few-shot fit pools all categories'): what
+        #: ``--shot-file`` needs to replay the fit
+        "fit_references": [f for p in fit.parts for f in (p.files or ())] or None,
         "references_root": job.root if job.references else None,
     }
 
@@ -511,6 +516,7 @@ def run_job(
     num_workers: int = 0,
     export_maps: str | None = None,
     refit: Collection[str] = (),
+    fresh: bool = False,
     live: LiveFit | None = None,
     logger_for: Any = None,
     log_every: int = 1,
@@ -518,22 +524,24 @@ def run_job(
     """Brings a detector to the job's fit (shared in memory through ``live``, loaded from the
     fit's cached state, or fitted) and scores one category.
 
-    ``refit`` holds the hashes of the fit stages whose cached state and checkpoint are discarded
-    first (``--force``); any predictions kept from an earlier failed run are discarded then too.
+    ``refit`` holds the state folders of the fit stages whose cached state and checkpoint are
+    discarded first, and ``fresh`` discards predictions kept from an earlier failed run
+    (``--force``).
     """
     seed_everything(job.seed)
     kept_at = pending_path(store, job)
-    if refit:
-        stage: Fit | None = job.fit
-        while stage is not None:
-            if stage.hash in refit:
-                clear_fitted_state(store.fit_dir(stage))
-            stage = stage.parent
+    if fresh:
         kept_at.unlink(missing_ok=True)
+    if refit:
+        for stage in fit_chain(job.fit):
+            if str(store.fit_dir(stage)) in refit:
+                clear_fitted_state(store.fit_dir(stage))
         if live is not None:
             live.drop()
     detector = live.take(job.fit) if live is not None else None
     if detector is None:
+        if live is not None:
+            live.drop()  # the last fit's detector is released before this one is built
         detector = create_detector(job.detector.name, **job.params)
         detector.to(device)
         if isinstance(detector, TrainableDetector):
@@ -664,12 +672,15 @@ def run_benchmark(
     logger_for = None if tracker is None else tracker.fit_logger
     with tracker if tracker is not None else nullcontext():
         for i, job in enumerate(jobs, 1):
+            if live.take(job.fit) is None:
+                live.drop()  # kept only for the jobs right after it that share its fit
             record = None if force else store.load(job)
             if record is not None:
                 console.print(f"[{i}/{len(jobs)}] {job.run_name}: done before, skipped")
             else:
                 console.print(f"[{i}/{len(jobs)}] {job.run_name}: running")
-                refit = {f.hash for f in fit_chain(job.fit)} - refitted if force else set()
+                chain = {str(store.fit_dir(f)) for f in fit_chain(job.fit)}
+                refit = chain - refitted if force else set()
                 refitted |= refit
                 try:
                     record = run_job(
@@ -679,6 +690,7 @@ def run_benchmark(
                         cfg.num_workers,
                         cfg.export_maps,
                         refit=refit,
+                        fresh=force,
                         live=live,
                         logger_for=logger_for,
                         log_every=cfg.train_log_every,

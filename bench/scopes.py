@@ -69,10 +69,11 @@ class FitScope:
         return out + (["shots"] if self.few_shot else [])
 
     def label(self, k: int | None = None) -> str:
-        """What the leaderboard's ``fit`` column shows, e.g. "unified 4-shot"."""
+        """What the leaderboard's ``fit`` column shows, e.g. "unified 4-shot"; references
+        listed in files are "4-shot listed", never averaged with seeded draws."""
         parts = [self.train_on.label if self.train_on else self.scope.replace("_", "-")]
         if self.few_shot:
-            shot = f"{k or self.shots or 'listed'}-shot"
+            shot = f"{k or self.shots or 'k'}-shot" + (" listed" if self.shot_files else "")
             parts = [shot] if parts == ["per-category"] else [*parts, shot]
         return " ".join(parts)
 
@@ -82,7 +83,8 @@ class FitScope:
         if self.scope == "unified":
             parts.append("unified")
         if self.few_shot:
-            parts.append(f"{k or self.shots or 'listed'}shot-d{draw}")
+            kind = "list" if self.shot_files else "d"
+            parts.append(f"{k or self.shots or 'k'}shot-{kind}{draw}")
         return "-".join(parts)
 
 
@@ -151,35 +153,38 @@ def check_scope_fields(obj: Any, where: str) -> None:
 
 
 def resolve_scope(cfg: Any, det: Any) -> FitScope:
-    """The fit scope of detector entry ``det``: its own fields, else the benchmark's."""
-
-    def pick(name: str) -> Any:
-        own = getattr(det, name)
-        return getattr(cfg, name) if own is None else own
-
-    files = pick("shot_files")
-    own_draws = det.shot_draws is not None or det.shot_files is not None
-    draws = (det.shot_draws or 1) if own_draws else (cfg.shot_draws or 1)
-    scope = FitScope(
-        pick("scope") or "per_category",
-        parse_train_on(pick("train_on"), f"detector {det.display!r}"),
-        pick("shots"),
-        1 if files else draws,
-        tuple(files or ()),
-    )
-    if scope.train_on is not None and scope.scope == "unified":
+    """The fit scope of detector entry ``det``: its own training source (``scope`` /
+    ``train_on``) replaces the benchmark's as a whole, and so do its listed references
+    (``shot_files``) or its seeded draws (``shots`` / ``shot_draws``, each falling back to the
+    benchmark's)."""
+    own_source = det.scope is not None or det.train_on is not None
+    source = det if own_source else cfg
+    if det.shot_files is not None:  # listed references replace seeded draws, and back
+        shots, draws, files = det.shots, 1, det.shot_files
+    elif det.shots is not None or det.shot_draws is not None:
+        shots = cfg.shots if det.shots is None else det.shots
+        draws, files = det.shot_draws or cfg.shot_draws or 1, None
+    else:
+        shots, draws, files = cfg.shots, cfg.shot_draws or 1, cfg.shot_files
+    listed = tuple(str(Path(f).resolve()) for f in files or ())
+    train_on = parse_train_on(source.train_on, f"detector {det.display!r}")
+    scope = source.scope or "per_category"
+    if train_on is not None and scope == "unified":
         raise ConfigError(
             f"detector {det.display!r}: scope 'unified' and train_on exclude each other"
         )
-    return scope
+    return FitScope(scope, train_on, shots, 1 if listed else draws, listed)
 
 
-def draw_references(paths: list[str], k: int, category: str, draw: int) -> tuple[str, ...]:
+def draw_references(
+    paths: list[str], k: int, category: str, draw: int, where: str = ""
+) -> tuple[str, ...]:
     """``k`` of ``paths`` (a category's training images, relative to its dataset root) for draw
     ``draw``: the first k of a permutation seeded by the category and the draw index, sorted."""
     if k > len(paths):
         raise ConfigError(
-            f"{category}: shots = {k} but its training split holds only {len(paths)} image(s)"
+            f"{where or category}: shots = {k} but its training split holds only "
+            f"{len(paths)} image(s)"
         )
     seed = int.from_bytes(hashlib.sha256(f"{category}|{draw}".encode()).digest()[:8], "big")
     order = random.Random(seed).sample(sorted(paths), len(paths))

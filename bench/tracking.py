@@ -485,7 +485,8 @@ class Tracker:
         self.client.log_dict(rid, resolved, "config.json")
         if record.get("references"):
             header = f"references of {record['run_name']} (replay: --shot-file references.txt)"
-            text = references_text(record["references_root"], record["references"], header)
+            listed = record.get("fit_references") or record["references"]
+            text = references_text(record["references_root"], listed, header)
             self.client.log_text(rid, text, "references.txt")
         if record.get("overlays") and Path(record["overlays"]).is_file():
             self.client.log_artifact(rid, record["overlays"], "overlays")
@@ -494,14 +495,24 @@ class Tracker:
                 figure = curves_figure(record, Path(tmp) / "curves.png")
                 self.client.log_artifact(rid, str(figure))
 
-    def fit_logger(self, fit: Any) -> FitRunLogger | None:
+    def fit_logger(self, fit: Any, resuming: bool = True) -> FitRunLogger | None:
         """The live training-curve logger of a fit stage (a child run of the benchmark run,
-        tagged ``adbench.kind = "fit"``); None when tracking is off or failed."""
+        tagged ``adbench.kind = "fit"``); None when tracking is off or failed. A training that
+        starts from scratch (``resuming`` False) never continues the curve of an earlier,
+        unfinished one: that run is marked KILLED and a new one opened."""
         if self.failed or self.client is None:
             return None
         try:
             if self.parent_id is None:
                 self._start_parent()
+            if not resuming:
+                stale = self.client.search_runs(
+                    [self.experiment_id], filter_string=_fit_filter(fit.hash), max_results=100
+                )
+                for run in stale:  # e.g. a killed training whose checkpoint --force removed
+                    if run.info.status != "FINISHED":
+                        self.client.set_tag(run.info.run_id, "adbench.superseded", "true")
+                        self.client.set_terminated(run.info.run_id, "KILLED")
             params = {f"detector.{k}": str(v)[:500] for k, v in fit.params.items()}
             params.update(
                 {
@@ -638,7 +649,11 @@ class FitRunLogger:
             order_by=["attributes.start_time DESC"],
             max_results=100,
         )
-        unfinished = [r for r in runs if r.info.status != "FINISHED"]
+        unfinished = [
+            r
+            for r in runs
+            if r.info.status != "FINISHED" and r.data.tags.get("adbench.superseded") != "true"
+        ]
         if unfinished:
             rid = unfinished[0].info.run_id
             self.client.update_run(rid, status="RUNNING")

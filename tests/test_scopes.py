@@ -165,6 +165,8 @@ def test_shot_draws_record_their_references_and_the_report_spreads_over_draws(
     again, failed = run_benchmark(replay, track=False)
     assert failed == [] and again[0]["references"] == chosen["references"]
     assert again[0]["metrics"]["all"] == chosen["metrics"]["all"]
+    # listed references are their own row and run name, never averaged with seeded draws
+    assert again[0]["fit_label"] == "2-shot listed" and "/2shot-list0/" in again[0]["run_name"]
 
 
 def test_a_unified_few_shot_fit_pools_k_references_of_every_category(tmp_path, ad_root, recorder):
@@ -339,8 +341,19 @@ def test_the_plan_refuses_scopes_a_detector_does_not_take(
         plan_jobs(_cfg(tmp_path, ad_root, two_stage, shots=1))
     with pytest.raises(ConfigError, match="one stage: train_on and shots"):
         plan_jobs(_cfg(tmp_path, ad_root, recorder, train_on="mvtec_ad", shots=1))
-    with pytest.raises(ConfigError, match="shots = 99 but its training split holds only 12"):
+    with pytest.raises(
+        ConfigError, match="washer: shots = 99 but its training split holds only 12"
+    ):
         plan_jobs(_cfg(tmp_path, ad_root, recorder, shots=99))
+    with pytest.raises(ConfigError, match="takes all 12 training images, so its 3 draws"):
+        plan_jobs(_cfg(tmp_path, ad_root, recorder, shots=12, shot_draws=3))
+    with pytest.raises(
+        ConfigError,
+        match=r"train_on dataset mvtec_ad \(root /nowhere; set it with --root mvtec_ad=PATH",
+    ):
+        plan_jobs(
+            _cfg(tmp_path, ad_root, recorder, train_on={"dataset": "mvtec_ad", "root": "/nowhere"})
+        )
     with pytest.raises(ConfigError, match="scope 'unified' and train_on exclude each other"):
         validate(_cfg(tmp_path, ad_root, recorder, scope="unified", train_on="visa"))
     listed = tmp_path / "refs.txt"
@@ -370,5 +383,52 @@ def test_scope_flags_on_the_command_line(tmp_path, ad_root, visa_root):
     )
     cfg = config_from_args(args)
     assert (cfg.scope, cfg.shots, cfg.shot_draws) == ("unified", 4, 5)
+    # the same dataset evaluated and trained on: --root sets both
+    args = build_parser().parse_args(
+        ["run", "--detectors", "knn", "--datasets", "visa", "--train-on", "visa",
+         "--root", f"visa={visa_root}"]
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.datasets[0].root == str(visa_root) and cfg.train_on["root"] == str(visa_root)
+    # a scope flag replaces the config's whole group: listed files give way to seeded draws
+    listed = tmp_path / "shots.toml"
+    listed.write_text(
+        'shot_files = ["a.txt"]\ntrain_on = "visa"\n[[detectors]]\nname = "knn"\n'
+        '[[datasets]]\nname = "mvtec_ad"\n'
+    )
+    args = build_parser().parse_args(
+        ["run", "--config", str(listed), "--shots", "2", "--shot-draws", "3", "--scope", "unified"]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.shot_files, cfg.shots, cfg.shot_draws) == (None, 2, 3)
+    assert (cfg.scope, cfg.train_on) == ("unified", None)
     out = _bench("run", "--detectors", "feature_stats", "--shots", "0", "--no-tracking")
     assert out.returncode == 2 and "shots must be a positive integer, got 0" in out.stderr
+
+
+def test_report_means_skip_nothing_and_spreads_use_complete_replicates():
+    """Seed 1 lacks category b: the mean is over categories of per-category means (as without
+    replicates), the spread only over the replicates that scored every category."""
+    from bench.report import metric_table, summary_frame
+
+    def record(category, seed, value):
+        return {
+            "detector": "d", "dataset": "ds", "category": category, "seed": seed,
+            "protocol": "official", "metric_version": "1.0", "fit_hash": f"{category}{seed}",
+            "metrics": {"all": {"image_auroc": value}},
+            "timings": {"fit_seconds": 2.0, "predict_images_per_second": 1.0},
+        }  # fmt: skip
+
+    records = [
+        record("a", 0, 0.9),
+        record("b", 0, 0.5),
+        record("a", 1, 0.7),
+        record("a", 2, 0.8),
+        record("b", 2, 0.4),
+    ]
+    row = summary_frame(records).iloc[0]
+    assert row["image_auroc"] == pytest.approx(((0.9 + 0.7 + 0.8) / 3 + (0.5 + 0.4) / 2) / 2)
+    assert row["image_auroc_std"] == pytest.approx(np.std([0.7, 0.6], ddof=1))  # seeds 0, 2
+    assert (row["seeds"], row["fits"], row["fit_seconds"]) == (3, 5, 2.0)
+    table = metric_table(records, "image_auroc")
+    assert table.loc[("d", "per-category"), "ds/mean"] == pytest.approx(row["image_auroc"])
