@@ -153,3 +153,21 @@ class CategoryDataset(Dataset):
                 "split": self.split,
             },
         }
+
+
+class ImageCategoryDataset(CategoryDataset):
+    """A category of RGB images: ``image`` float [3,h,w] in [0,1] (resized, optionally
+    centre-cropped) with the target of :meth:`CategoryDataset.target`."""
+
+    def native_size(self, item: dict[str, Any]) -> tuple[int, int]:
+        """(H, W) of an item's image, read from the file header only."""
+        with Image.open(item["path"]) as img:
+            return img.size[1], img.size[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        raw = read_rgb(item["path"])
+        native = (raw.shape[1], raw.shape[2])
+        size, box, roi = input_geometry(native, self.image_size, self.crop_size)
+        image = resize_crop(raw.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
+        return {"image": image, **self.target(item, native, roi)}

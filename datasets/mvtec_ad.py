@@ -5,15 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from .common import (
-    CategoryDataset,
     DatasetLayoutError,
-    input_geometry,
+    ImageCategoryDataset,
     list_images,
-    read_rgb,
-    resize_crop,
     scan_categories,
 )
 
@@ -41,7 +36,7 @@ def categories(root: str | Path) -> list[str]:
     return found
 
 
-class MVTecAD(CategoryDataset):
+class MVTecAD(ImageCategoryDataset):
     """One category and split. Items: ``image`` float [3,h,w] in [0,1] (resized, optionally
     centre-cropped), ``mask`` bool at native size, ``label``, ``roi``, ``meta``."""
 
@@ -92,16 +87,3 @@ class MVTecAD(CategoryDataset):
     def _image_of(self, mask: Path) -> Path:
         stem = mask.name.removesuffix("_mask.png")
         return self.root / self.category / "test" / mask.parent.name / f"{stem}.png"
-
-    def native_size(self, item: dict[str, Any]) -> tuple[int, int]:
-        """(H, W) of an item's image, read from the file header only."""
-        with Image.open(item["path"]) as img:
-            return img.size[1], img.size[0]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        raw = read_rgb(item["path"])
-        native = (raw.shape[1], raw.shape[2])
-        size, box, roi = input_geometry(native, self.image_size, self.crop_size)
-        image = resize_crop(raw.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
-        return {"image": image, **self.target(item, native, roi)}

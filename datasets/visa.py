@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .builtin import GeneratedRoot
-from .common import CategoryDataset, DatasetLayoutError, input_geometry, read_rgb, resize_crop
+from .common import DatasetLayoutError, ImageCategoryDataset
 from .registry import env_root, register_dataset
 
 LAYOUT = """expected VisA layout (the official release with its split file):
@@ -131,7 +131,7 @@ def read_nonzero_mask(path: Path, shape: tuple[int, int], image: Path) -> torch.
     modalities=("image",),
     broken_categories=broken_categories,
 )
-class VisA(CategoryDataset):
+class VisA(ImageCategoryDataset):
     """One category and split of VisA's ``1cls`` split. Items: ``image`` float [3,h,w] in [0,1]
     (resized, optionally centre-cropped), ``mask`` bool at native size, ``label``, ``roi``,
     ``meta``; defect "good" for normal images, "anomaly" for the others."""
@@ -179,11 +179,6 @@ class VisA(CategoryDataset):
             )
         return items
 
-    def native_size(self, item: dict[str, Any]) -> tuple[int, int]:
-        """(H, W) of an item's image, read from the file header only."""
-        with Image.open(item["path"]) as img:
-            return img.size[1], img.size[0]
-
     def target(
         self, item: dict[str, Any], native: tuple[int, int], roi: torch.Tensor
     ) -> dict[str, Any]:
@@ -191,11 +186,3 @@ class VisA(CategoryDataset):
         if item["mask_path"] is not None:
             out["mask"] = read_nonzero_mask(item["mask_path"], native, item["path"])
         return out
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        raw = read_rgb(item["path"])
-        native = (raw.shape[1], raw.shape[2])
-        size, box, roi = input_geometry(native, self.image_size, self.crop_size)
-        image = resize_crop(raw.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
-        return {"image": image, **self.target(item, native, roi)}

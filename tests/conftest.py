@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,47 @@ def bottle() -> Path:
             pytest.skip(message)
         pytest.fail(message)
     return BOTTLE
+
+
+@pytest.fixture(scope="session")
+def plugin_installer():
+    """:func:`install_plugin`, for tests that build a plugin distribution."""
+    return install_plugin
+
+
+def install_plugin(
+    tmp: Path, module: str, source: str, entry_points: dict[str, dict[str, str]]
+) -> Path:
+    """Builds ``source`` as the one-module distribution ``adbench-<module>`` with
+    ``entry_points`` ({group: {name: target}}) and installs it with pip into a folder of its
+    own; returns that folder (for PYTHONPATH)."""
+    src, site = tmp / "src", tmp / "site"
+    src.mkdir()
+    (src / f"{module}.py").write_text(source)
+    groups = "".join(
+        f'\n[project.entry-points."{group}"]\n'
+        + "".join(f'{name} = "{target}"\n' for name, target in points.items())
+        for group, points in entry_points.items()
+    )
+    (src / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [build-system]
+            requires = ["setuptools"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "adbench-{module.replace("_", "-")}"
+            version = "0.1"
+            """
+        )
+        + groups
+        + f'\n[tool.setuptools]\npy-modules = ["{module}"]\n'
+    )
+    pip = Path(sys.executable).parent / "pip"
+    subprocess.run(
+        [str(pip), "install", "--quiet", "--no-deps", "--no-build-isolation"]
+        + ["--target", str(site), str(src)],
+        check=True,
+    )
+    return site

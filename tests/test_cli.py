@@ -237,7 +237,7 @@ def test_killed_benchmark_resumes_without_repeating_jobs_or_runs(tmp_path, ad_ro
         "--image-size",
         "96",
         "--param",
-        "autoencoder.iterations=150",
+        "autoencoder.iterations=60",
         "--param",
         "autoencoder.width=8",
         "--name",

@@ -220,38 +220,19 @@ PLUGIN_MODULE = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def dataset_plugin_site(tmp_path_factory) -> Path:
+def dataset_plugin_site(tmp_path_factory, plugin_installer) -> Path:
     """The plugin built and installed (pip --target) as a real distribution with entry points."""
-    src = tmp_path_factory.mktemp("dataset_plugin_src")
-    (src / "demo_datasets.py").write_text(PLUGIN_MODULE)
-    (src / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """
-            [build-system]
-            requires = ["setuptools"]
-            build-backend = "setuptools.build_meta"
-
-            [project]
-            name = "adbench-demo-datasets"
-            version = "0.1"
-
-            [project.entry-points."adbench.datasets"]
-            flat = "demo_datasets:FlatFolders"
-            flat_spec = "demo_datasets:SPEC"
-            flat_module = "demo_datasets"
-
-            [tool.setuptools]
-            py-modules = ["demo_datasets"]
-            """
-        )
+    points = {
+        "flat": "demo_datasets:FlatFolders",
+        "flat_spec": "demo_datasets:SPEC",
+        "flat_module": "demo_datasets",
+    }
+    return plugin_installer(
+        tmp_path_factory.mktemp("dataset_plugin"),
+        "demo_datasets",
+        PLUGIN_MODULE,
+        {"adbench.datasets": points},
     )
-    site = tmp_path_factory.mktemp("dataset_plugin_site")
-    subprocess.run(
-        [str(BIN / "pip"), "install", "--quiet", "--no-deps", "--no-build-isolation"]
-        + ["--target", str(site), str(src)],
-        check=True,
-    )
-    return site
 
 
 @pytest.fixture(scope="module")

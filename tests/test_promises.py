@@ -342,7 +342,10 @@ def test_seeds_are_averaged_in_the_leaderboard(tmp_path, tiny_ad):
     assert row.pixel_auroc == pytest.approx(mean, abs=1e-12)
     board = (folder / "leaderboard.md").read_text()
     section = board.split("## pixel_auroc")[1].split("##")[0]
-    assert f"| feature_stats | {mean:.4f} | {mean:.4f} |" in section  # washer, then the mean
+    spread = float(np.std(values, ddof=1))  # sample std over the seeds
+    assert row.pixel_auroc_std == pytest.approx(spread, abs=1e-12) and row.seeds == 2
+    cell = f"{mean:.4f} ± {spread:.4f}"
+    assert f"| feature_stats | per-category | {cell} | {cell} |" in section  # washer, mean
 
 
 # -- unorganised clouds: point F1-max ---------------------------------------------------------------

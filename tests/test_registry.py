@@ -118,44 +118,14 @@ PLUGIN_MODULE = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory) -> Path:
+def plugin_site(tmp_path_factory, plugin_installer) -> Path:
     """The plugin built and installed (pip --target) as a real distribution with an entry point."""
-    src = tmp_path_factory.mktemp("plugin_src")
-    (src / "demo_detectors.py").write_text(PLUGIN_MODULE)
-    (src / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """
-            [build-system]
-            requires = ["setuptools"]
-            build-backend = "setuptools.build_meta"
-
-            [project]
-            name = "adbench-demo-plugin"
-            version = "0.1"
-
-            [project.entry-points."adbench.detectors"]
-            mean_image = "demo_detectors:MeanImage"
-
-            [tool.setuptools]
-            py-modules = ["demo_detectors"]
-            """
-        )
+    return plugin_installer(
+        tmp_path_factory.mktemp("plugin"),
+        "demo_detectors",
+        PLUGIN_MODULE,
+        {"adbench.detectors": {"mean_image": "demo_detectors:MeanImage"}},
     )
-    site = tmp_path_factory.mktemp("plugin_site")
-    subprocess.run(
-        [
-            str(BIN / "pip"),
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(src),
-        ],
-        check=True,
-    )
-    return site
 
 
 def _env(site: Path) -> dict[str, str]:
@@ -171,7 +141,7 @@ def test_plugin_detector_is_listed_and_runs(plugin_site, ad_root, tmp_path):
         check=True,
     )
     entries = {e["name"]: e for e in json.loads(listed.stdout)["detectors"]}
-    assert entries["mean_image"]["source"] == "plugin:adbench-demo-plugin"
+    assert entries["mean_image"]["source"] == "plugin:adbench-demo-detectors"
     assert entries["mean_image"]["modality"] == "image"
     assert entries["mean_image"]["scopes"] == ["per_category"]  # the Detector default
     assert entries["feature_stats"]["scopes"] == ["per_category", "unified", "train_on", "shots"]
