@@ -6,6 +6,9 @@ is sharp as on real parts). Units are metres, as in MVTec 3D-AD. Defects are geo
 bump (smooth compact displacements), hole (a deep well) and crack (a narrow groove); each mask is
 exactly the set of displaced pixels. Missing points are (0,0,0): dropouts on steep walls and
 sparse random ones, as a real sensor leaves them. Categories have different grid sizes on purpose.
+Opt-in ``WIDE_DEFECTS`` (``generate(defects=...)``): wide_bump and wide_dent, the dent/bump
+profile at ~3x the radius, which changes the shape but barely the local surface variation;
+their masks are the visibly moved pixels (displacement above 5% of the amplitude), not the rim.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from . import shapes
 
 CATEGORIES = {"dome": (192, 192), "puck": (176, 208)}
 DEFECTS = ("dent", "bump", "hole", "crack")
+WIDE_DEFECTS = ("wide_bump", "wide_dent")
+MASK_FRACTION = 0.05  # a wide defect's mask: |displacement| above this fraction of |amplitude|
 FIELD = 0.1  # metres covered by the grid width
 DISTANCE = 0.45  # camera to table, metres
 
@@ -46,6 +51,10 @@ def _height(category: str, rng, rows, cols, pitch, scale: float = 1.0):
 def _defect(rng, shape, support, defect, pitch, scale: float = 1.0):
     """Displacement (metres, positive = towards the camera) and its exact mask; pixel sizes
     are multiplied by ``scale`` (grids finer than the category's default)."""
+    if defect in WIDE_DEFECTS:
+        return _wide_defect(rng, shape, support, defect, scale)
+    if defect not in DEFECTS:
+        raise ValueError(f"unknown defect kind {defect!r}; choose from {DEFECTS + WIDE_DEFECTS}")
     ys, xs = np.nonzero(ndimage.binary_erosion(support, iterations=round(12 * scale)))
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
     for _ in range(100):
@@ -69,6 +78,29 @@ def _defect(rng, shape, support, defect, pitch, scale: float = 1.0):
             disp = np.where(mask, -rng.uniform(0.6e-3, 1.0e-3), 0.0)
         mask &= support
         disp = np.where(mask, disp, 0.0)
+        if mask.sum() >= 12 * scale**2:
+            return disp, mask
+    raise RuntimeError(f"could not place a {defect} defect")
+
+
+def _wide_defect(rng, shape, support, defect, scale: float = 1.0):
+    """A wide, smooth bump/dent: radius 18-28 px (times ``scale``), amplitude 0.8-1.6 mm,
+    profile (1 - rr^2)^2, centred at least one radius inside the support so the whole
+    displacement lies on the part (no step at the silhouette); the mask is where
+    |displacement| exceeds ``MASK_FRACTION`` of |amplitude|."""
+    inside = ndimage.distance_transform_edt(support)
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
+    for _ in range(100):
+        radius = rng.uniform(18, 28) * scale
+        ys, xs = np.nonzero(inside > radius)
+        if len(ys) == 0:
+            continue
+        k = rng.integers(len(ys))
+        rr = np.hypot(rows - ys[k], cols - xs[k]) / radius
+        amp = rng.uniform(0.8e-3, 1.6e-3) * (1 if defect == "wide_bump" else -1)
+        disp = np.where(rr < 1, amp * np.clip(1 - rr**2, 0, None) ** 2, 0.0)
+        mask = (np.abs(disp) > MASK_FRACTION * abs(amp)) & support
+        disp = np.where(support, disp, 0.0)
         if mask.sum() >= 12 * scale**2:
             return disp, mask
     raise RuntimeError(f"could not place a {defect} defect")
@@ -124,10 +156,17 @@ def generate(
     n_per_defect: int = 5,
     seed: int = 0,
     grid: tuple[int, int] | None = None,
+    defects: tuple[str, ...] = DEFECTS,
 ) -> Path:
     """Writes ``<root>/<category>/{train,validation,test}/<defect>/{rgb,xyz,gt}/<id>``.
     ``grid`` (rows, cols) replaces every category's own size (e.g. MVTec 3D-AD's 800x800),
-    with the defects' pixel sizes scaled to match."""
+    with the defects' pixel sizes scaled to match. ``defects``: the kinds of test defects,
+    from ``DEFECTS`` and ``WIDE_DEFECTS`` (the defaults are unchanged)."""
+    unknown = [d for d in defects if d not in DEFECTS + WIDE_DEFECTS]
+    if unknown:
+        raise ValueError(
+            f"unknown defect kind {unknown[0]!r}; choose from {DEFECTS + WIDE_DEFECTS}"
+        )
     root = Path(root)
     for ci, category in enumerate(categories):
         if category not in CATEGORIES:
@@ -139,7 +178,7 @@ def generate(
         plan = [("train", "good", i) for i in range(n_train)]
         plan += [("validation", "good", i) for i in range(n_validation)]
         plan += [("test", "good", i) for i in range(n_test_good)]
-        plan += [("test", d, i) for d in DEFECTS for i in range(n_per_defect)]
+        plan += [("test", d, i) for d in defects for i in range(n_per_defect)]
         for split, defect, i in plan:
             xyz, rgb, mask = _scan(category, rng, shape, defect)
             folder = root / category / split / defect
