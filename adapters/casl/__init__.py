@@ -1,0 +1,208 @@
+"""``casl``: curvature-augmented self-supervised point reconstruction (Zha et al., AAAI 2026)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+
+from bench.detector import FIT_SCOPES
+from bench.params import Range
+from bench.registry import register_detector
+from bench.training import TrainableDetector
+from bench.types import Batch, Prediction
+
+from ..common import gaussian_blur
+from .network import CASLNet
+from .sparse import voxelize
+from .synthesis import prepared_inputs
+
+#: the fixed seed of the subsample a test cloud larger than ``max_points`` is scored on
+_TEST_SEED = 0
+
+
+@register_detector("casl")
+class CASL(TrainableDetector):
+    """Curvature-prompted masked reconstruction, then a per-point anomaly head (CASL).
+
+    Each cloud is normalised (centroid at 0, farthest point at 1), voxelised at ``voxel_size``
+    and described per point by its surface variation at the ``ks`` neighbourhood sizes (the
+    ``curvature`` detector's quantity). The sparse U-Net (:class:`CASLNet`, MinkUNet34C widths
+    by default) sees only the voxels' occupancy and the curvature prompts, never coordinates.
+
+    Training, one run of ``pretrain_iterations + finetune_iterations`` optimiser steps (Adam):
+    first L1 + L2 reconstruction of every point's xyz on the normal clouds; then cross-entropy of
+    the binary head on clouds that each carry one PO3AD pseudo-anomaly (``patch_parts``,
+    ``displacement``). Training clouds are randomly rotated (``rotate="xyz"``, PO3AD's
+    augmentation). Point score = log(p_anomalous / p_normal); object score = mean of the top
+    ``top_fraction`` of point scores. Organised clouds: scores go back to the grid (invalid points
+    at the image's lowest score) and are smoothed (Gaussian ``sigma`` pixels). Clouds of more than
+    ``max_points`` points are scored on a fixed random subsample of that size (training on a
+    fresh one each step); every other point takes its nearest scored point's value.
+    """
+
+    modality = "point_cloud"
+    also_accepts = ("points",)
+    #: learns from whatever normal clouds it is given: every scope applies
+    scopes = FIT_SCOPES
+    inference_amp = False  # covariance eigenvalues need full precision
+
+    def __init__(
+        self,
+        voxel_size: Annotated[float, Range(gt=0)] = 0.03,
+        ks: tuple[Annotated[int, Range(ge=3)], ...] = (16, 32, 64),
+        encoder_channels: tuple[Annotated[int, Range(ge=1)], ...] = (32, 64, 128, 256),
+        decoder_channels: tuple[Annotated[int, Range(ge=1)], ...] = (256, 128, 96, 96),
+        layers: tuple[Annotated[int, Range(ge=1)], ...] = (2, 3, 4, 6, 2, 2, 2, 2),
+        stem_channels: Annotated[int, Range(ge=1)] = 32,
+        stem_kernel: Annotated[int, Range(ge=1)] = 5,
+        pretrain_iterations: Annotated[int, Range(ge=0)] = 4000,
+        finetune_iterations: Annotated[int, Range(ge=1)] = 4000,
+        lr: Annotated[float, Range(gt=0)] = 1e-3,
+        weight_decay: Annotated[float, Range(ge=0)] = 1e-4,
+        patch_parts: Annotated[int, Range(ge=2)] = 64,
+        displacement: tuple[Annotated[float, Range(ge=0)], ...] = (0.06, 0.12),
+        rotate: Literal["xyz", "none"] = "xyz",
+        max_points: Annotated[int, Range(ge=16)] = 40000,
+        top_fraction: Annotated[float, Range(gt=0, le=1)] = 0.01,
+        sigma: Annotated[float, Range(ge=0)] = 4.0,
+        knn: Literal["auto", "kdtree", "torch"] = "auto",
+        amp: Literal["auto", "bf16", "fp16", "off"] = "auto",
+        grad_clip: Annotated[float, Range(ge=0)] | None = None,
+        checkpoint_every: Annotated[int, Range(ge=1)] = 500,
+    ) -> None:
+        if len(displacement) != 2 or displacement[0] > displacement[1]:
+            raise ValueError(f"displacement must be (low, high), got {displacement!r}")
+        self.voxel_size, self.ks = voxel_size, tuple(ks)
+        self.encoder_channels, self.decoder_channels = (
+            tuple(encoder_channels),
+            tuple(decoder_channels),
+        )
+        self.layers, self.stem_channels, self.stem_kernel = (
+            tuple(layers),
+            stem_channels,
+            stem_kernel,
+        )
+        self.pretrain_iterations, self.finetune_iterations = (
+            pretrain_iterations,
+            finetune_iterations,
+        )
+        self.iterations = pretrain_iterations + finetune_iterations
+        self.lr, self.weight_decay = lr, weight_decay
+        self.patch_parts, self.displacement = patch_parts, tuple(displacement)
+        self.rotate, self.max_points, self.top_fraction = rotate, max_points, top_fraction
+        self.sigma, self.knn = sigma, knn
+        self.amp, self.grad_clip, self.checkpoint_every = amp, grad_clip, checkpoint_every
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _clouds(self, batch: Batch) -> list[torch.Tensor]:
+        """The [N,3] valid points of each sample (organised grids or unorganised clouds)."""
+        if batch.points is not None:
+            return [p.to(self.device) for p in batch.points]
+        xyz, valid = batch.xyz.to(self.device), batch.valid.to(self.device)
+        return [cloud.permute(1, 2, 0)[ok] for cloud, ok in zip(xyz, valid)]
+
+    def _subsample(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        if n <= self.max_points:
+            return None
+        return torch.randperm(n, generator=generator)[: self.max_points].to(self.device)
+
+    # -- training ----------------------------------------------------------------------------
+    def build(self, example: Batch) -> None:
+        self.net_ = CASLNet(
+            len(self.ks),
+            self.encoder_channels,
+            self.decoder_channels,
+            self.layers,
+            self.stem_channels,
+            self.stem_kernel,
+        )
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return opt, None
+
+    def training_step(self, batch: Batch, step: int) -> torch.Tensor:
+        finetune = step >= self.pretrain_iterations
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        clouds, features, labels = [], [], []
+        for points in self._clouds(batch):
+            keep = self._subsample(len(points), generator)
+            p, curv, lab = prepared_inputs(
+                points if keep is None else points[keep],
+                self.ks,
+                self.knn,
+                generator,
+                rotate=self.rotate == "xyz",
+                synthesize_anomaly=finetune,
+                parts=self.patch_parts,
+                magnitude=self.displacement,
+            )
+            clouds.append(p)
+            features.append(curv)
+            labels.append(lab)
+        coords, point_voxel = voxelize(clouds, self.voxel_size)
+        xyz, logits = self.net_(coords, point_voxel, torch.cat(features))
+        if finetune:
+            return F.cross_entropy(logits.float(), torch.cat(labels))
+        target = torch.cat(clouds)
+        error = xyz.float() - target
+        return error.abs().mean() + (error**2).mean()
+
+    # -- scoring -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def point_scores(self, clouds: list[torch.Tensor]) -> list[torch.Tensor]:
+        """log(p_anomalous / p_normal) for every point of each cloud."""
+        generator = torch.Generator().manual_seed(_TEST_SEED)
+        prepared, features, kept = [], [], []
+        for points in clouds:
+            keep = self._subsample(len(points), generator)
+            p, curv, _ = prepared_inputs(
+                points if keep is None else points[keep], self.ks, self.knn
+            )
+            prepared.append(p)
+            features.append(curv)
+            kept.append(keep)
+        coords, point_voxel = voxelize(prepared, self.voxel_size)
+        _, logits = self.net_(coords, point_voxel, torch.cat(features))
+        scores = (logits[:, 1] - logits[:, 0]).float().split([len(p) for p in prepared])
+        out = []
+        for points, keep, score in zip(clouds, kept, scores):
+            if keep is not None:  # every point takes its nearest scored point's value
+                score = score[_nearest(points, points[keep], self.knn)]
+            out.append(score)
+        return out
+
+    def _object_score(self, scores: torch.Tensor) -> torch.Tensor:
+        if not scores.numel():
+            return torch.zeros((), device=scores.device)
+        k = max(1, round(len(scores) * self.top_fraction))
+        return scores.topk(min(k, len(scores))).values.mean()
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Prediction:
+        clouds = self._clouds(batch)
+        scores = self.point_scores(clouds)
+        objects = torch.stack([self._object_score(s) for s in scores])
+        if batch.points is not None:
+            return Prediction(score=objects, point_scores=scores)
+        valid = batch.valid.to(self.device)
+        maps = torch.zeros(valid.shape, device=self.device)
+        for i, point in enumerate(scores):
+            if point.numel():
+                maps[i] = point.min()
+                maps[i][valid[i]] = point
+        return Prediction(score=objects, anomaly_map=gaussian_blur(maps, self.sigma))
+
+
+def _nearest(points: torch.Tensor, reference: torch.Tensor, method: str) -> torch.Tensor:
+    """Row of ``reference`` nearest to each of ``points`` [N, 3]."""
+    if method == "torch" or (method == "auto" and points.device.type != "cpu"):
+        return torch.cat([torch.cdist(chunk, reference).argmin(1) for chunk in points.split(4096)])
+    from scipy.spatial import cKDTree
+
+    _, idx = cKDTree(reference.double().cpu().numpy()).query(
+        points.double().cpu().numpy(), k=1, workers=-1
+    )
+    return torch.from_numpy(idx.astype("int64")).to(points.device)
