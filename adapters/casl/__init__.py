@@ -128,6 +128,8 @@ class CASL(TrainableDetector):
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         clouds, features, labels = [], [], []
         for points in self._clouds(batch):
+            if not len(points):
+                continue  # a scan without valid points teaches nothing
             keep = self._subsample(len(points), generator)
             p, curv, lab = prepared_inputs(
                 points if keep is None else points[keep],
@@ -142,6 +144,8 @@ class CASL(TrainableDetector):
             clouds.append(p)
             features.append(curv)
             labels.append(lab)
+        if not clouds:
+            raise ValueError("casl: a training batch holds no valid points")
         coords, point_voxel = voxelize(clouds, self.voxel_size)
         xyz, logits = self.net_(coords, point_voxel, torch.cat(features))
         if finetune:
@@ -153,11 +157,16 @@ class CASL(TrainableDetector):
     # -- scoring -----------------------------------------------------------------------------
     @torch.no_grad()
     def point_scores(self, clouds: list[torch.Tensor]) -> list[torch.Tensor]:
-        """log(p_anomalous / p_normal) for every point of each cloud."""
-        generator = torch.Generator().manual_seed(_TEST_SEED)
+        """log(p_anomalous / p_normal) for every point of each cloud (empty clouds: empty)."""
+        scored = [i for i, points in enumerate(clouds) if len(points)]
+        out = [torch.zeros(0, device=self.device) for _ in clouds]
+        if not scored:
+            return out
         prepared, features, kept = [], [], []
-        for points in clouds:
-            keep = self._subsample(len(points), generator)
+        for i in scored:
+            points = clouds[i]
+            # a fixed subsample per cloud, whatever else is in the batch
+            keep = self._subsample(len(points), torch.Generator().manual_seed(_TEST_SEED))
             p, curv, _ = prepared_inputs(
                 points if keep is None else points[keep], self.ks, self.knn
             )
@@ -167,11 +176,10 @@ class CASL(TrainableDetector):
         coords, point_voxel = voxelize(prepared, self.voxel_size)
         _, logits = self.net_(coords, point_voxel, torch.cat(features))
         scores = (logits[:, 1] - logits[:, 0]).float().split([len(p) for p in prepared])
-        out = []
-        for points, keep, score in zip(clouds, kept, scores):
+        for i, keep, score in zip(scored, kept, scores):
             if keep is not None:  # every point takes its nearest scored point's value
-                score = score[_nearest(points, points[keep], self.knn)]
-            out.append(score)
+                score = score[_nearest(clouds[i], clouds[i][keep], self.knn)]
+            out[i] = score
         return out
 
     def _object_score(self, scores: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,12 @@ class CASLNet(nn.Module):
         """``coords`` [V, 4] voxels (batch, x, y, z), ``point_voxel`` [P] each point's voxel row,
         ``curvature`` [P, S] per point; returns xyz [P, 3] and logits [P, 2]."""
         grid = VoxelGrid(coords)
+        if self.training and grid.size(16) < 2:
+            raise ValueError(
+                f"the batch's {len(coords)} voxels make {grid.size(16)} voxel at the coarsest "
+                "level (16 voxels wide), too few for batch normalisation in training: use a "
+                "smaller voxel_size (the clouds are normalised to radius 1)"
+            )
         embedded = self.embed(curvature)
         pooled = embedded.new_zeros(len(coords), embedded.shape[1])
         pooled = pooled.index_add(0, point_voxel, embedded)

@@ -61,13 +61,31 @@ def _lookup(table: torch.Tensor, order: torch.Tensor, keys: torch.Tensor):
     return found, order[pos[found]]
 
 
+@dataclass(frozen=True)
+class KernelMap:
+    """Input-output row pairs of one convolution, grouped by kernel offset: the pairs of offset
+    k are ``src[o_k:o_k+counts[k]]``, ``dst[...]`` with o_k the sum of the earlier counts."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    counts: tuple[int, ...]
+
+    @classmethod
+    def of(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> KernelMap:
+        return cls(
+            torch.cat([p[0] for p in pairs]),
+            torch.cat([p[1] for p in pairs]),
+            tuple(len(p[0]) for p in pairs),
+        )
+
+
 class VoxelGrid:
     """One batch's voxels at strides 1, 2, 4, ... and the maps between them (cached)."""
 
     def __init__(self, coords: torch.Tensor) -> None:
         self._coords = {1: coords}
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._neighbours: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._maps: dict[tuple[str, int, int], KernelMap] = {}
         self._children: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -93,28 +111,28 @@ class VoxelGrid:
             self._tables[stride] = (table, order)
         return self._tables[stride]
 
-    def neighbours(self, stride: int, kernel: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def neighbours(self, stride: int, kernel: int) -> KernelMap:
         """For each of the kernel**3 offsets (x slowest, z fastest), the pairs (input rows,
         output rows) of voxels at ``stride`` whose neighbour at that offset is occupied."""
-        key = (stride, kernel)
-        if key not in self._neighbours:
+        key = ("neighbours", stride, kernel)
+        if key not in self._maps:
             coords = self.coords(stride)
             table, order = self._table(stride)
             rows = torch.arange(len(coords), device=coords.device)
             half = kernel // 2
             span = range(-half, kernel - half)
-            maps = []
+            pairs = []
             for offset in itertools.product(span, span, span):
                 if offset == (0, 0, 0):
-                    maps.append((rows, rows))
+                    pairs.append((rows, rows))
                     continue
                 shift = torch.tensor((0, *offset), device=coords.device) * stride
                 query = coords + shift
                 inside = ((query[:, 1:] >= 0) & (query[:, 1:] < _LIMIT)).all(1)
                 found, source = _lookup(table, order, pack(query[inside]))
-                maps.append((source, rows[inside][found]))
-            self._neighbours[key] = maps
-        return self._neighbours[key]
+                pairs.append((source, rows[inside][found]))
+            self._maps[key] = KernelMap.of(pairs)
+        return self._maps[key]
 
     def children(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For each voxel at ``stride``: its parent's row at ``2 * stride`` and which of the 8
@@ -130,6 +148,25 @@ class VoxelGrid:
             child = bits[:, 0] * 4 + bits[:, 1] * 2 + bits[:, 2]
             self._children[stride] = (rows, child)
         return self._children[stride]
+
+    def down(self, stride: int) -> KernelMap:
+        """Kernel-2 stride-2 map from ``stride`` to ``2 * stride``: (child row, parent row) by
+        child position."""
+        key = ("down", stride, 2)
+        if key not in self._maps:
+            parent, child = self.children(stride)
+            order = torch.argsort(child, stable=True)
+            counts = torch.bincount(child, minlength=8).tolist()
+            self._maps[key] = KernelMap(order, parent[order], tuple(counts))
+        return self._maps[key]
+
+    def up(self, stride: int) -> KernelMap:
+        """Transposed map from ``2 * stride`` back to ``stride``: (parent row, child row)."""
+        key = ("up", stride, 2)
+        if key not in self._maps:
+            down = self.down(stride)
+            self._maps[key] = KernelMap(down.dst, down.src, down.counts)
+        return self._maps[key]
 
 
 @dataclass
@@ -150,18 +187,20 @@ def _kernel(volume: int, cin: int, cout: int) -> nn.Parameter:
     return nn.Parameter(torch.randn(volume, cin, cout) * std)
 
 
-def _accumulate(feats: torch.Tensor, weight: torch.Tensor, pairs, rows_out: int) -> torch.Tensor:
-    """sum over offsets k of scatter(out rows, feats[in rows] @ weight[k]): gather-matmul-scatter."""
-    out = None
-    for k, (src, dst) in enumerate(pairs):
-        if not len(src):
-            continue
-        part = feats[src] @ weight[k]
-        if out is None:
-            out = part.new_zeros(rows_out, weight.shape[2])
-        out.index_add_(0, dst, part.to(out.dtype))
-    if out is None:
-        out = feats.new_zeros(rows_out, weight.shape[2])
+def _accumulate(
+    feats: torch.Tensor, weight: torch.Tensor, kernel_map: KernelMap, rows_out: int
+) -> torch.Tensor:
+    """out[dst] += feats[src] @ weight[k] over every pair: one gather, one matrix product per
+    offset, one scatter (few large operations: many small ones stall CPU thread pools), summed
+    in float32 also under autocast."""
+    gathered = feats[kernel_map.src]
+    parts = [
+        chunk @ weight[k] for k, chunk in enumerate(gathered.split(kernel_map.counts)) if len(chunk)
+    ]
+    dtype = torch.promote_types(parts[0].dtype if parts else feats.dtype, torch.float32)
+    out = torch.zeros(rows_out, weight.shape[2], device=feats.device, dtype=dtype)
+    if parts:
+        out.index_add_(0, kernel_map.dst, torch.cat(parts).to(dtype))
     return out
 
 
@@ -175,8 +214,8 @@ class SubmanifoldConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        pairs = x.grid.neighbours(x.stride, self.kernel)
-        out = _accumulate(x.feats, self.weight, pairs, len(x.feats))
+        kernel_map = x.grid.neighbours(x.stride, self.kernel)
+        out = _accumulate(x.feats, self.weight, kernel_map, len(x.feats))
         if self.bias is not None:
             out = out + self.bias
         return x.with_feats(out)
@@ -190,10 +229,7 @@ class DownConv(nn.Module):
         self.weight = _kernel(8, cin, cout)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        parent, child = x.grid.children(x.stride)
-        rows = x.grid.size(2 * x.stride)
-        pairs = [((child == k).nonzero()[:, 0], parent[child == k]) for k in range(8)]
-        out = _accumulate(x.feats, self.weight, pairs, rows)
+        out = _accumulate(x.feats, self.weight, x.grid.down(x.stride), x.grid.size(2 * x.stride))
         return SparseTensor(out, x.grid, 2 * x.stride)
 
 
@@ -208,10 +244,7 @@ class UpConv(nn.Module):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         fine = x.stride // 2
-        parent, child = x.grid.children(fine)
-        rows = torch.arange(len(parent), device=parent.device)
-        pairs = [(parent[child == k], rows[child == k]) for k in range(8)]
-        out = _accumulate(x.feats, self.weight, pairs, len(parent))
+        out = _accumulate(x.feats, self.weight, x.grid.up(fine), x.grid.size(fine))
         return SparseTensor(out, x.grid, fine)
 
 
