@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench.types import Batch, collate
 
@@ -27,6 +27,7 @@ class EpochLoader:
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.epoch = 0
+        self._loader: DataLoader | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -36,16 +37,40 @@ class EpochLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            drop_last=self.drop_last,
-            collate_fn=collate,
-            persistent_workers=False,
-        )
-        return iter(loader)
+        if self._loader is None:
+            # one DataLoader for every epoch: with workers they persist across epochs instead of
+            # being forked again each epoch (seconds per epoch for small training sets)
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=_EpochOrder(self),
+                # its own generator: making an iterator draws the workers' base seed, which must
+                # not come from (and so shift) the global RNG that training restores on resume
+                generator=torch.Generator().manual_seed(self.seed),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                drop_last=self.drop_last,
+                collate_fn=collate,
+                persistent_workers=self.num_workers > 0,
+            )
+        return iter(self._loader)
+
+
+class _EpochOrder(Sampler[int]):
+    """The sample order of the loader's current epoch, shuffled by (seed, epoch) alone: the
+    order a fresh DataLoader(shuffle=True, generator=that generator) gives, as before."""
+
+    def __init__(self, loader: EpochLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.loader.dataset)
+        if not self.loader.shuffle:
+            return iter(range(n))
+        generator = torch.Generator().manual_seed(self.loader.seed * 1_000_003 + self.loader.epoch)
+        # a DataLoader given this generator drew the workers' base seed from it first
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        return iter(torch.randperm(n, generator=generator).tolist())
