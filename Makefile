@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-protocols bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
+.PHONY: install bench bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench-visa  2D detectors on VisA at VISA_ROOT (built-in VisA-layout data when unset)"
 	@echo "make bench-protocols  knn under every fit scope (per category, unified, from VisA, k-shot)"
 	@echo "               on MVTec AD at MVTEC_AD_ROOT and the built-in data"
+	@echo "make bench-casl-wide  curvature vs casl on generated compact and wide smooth 3D defects"
 	@echo "make report    rebuild the leaderboard of results/default"
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff"
@@ -78,6 +79,17 @@ bench-visa: $(STAMP)
 bench-protocols: $(STAMP)
 	$(BIN)/bench run --config protocols-knn --output $(RESULTS)
 
+# the data of the wide-defect study (generated once): compact and wide smooth defects
+WIDE_ROOT ?= $(RESULTS)/data/wide-defects
+bench-casl-wide: $(STAMP)
+	@test -d $(WIDE_ROOT)/mvtec_3d || $(BIN)/python -c "import sys; from bench.datasets import \
+	  synthetic_3d as s; s.generate(sys.argv[1], defects=s.DEFECTS + s.WIDE_DEFECTS)" $(WIDE_ROOT)/mvtec_3d
+	@test -d $(WIDE_ROOT)/real3d || $(BIN)/python -c "import sys; from bench.datasets import \
+	  synthetic_real3d as s; s.generate(sys.argv[1], n_train=8, n_test_good=8, n_per_defect=6, \
+	  defects=s.DEFECTS + s.WIDE_DEFECTS)" $(WIDE_ROOT)/real3d
+	$(BIN)/bench run --config casl-wide --root mvtec_3d=$(WIDE_ROOT)/mvtec_3d \
+	  --root real3d_ad=$(WIDE_ROOT)/real3d --output $(RESULTS) $(ARGS)
+
 report: $(STAMP)
 	$(BIN)/bench report --output $(RESULTS)
 
@@ -106,6 +118,9 @@ $(PERF_STAMP): $(STAMP)
 	$(PERF_VENV)/bin/pip install --quiet kornia lightning lightning-utilities "torchmetrics>=1.8.2" omegaconf \
 	  "jsonargparse[signatures]<4.47.0" einops freia opencv-python-headless scikit-image imagecodecs rich-argparse \
 	  docstring-parser platformdirs
+	@# sparse convolutions compared with CASL's own (bench.perf casl): the CPU wheel (~1.5 MB, plus
+	@# cumm ~2.6 MB and small pure-Python dependencies); forward only on a CPU, see results/perf/casl.md
+	$(PERF_VENV)/bin/pip install --quiet spconv==2.3.8
 	touch $(PERF_STAMP)
 
 perf: $(PERF_STAMP)
@@ -113,6 +128,7 @@ perf: $(PERF_STAMP)
 	$(PERF_VENV)/bin/python -m bench.perf curvature --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf category --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf knn --output $(RESULTS)/perf --data $(MVTEC_AD_ROOT)
+	$(PERF_VENV)/bin/python -m bench.perf casl --output $(RESULTS)/perf
 
 clean:
 	rm -rf $(VENV) $(PERF_VENV) .pytest_cache .ruff_cache

@@ -170,9 +170,13 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
             "grid_curvature/builtin_3d/dome/seed0",
             "curvature/builtin_3d/dome/seed0",
             "curvature/builtin_points/ellipsoid/seed0",
+            "casl/builtin_3d/dome/seed0",
+            "casl/builtin_points/ellipsoid/seed0",
         ]
     )
     assert cfg.batch_size == 8
+    casl = jobs["casl/builtin_points/ellipsoid/seed0"].params  # the CPU schedule
+    assert (casl["pretrain_iterations"], casl["finetune_iterations"]) == (20, 60)
     assert jobs["autoencoder/builtin_ad/washer/seed0"].params["iterations"] == 300
     assert jobs["knn/builtin_ad/washer/seed0"].params["backbone"] == "efficientnet_lite0"
     knn = jobs["knn/builtin_ad/washer/seed0"]
@@ -189,7 +193,12 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     assert all(Path(j.root) == tiny_ad.resolve() for j in jobs.values())
 
     cfg, jobs = planned("bench-3d")
-    assert sorted(jobs) == ["curvature/mvtec_3d/dome/seed0", "grid_curvature/mvtec_3d/dome/seed0"]
+    assert sorted(jobs) == [
+        "casl/mvtec_3d/dome/seed0",
+        "curvature/mvtec_3d/dome/seed0",
+        "grid_curvature/mvtec_3d/dome/seed0",
+    ]
+    assert jobs["casl/mvtec_3d/dome/seed0"].params["encoder_channels"] == [32, 64, 128, 256]
     assert cfg.batch_size == 4
     for job in jobs.values():
         assert job.image_size == 224 and job.dataset.options == {"preprocess": True}
@@ -197,6 +206,8 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
 
     cfg, jobs = planned("bench-points")
     assert sorted(jobs) == [
+        "casl/anomaly_shapenet/ellipsoid/seed0",
+        "casl/real3d_ad/ellipsoid/seed0",
         "curvature/anomaly_shapenet/ellipsoid/seed0",
         "curvature/real3d_ad/ellipsoid/seed0",
     ]
