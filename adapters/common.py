@@ -26,6 +26,26 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
+def point_clouds(batch, device: torch.device) -> list[torch.Tensor]:
+    """The [N,3] points of each sample on ``device``: an unorganised batch's clouds, or an
+    organised batch's valid grid points (row-major order)."""
+    if batch.points is not None:
+        return [p.to(device) for p in batch.points]
+    xyz, valid = batch.xyz.to(device), batch.valid.to(device)
+    return [cloud.permute(1, 2, 0)[ok] for cloud, ok in zip(xyz, valid)]
+
+
+def grid_maps(scores: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """Per-point scores back on the organised grid [B,H,W]; invalid points get the image's
+    lowest score (zero when an image has no valid point)."""
+    maps = torch.zeros(valid.shape, device=valid.device)
+    for i, point in enumerate(scores):
+        if point.numel():
+            maps[i] = point.min()
+            maps[i][valid[i]] = point
+    return maps
+
+
 def image_score(
     maps: torch.Tensor, reduction: str = "max", top_fraction: float = 0.01
 ) -> torch.Tensor:

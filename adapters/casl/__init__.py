@@ -13,7 +13,7 @@ from bench.registry import register_detector
 from bench.training import TrainableDetector
 from bench.types import Batch, Prediction
 
-from ..common import gaussian_blur
+from ..common import gaussian_blur, grid_maps, point_clouds
 from .network import CASLNet
 from .sparse import voxelize
 from .synthesis import prepared_inputs
@@ -96,13 +96,6 @@ class CASL(TrainableDetector):
         self.amp, self.grad_clip, self.checkpoint_every = amp, grad_clip, checkpoint_every
 
     # -- inputs ------------------------------------------------------------------------------
-    def _clouds(self, batch: Batch) -> list[torch.Tensor]:
-        """The [N,3] valid points of each sample (organised grids or unorganised clouds)."""
-        if batch.points is not None:
-            return [p.to(self.device) for p in batch.points]
-        xyz, valid = batch.xyz.to(self.device), batch.valid.to(self.device)
-        return [cloud.permute(1, 2, 0)[ok] for cloud, ok in zip(xyz, valid)]
-
     def _subsample(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
         if n <= self.max_points:
             return None
@@ -127,7 +120,7 @@ class CASL(TrainableDetector):
         finetune = step >= self.pretrain_iterations
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         clouds, features, labels = [], [], []
-        for points in self._clouds(batch):
+        for points in point_clouds(batch, self.device):
             if not len(points):
                 continue  # a scan without valid points teaches nothing
             keep = self._subsample(len(points), generator)
@@ -190,17 +183,12 @@ class CASL(TrainableDetector):
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:
-        clouds = self._clouds(batch)
+        clouds = point_clouds(batch, self.device)
         scores = self.point_scores(clouds)
         objects = torch.stack([self._object_score(s) for s in scores])
         if batch.points is not None:
             return Prediction(score=objects, point_scores=scores)
-        valid = batch.valid.to(self.device)
-        maps = torch.zeros(valid.shape, device=self.device)
-        for i, point in enumerate(scores):
-            if point.numel():
-                maps[i] = point.min()
-                maps[i][valid[i]] = point
+        maps = grid_maps(scores, batch.valid.to(self.device))
         return Prediction(score=objects, anomaly_map=gaussian_blur(maps, self.sigma))
 
 

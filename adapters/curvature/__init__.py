@@ -13,7 +13,7 @@ from bench.pointcloud import knn_indices, multiscale_surface_variation
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
-from ..common import gaussian_blur, image_score
+from ..common import gaussian_blur, grid_maps, image_score, point_clouds
 
 
 @register_detector("curvature")
@@ -59,11 +59,7 @@ class Curvature(Detector):
         self.point_smoothing = point_smoothing
 
     def _clouds(self, batch: Batch) -> list[torch.Tensor]:
-        """The [N,3] valid points of each sample (organised grids or unorganised clouds)."""
-        if batch.points is not None:
-            return [p.to(self.device) for p in batch.points]
-        xyz, valid = batch.xyz.to(self.device), batch.valid.to(self.device)
-        return [cloud.permute(1, 2, 0)[ok] for cloud, ok in zip(xyz, valid)]
+        return point_clouds(batch, self.device)
 
     def surface_variation(
         self, points: torch.Tensor, neighbours: torch.Tensor | None = None
@@ -98,14 +94,8 @@ class Curvature(Detector):
     def predict(self, batch: Batch) -> Prediction:
         if batch.points is not None:
             return self._predict_points(batch)
-        valid = batch.valid.to(self.device)
-        maps = torch.zeros(valid.shape, device=self.device)
-        for i, points in enumerate(self._clouds(batch)):
-            point = self._point_score(self.surface_variation(points))
-            if point.numel():
-                maps[i] = point.min()  # invalid points: the lowest score of the image
-                maps[i][valid[i]] = point
-        maps = gaussian_blur(maps, self.sigma)
+        scores = [self._point_score(self.surface_variation(p)) for p in self._clouds(batch)]
+        maps = gaussian_blur(grid_maps(scores, batch.valid.to(self.device)), self.sigma)
         return Prediction(score=image_score(maps, self.score), anomaly_map=maps)
 
     def _predict_points(self, batch: Batch) -> Prediction:
