@@ -170,13 +170,12 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
             "grid_curvature/builtin_3d/dome/seed0",
             "curvature/builtin_3d/dome/seed0",
             "curvature/builtin_points/ellipsoid/seed0",
-            "casl/builtin_3d/dome/seed0",
-            "casl/builtin_points/ellipsoid/seed0",
+            "casl-cpu/builtin_points/ellipsoid/seed0",
         ]
     )
     assert cfg.batch_size == 8
-    casl = jobs["casl/builtin_points/ellipsoid/seed0"].params  # the CPU schedule
-    assert (casl["pretrain_iterations"], casl["finetune_iterations"]) == (20, 60)
+    casl = jobs["casl-cpu/builtin_points/ellipsoid/seed0"].params  # the CPU schedule
+    assert (casl["pretrain_iterations"], casl["finetune_iterations"]) == (25, 100)
     assert jobs["autoencoder/builtin_ad/washer/seed0"].params["iterations"] == 300
     assert jobs["knn/builtin_ad/washer/seed0"].params["backbone"] == "efficientnet_lite0"
     knn = jobs["knn/builtin_ad/washer/seed0"]

@@ -96,7 +96,7 @@ class CASLNet(nn.Module):
                 "level (16 voxels wide), too few for batch normalisation in training: use a "
                 "smaller voxel_size (the clouds are normalised to radius 1)"
             )
-        embedded = self.embed(curvature)
+        embedded = self.embed(curvature).float()  # voxel means summed in float32 under autocast
         pooled = embedded.new_zeros(len(coords), embedded.shape[1])
         pooled = pooled.index_add(0, point_voxel, embedded)
         counts = torch.bincount(point_voxel, minlength=len(coords)).clamp_min(1)
