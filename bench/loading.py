@@ -51,7 +51,7 @@ class EpochLoader:
                 pin_memory=self.pin_memory,
                 drop_last=self.drop_last,
                 collate_fn=collate,
-                persistent_workers=self.num_workers > 0,
+                persistent_workers=self.num_workers > 0 and self.shuffle,  # training loaders
             )
         return iter(self._loader)
 
@@ -61,7 +61,13 @@ class _EpochOrder(Sampler[int]):
     order a fresh DataLoader(shuffle=True, generator=that generator) gives, as before."""
 
     def __init__(self, loader: EpochLoader) -> None:
-        self.loader = loader
+        import weakref
+
+        self._loader = weakref.ref(loader)  # no cycle: the workers go when the loader does
+
+    @property
+    def loader(self) -> EpochLoader:
+        return self._loader()
 
     def __len__(self) -> int:
         return len(self.loader.dataset)

@@ -466,3 +466,29 @@ def test_subsampled_cloud_takes_nearest_scored_values(fitted):
     assert bool((matches & nearest).any(1).all())  # tied points: one of their nearest
     assert len(torch.unique(scores)) <= 400
     torch.testing.assert_close(pred.anomaly_map[0][batch.valid[0]], scores)
+
+
+def test_training_step_runs_under_autocast():
+    """The fit runs training_step under autocast on GPUs (bf16 here on the CPU): the geometry
+    (rotation, kNN, covariance eigenvalues, which have no bf16 kernel) must stay float32."""
+    det = CASL(
+        encoder_channels=(8, 8, 16, 16), decoder_channels=(16, 16, 8, 8), layers=(1,) * 8,
+        stem_channels=8, stem_kernel=3, pretrain_iterations=1, finetune_iterations=1,
+    )  # fmt: skip
+    det.build(None)
+    det.net_.train()
+    clouds = [torch.from_numpy(_shape(np.random.default_rng(i), 800)).float() for i in (0, 1)]
+    batch = Batch(label=torch.zeros(2, dtype=torch.long), points=clouds)
+    for step in (0, 1):  # pretraining, fine-tuning
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(det.training_step(batch, step))
+
+
+def test_prepared_inputs_stay_float32_under_autocast():
+    cloud = torch.from_numpy(_shape(np.random.default_rng(0), 800)).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p, curv, _ = prepared_inputs(
+            cloud, (16, 32, 64), "torch", torch.Generator().manual_seed(0), rotate=True,
+            synthesize_anomaly=True,
+        )  # fmt: skip
+    assert p.dtype == torch.float32 and curv.dtype == torch.float32

@@ -119,27 +119,29 @@ class CASL(TrainableDetector):
     def training_step(self, batch: Batch, step: int) -> torch.Tensor:
         finetune = step >= self.pretrain_iterations
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-        clouds, features, labels = [], [], []
-        for points in point_clouds(batch, self.device):
-            if not len(points):
-                continue  # a scan without valid points teaches nothing
-            keep = self._subsample(len(points), generator)
-            p, curv, lab = prepared_inputs(
-                points if keep is None else points[keep],
-                self.ks,
-                self.knn,
-                generator,
-                rotate=self.rotate == "xyz",
-                synthesize_anomaly=finetune,
-                parts=self.patch_parts,
-                magnitude=self.displacement,
-            )
-            clouds.append(p)
-            features.append(curv)
-            labels.append(lab)
-        if not clouds:
-            raise ValueError("casl: a training batch holds no valid points")
-        coords, point_voxel = voxelize(clouds, self.voxel_size)
+        # geometry (rotation, kNN, covariances) in full precision even under the fit's autocast
+        with torch.autocast(self.device.type, enabled=False):
+            clouds, features, labels = [], [], []
+            for points in point_clouds(batch, self.device):
+                if not len(points):
+                    continue  # a scan without valid points teaches nothing
+                keep = self._subsample(len(points), generator)
+                p, curv, lab = prepared_inputs(
+                    points if keep is None else points[keep],
+                    self.ks,
+                    self.knn,
+                    generator,
+                    rotate=self.rotate == "xyz",
+                    synthesize_anomaly=finetune,
+                    parts=self.patch_parts,
+                    magnitude=self.displacement,
+                )
+                clouds.append(p)
+                features.append(curv)
+                labels.append(lab)
+            if not clouds:
+                raise ValueError("casl: a training batch holds no valid points")
+            coords, point_voxel = voxelize(clouds, self.voxel_size)
         xyz, logits = self.net_(coords, point_voxel, torch.cat(features))
         if finetune:
             return F.cross_entropy(logits.float(), torch.cat(labels))

@@ -100,16 +100,18 @@ def prepared_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A cloud as the network sees it: normalised (optionally rotated, optionally with one
     pseudo-anomaly), its curvature features and its point labels (all 0 without synthesis)."""
-    p = normalise(points.float())
-    if rotate:
-        assert generator is not None
-        p = p @ random_rotation(generator).to(p.device).T
-    labels = torch.zeros(len(p), dtype=torch.long, device=p.device)
-    k = min(max(ks), len(p))
-    neighbours = knn_indices(p, k, knn) if len(p) >= 3 else None
-    if synthesize_anomaly and len(p) >= 3:
-        assert generator is not None
-        normals = estimate_normals(p, neighbours[:, : min(normal_k, k)])
-        p, labels = synthesize(p, normals, generator, parts, magnitude)
-        neighbours = knn_indices(p, k, knn)
-    return p, curvature_features(p, ks, neighbours), labels
+    # full precision even inside the fit's autocast (kNN distances, covariances, rotation)
+    with torch.autocast(points.device.type, enabled=False):
+        p = normalise(points.float())
+        if rotate:
+            assert generator is not None
+            p = p @ random_rotation(generator).to(p.device).T
+        labels = torch.zeros(len(p), dtype=torch.long, device=p.device)
+        k = min(max(ks), len(p))
+        neighbours = knn_indices(p, k, knn) if len(p) >= 3 else None
+        if synthesize_anomaly and len(p) >= 3:
+            assert generator is not None
+            normals = estimate_normals(p, neighbours[:, : min(normal_k, k)])
+            p, labels = synthesize(p, normals, generator, parts, magnitude)
+            neighbours = knn_indices(p, k, knn)
+        return p, curvature_features(p, ks, neighbours), labels
