@@ -24,13 +24,25 @@ class EpochLoader:
         pin_memory: bool = False,
         drop_last: bool = False,
     ) -> None:
-        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.dataset, self.batch_size = dataset, batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
-        self.epoch = 0
+        self._order = _EpochOrder(len(dataset), shuffle, seed)
         self._loader: DataLoader | None = None
 
+    @property
+    def shuffle(self) -> bool:
+        return self._order.shuffle
+
+    @property
+    def seed(self) -> int:
+        return self._order.seed
+
+    @property
+    def epoch(self) -> int:
+        return self._order.epoch
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._order.epoch = epoch
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -43,7 +55,7 @@ class EpochLoader:
             self._loader = DataLoader(
                 self.dataset,
                 batch_size=self.batch_size,
-                sampler=_EpochOrder(self),
+                sampler=self._order,
                 # its own generator: making an iterator draws the workers' base seed, which must
                 # not come from (and so shift) the global RNG that training restores on resume
                 generator=torch.Generator().manual_seed(self.seed),
@@ -57,26 +69,21 @@ class EpochLoader:
 
 
 class _EpochOrder(Sampler[int]):
-    """The sample order of the loader's current epoch, shuffled by (seed, epoch) alone: the
-    order a fresh DataLoader(shuffle=True, generator=that generator) gives, as before."""
+    """The sample order of the current epoch, shuffled by (seed, epoch) alone: the order a
+    fresh DataLoader(shuffle=True, generator=that generator) gives, as before. It holds no
+    reference to its EpochLoader, so an iterator outliving a temporary loader still works and
+    the workers go when the loader does."""
 
-    def __init__(self, loader: EpochLoader) -> None:
-        import weakref
-
-        self._loader = weakref.ref(loader)  # no cycle: the workers go when the loader does
-
-    @property
-    def loader(self) -> EpochLoader:
-        return self._loader()
+    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
 
     def __len__(self) -> int:
-        return len(self.loader.dataset)
+        return self.size
 
     def __iter__(self) -> Iterator[int]:
-        n = len(self.loader.dataset)
-        if not self.loader.shuffle:
-            return iter(range(n))
-        generator = torch.Generator().manual_seed(self.loader.seed * 1_000_003 + self.loader.epoch)
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         # a DataLoader given this generator drew the workers' base seed from it first
         torch.empty((), dtype=torch.int64).random_(generator=generator)
-        return iter(torch.randperm(n, generator=generator).tolist())
+        return iter(torch.randperm(self.size, generator=generator).tolist())

@@ -112,3 +112,30 @@ def test_mixed_precision_is_for_gpus_only():
     assert amp_dtype(torch.device("cpu"), "auto") is None
     with pytest.raises(ValueError, match="amp must be"):
         amp_dtype(torch.device("cuda"), "int8")
+
+
+def test_epoch_loader_iterates_when_only_its_iterator_is_kept():
+    """``iter(EpochLoader(...))`` on a temporary (the runner's test loop does this): the
+    batches must not depend on the loader object staying alive."""
+    import gc
+
+    import torch as _torch
+    from torch.utils.data import TensorDataset
+
+    class Samples(TensorDataset):
+        def __getitem__(self, i):
+            return {"meta": {"index": i}, "label": super().__getitem__(i)[0]}
+
+    data = Samples(_torch.arange(10.0))
+    batches = iter(EpochLoader(data, 3))
+    gc.collect()
+    assert [b.label.tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+    shuffled = EpochLoader(data, 10, shuffle=True, seed=5)
+    shuffled.set_epoch(2)
+    expected = _torch.Generator().manual_seed(5 * 1_000_003 + 2)
+    _torch.empty((), dtype=_torch.int64).random_(generator=expected)
+    assert (
+        next(iter(shuffled)).label.long().tolist()
+        == _torch.randperm(10, generator=expected).tolist()
+    )
