@@ -14,6 +14,7 @@ params = { sigma = 4.0 }    # overrides of the paper defaults
 datasets = ["builtin_ad"]   # optional: default = every dataset that feeds its modality
 image_size = 256            # optional: the detector's own input size (default: the dataset's)
 crop_size = 224             # optional: its own centre crop ("none": no crop)
+batch_size = 16             # optional: its own batch size (default: the top-level one)
 
 [[datasets]]
 name = "mvtec_ad"
@@ -62,6 +63,8 @@ class DetectorEntry:
     #: crop_size "none" = no crop
     image_size: int | list[int] | str | None = None
     crop_size: int | list[int] | str | None = None
+    #: its own batch size for training and testing (None: the benchmark's)
+    batch_size: int | None = None
     #: fit scope overrides for this detector (None: the benchmark's own, see BenchConfig)
     scope: str | None = None
     train_on: str | dict[str, Any] | None = None
@@ -170,6 +173,12 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
         raise ConfigError(
             f"{source}: device must be auto, cpu, cuda or cuda:N (or mps), got {cfg.device!r}"
         )
+    for det in cfg.detectors:
+        if det.batch_size is not None and not _positive(det.batch_size):
+            raise ConfigError(
+                f"{source}: detector {det.display!r} batch_size must be a positive integer, "
+                f"got {det.batch_size!r}"
+            )
     for entry in (*cfg.detectors, *cfg.datasets):
         kind = "detector" if isinstance(entry, DetectorEntry) else "dataset"
         where = f"{source}: {kind} {getattr(entry, 'display', entry.name)!r}"

@@ -63,6 +63,13 @@ class Detector:
         raise NotImplementedError
 
     @classmethod
+    def substitutes(cls, params: dict[str, Any]) -> list[str]:
+        """What, under ``params`` (resolved constructor arguments), stands in for the paper's
+        setting (e.g. an offline backbone for hub weights), one sentence each; recorded with
+        every result and marked on its leaderboard rows. Empty: the paper's own setting."""
+        return []
+
+    @classmethod
     def accepted_modalities(cls) -> tuple[str, ...]:
         return (cls.modality, *cls.also_accepts)
 

@@ -424,17 +424,18 @@ def scope_jobs(
     image_size = _size(ds.image_size if det.image_size is None else det.image_size)
     crop_size = _size(ds.crop_size if det.crop_size is None else det.crop_size)
     options = json.dumps(ds.options, sort_keys=True, default=str)
+    batch_size = det.batch_size or cfg.batch_size
 
     def make_fit(parts, slug, label, stage="fit", parent=None) -> Fit:
         return Fit(
-            det, params, seed, cfg.batch_size, image_size, crop_size, tuple(parts),
+            det, params, seed, batch_size, image_size, crop_size, tuple(parts),
             parts_fingerprint(tuple(parts)), slug, label, stage, parent,
         )  # fmt: skip
 
     def job(category: str, fit: Fit, draw: int | None, refs: tuple[str, ...] | None) -> Job:
         test = split_fingerprint(ds.name, root, category, options, "test", None)
         return Job(
-            det, ds, root, category, seed, params, cfg.batch_size, cfg.protocol, fit, test,
+            det, ds, root, category, seed, params, batch_size, cfg.protocol, fit, test,
             draw, refs or (), scope,
         )  # fmt: skip
 

@@ -41,6 +41,21 @@ ROW = ["detector", "fit"]
 REPLICATE = ["seed", "draw"]
 
 
+#: appended to the leaderboard name of a row whose setting has offline substitutes
+SUBSTITUTE_MARK = "†"
+
+
+def substitutes_markdown(records: list[dict[str, Any]]) -> str:
+    """One line per detector row with substitutes: what stands in for the paper's setting."""
+    notes: dict[str, list[str]] = {}
+    for r in records:
+        for note in r.get("substitutes") or []:
+            row = notes.setdefault(f"{r['detector']} {SUBSTITUTE_MARK}", [])
+            if note not in row:
+                row.append(note)
+    return "\n".join(f"- {name}: {'; '.join(n)}" for name, n in sorted(notes.items()))
+
+
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per job (every seed and few-shot draw) with the overall metrics, fit scope,
     protocol and metric version.
@@ -53,6 +68,8 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             k: r[k]
             for k in ("detector", "dataset", "category", "seed", "protocol", "metric_version")
         }
+        if r.get("substitutes"):  # offline stand-ins for the paper's setting: marked on the row
+            row["detector"] = f"{row['detector']} {SUBSTITUTE_MARK}"
         row["fit"] = r.get("fit_label", "per-category")
         row["fit_hash"] = r.get("fit_hash", "")
         row["draw"] = r.get("draw")
@@ -209,6 +226,12 @@ def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
         + "\n",
         f"## Runs\n\n{_runs_markdown(summary)}\n",
     ]
+    notes = substitutes_markdown(records)
+    if notes:
+        parts.append(
+            f"## Substitutes ({SUBSTITUTE_MARK})\n\nRows marked {SUBSTITUTE_MARK} do not run the "
+            f"paper's setting:\n\n{notes}\n"
+        )
     for metric in _present(frame, METRICS):
         table = metric_table(records, metric).dropna(axis=1, how="all")
         spread = metric_table(records, metric, std=True).reindex_like(table) if repeated else None

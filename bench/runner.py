@@ -35,7 +35,7 @@ from bench.metrics import METRIC_VERSION
 from bench.overlays import OverlayCollector
 from bench.plan import Fit, Job, open_split, plan_jobs, select
 from bench.progress import console, progress_bar
-from bench.registry import create_detector
+from bench.registry import create_detector, get_detector_class
 from bench.results import ResultStore, read_record, write_json
 from bench.system import (
     PeakMemory,
@@ -414,6 +414,7 @@ def job_record(
         "detector_name": job.detector.name,
         "modality": modality,
         "params": job.params,
+        "substitutes": get_detector_class(job.detector.name).substitutes(job.params),
         "dataset": job.dataset.name,
         "root": job.root,
         "category": job.category,

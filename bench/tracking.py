@@ -429,6 +429,11 @@ class Tracker:
                 "protocol": record["protocol"],
                 "metric_version": record["metric_version"],
                 "device": record["device"],
+                **(
+                    {"adbench.substitutes": "; ".join(record["substitutes"])}
+                    if record.get("substitutes")
+                    else {}
+                ),
                 **git_state(),
                 **{f"version.{k}": str(v) for k, v in record["versions"].items()},
             }

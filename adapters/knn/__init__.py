@@ -19,6 +19,10 @@ from .coreset import greedy_coreset, random_projection
 from .neighbours import nearest
 
 
+#: PatchCore's backbone (ImageNet weights from the hub)
+PAPER_BACKBONE = "wide_resnet50_2"
+
+
 @register_detector("knn")
 class KNNPatchDistance(Detector):
     """PatchCore-style kNN scoring: the anomaly of a patch is its distance to the nearest patch
@@ -42,7 +46,7 @@ class KNNPatchDistance(Detector):
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2",
+        backbone: str = PAPER_BACKBONE,
         weights: str = "pretrained",
         layers: tuple[int, ...] = (2, 3),  # timm out_indices (negative: from the end)
         embed_dim: Annotated[int, Range(ge=1)] | None = 1024,
@@ -67,6 +71,15 @@ class KNNPatchDistance(Detector):
         self.num_neighbors, self.max_pairs, self.seed = num_neighbors, max_pairs, seed
         self.discover_types, self.n_types = discover_types, n_types
         self.extractor_ = create_backbone(backbone, weights, self.layers)
+
+    @classmethod
+    def substitutes(cls, params: dict) -> list[str]:
+        backbone, weights = params.get("backbone", PAPER_BACKBONE), params.get("weights")
+        if weights == "random":
+            return [f"backbone {backbone} with random weights, not the paper's pretrained {PAPER_BACKBONE}"]
+        if backbone != PAPER_BACKBONE:
+            return [f"backbone {backbone} (ImageNet), not the paper's {PAPER_BACKBONE}"]
+        return []
 
     # -- features ------------------------------------------------------------------------------
     @torch.no_grad()

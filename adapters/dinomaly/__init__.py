@@ -1,0 +1,215 @@
+"""``dinomaly``: reconstruction of frozen foundation-model features through a noisy bottleneck
+and a linear-attention decoder (Guo et al., CVPR 2025), and its Dinomaly2 variant."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from bench.backbones import normalize
+from bench.detector import FIT_SCOPES
+from bench.params import Range
+from bench.registry import register_detector
+from bench.training import TrainableDetector
+from bench.types import Batch, Prediction
+
+from .encoder import SUBSTITUTE, create_encoder
+from .loss import anomaly_maps, global_cosine_hard_mining, mining_fraction, top_mean
+from .network import Reconstructor
+from .optim import StableAdamW, warm_cosine
+
+#: the paper's encoders (timm names of Meta's DINOv2 weights with 4 registers)
+PAPER_ENCODER = {
+    "dinomaly": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinomaly2": "vit_small_patch14_reg4_dinov2.lvd142m",
+}
+
+
+@register_detector("dinomaly")
+class Dinomaly(TrainableDetector):
+    """Dinomaly: a frozen encoder (DINOv2 ViT-B/14 with registers), the mean of its ``layers``
+    through a noisy MLP bottleneck (dropout), ``decoder_depth`` linear-attention blocks, and a
+    loose reconstruction loss: encoder and (reversed) decoder layers averaged in two groups,
+    1 - global cosine per group, the easiest points' gradients damped (hard mining).
+
+    Anomaly map: per group 1 - cosine per token, upsampled to the input, averaged, resized to
+    ``map_size`` and smoothed (5x5 Gaussian, sigma 4); image score: the mean of its top
+    ``top_fraction``. Paper geometry: inputs resized to 448 and centre-cropped to 392 (set
+    ``image_size``/``crop_size`` in the config entry, as bench/configs/dinomaly-mvtec.toml does).
+
+    ``variant="dinomaly2"``: narrow bottleneck (d -> 256 -> 4d -> d), dropout 0.4, lr 2e-4 on its
+    first layer, no AMSGrad, no cosine decay, and context-aware recentring (each group's patch
+    tokens minus its class token, then LayerNorm without affine); ViT-S/14 by default. Options
+    left as None take the variant's value. ``encoder="efficientnet_lite0"`` is the offline
+    substitute (packaged ImageNet weights), named as such in every record.
+    """
+
+    modality = "image"
+    #: learns from whatever normal images it is given: the paper's unified setting is a scope
+    scopes = FIT_SCOPES
+
+    def __init__(
+        self,
+        variant: Literal["dinomaly", "dinomaly2"] = "dinomaly",
+        encoder: str | None = None,
+        weights: str = "pretrained",
+        layers: tuple[Annotated[int, Range(ge=0)], ...] | None = None,
+        encoder_depth: Annotated[int, Range(ge=1)] | None = None,
+        decoder_depth: Annotated[int, Range(ge=1)] = 8,
+        decoder_heads: Annotated[int, Range(ge=1)] | None = None,
+        dropout: Annotated[float, Range(ge=0, lt=1)] | None = None,
+        narrow: Annotated[int, Range(ge=1)] | None = None,
+        attention_eps: Annotated[float, Range(ge=0)] = 0.0,
+        iterations: Annotated[int, Range(ge=1)] = 10000,
+        lr: Annotated[float, Range(gt=0)] = 2e-3,
+        lr_final: Annotated[float, Range(ge=0)] | None = None,
+        narrow_lr: Annotated[float, Range(gt=0)] | None = None,
+        warmup: Annotated[int, Range(ge=0)] = 100,
+        weight_decay: Annotated[float, Range(ge=0)] = 1e-4,
+        amsgrad: bool | None = None,
+        eps: Annotated[float, Range(ge=0)] = 1e-10,
+        grad_clip: Annotated[float, Range(ge=0)] | None = 0.1,
+        hard_mining: Annotated[float, Range(ge=0, le=1)] = 0.9,
+        hard_mining_ramp: Annotated[int, Range(ge=0)] = 1000,
+        hard_factor: Annotated[float, Range(ge=0, le=1)] = 0.1,
+        recentre: bool | None = None,
+        map_size: Annotated[int, Range(ge=1)] | None = 256,
+        smoothing_kernel: Annotated[int, Range(ge=1)] = 5,
+        sigma: Annotated[float, Range(ge=0)] = 4.0,
+        top_fraction: Annotated[float, Range(gt=0, le=1)] = 0.01,
+        compile: bool = False,
+        amp: Literal["auto", "bf16", "fp16", "off"] = "auto",
+        checkpoint_every: Annotated[int, Range(ge=1)] = 1000,
+    ) -> None:
+        v2 = variant == "dinomaly2"
+        self.variant = variant
+        self.encoder = PAPER_ENCODER[variant] if encoder is None else encoder
+        self.weights, self.encoder_depth = weights, encoder_depth
+        self.layers = None if layers is None else tuple(layers)
+        if self.layers is not None and (len(self.layers) < 2 or len(self.layers) % 2):
+            raise ValueError(f"layers must be an even number (two groups), got {self.layers}")
+        self.decoder_depth, self.decoder_heads = decoder_depth, decoder_heads
+        if decoder_depth % 2:
+            raise ValueError(f"decoder_depth must be even (two groups), got {decoder_depth}")
+        # options left as None take the variant's value (Dinomaly / Dinomaly2)
+        self.dropout = (0.4 if v2 else 0.2) if dropout is None else dropout
+        self.narrow = (256 if v2 else None) if narrow is None else narrow
+        self.lr_final = (None if v2 else 2e-4) if lr_final is None else lr_final
+        self.narrow_lr = (2e-4 if v2 else None) if narrow_lr is None else narrow_lr
+        self.amsgrad = (not v2) if amsgrad is None else amsgrad
+        self.recentre = v2 if recentre is None else recentre
+        self.attention_eps, self.iterations, self.lr = attention_eps, iterations, lr
+        self.warmup, self.weight_decay, self.eps = warmup, weight_decay, eps
+        self.grad_clip = grad_clip
+        self.hard_mining, self.hard_mining_ramp = hard_mining, hard_mining_ramp
+        self.hard_factor, self.map_size = hard_factor, map_size
+        self.smoothing_kernel, self.sigma, self.top_fraction = smoothing_kernel, sigma, top_fraction
+        self.compile, self.amp, self.checkpoint_every = compile, amp, checkpoint_every
+        self._encoder: torch.nn.Module | None = None
+        self._compiled: dict[str, Any] = {}
+
+    # -- provenance --------------------------------------------------------------------------
+    @classmethod
+    def substitutes(cls, params: dict[str, Any]) -> list[str]:
+        encoder = params.get("encoder") or PAPER_ENCODER[params.get("variant", "dinomaly")]
+        paper = PAPER_ENCODER[params.get("variant", "dinomaly")]
+        if encoder == SUBSTITUTE:
+            return [f"encoder substitute {SUBSTITUTE} (ImageNet), not the paper's {paper}"]
+        if params.get("weights") == "random":
+            return [f"encoder {encoder} with random weights, not the paper's pretrained {paper}"]
+        if encoder != paper:
+            return [f"encoder {encoder}, not the paper's {paper}"]
+        return []
+
+    # -- modules -----------------------------------------------------------------------------
+    @property
+    def frozen_encoder(self) -> torch.nn.Module:
+        """The frozen encoder (built on first use; never part of the fitted state)."""
+        if self._encoder is None:
+            self._encoder = create_encoder(
+                self.encoder, self.weights, self.layers, self.encoder_depth
+            ).to(self.device)
+        return self._encoder
+
+    def to(self, device):
+        super().to(device)
+        if self._encoder is not None:
+            self._encoder.to(self.device)
+        self._compiled = {}
+        return self
+
+    def _run(self, name: str, module: torch.nn.Module, *args):
+        if not self.compile:
+            return module(*args)
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(module)
+        return self._compiled[name](*args)
+
+    def build(self, example: Batch) -> None:
+        enc = self.frozen_encoder
+        heads = self.decoder_heads or enc.num_heads
+        self.decoder_ = Reconstructor(
+            enc.embed_dim, heads, self.decoder_depth, self.dropout, self.narrow, self.attention_eps
+        )
+
+    def configure_optimizers(self):
+        net = self.decoder_
+        first = [net.bottleneck.reduce.weight, net.bottleneck.reduce.bias] if self.narrow else []
+        ids = {id(p) for p in first}
+        groups = [{"params": [p for p in net.parameters() if id(p) not in ids]}]
+        if first:
+            groups.append({"params": first, "lr": self.narrow_lr or self.lr})
+        opt = StableAdamW(
+            groups,
+            lr=self.lr,
+            betas=(0.9, 0.999),
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            amsgrad=self.amsgrad,
+        )
+        final = None if self.lr_final is None else self.lr_final / self.lr
+        return opt, warm_cosine(opt, self.iterations, self.warmup, final)
+
+    # -- features ----------------------------------------------------------------------------
+    def _features(self, image: torch.Tensor):
+        """Encoder layers (no gradient), decoder outputs, and both as two group maps."""
+        with torch.no_grad():
+            layers, grid = self._run("encoder", self.frozen_encoder, normalize(image))
+        decoded = self._run("decoder", self.decoder_, layers)
+        return self._groups(layers, grid), self._groups(decoded, grid)
+
+    def _groups(self, layers: list[torch.Tensor], grid: tuple[int, int]) -> list[torch.Tensor]:
+        """Two groups (first and second half of ``layers``) averaged, prefix tokens dropped,
+        as maps [B, C, h, w]; Dinomaly2 recentres each on its class token first."""
+        prefix = self.frozen_encoder.prefix
+        half = len(layers) // 2
+        out = []
+        for group in (layers[:half], layers[half:]):
+            tokens = torch.stack(group, 1).mean(1)
+            patches = tokens[:, prefix:]
+            if self.recentre:
+                # the substitute has no class token: the image's mean token stands in
+                context = tokens[:, :1] if prefix else patches.mean(1, keepdim=True)
+                patches = F.layer_norm(patches - context, patches.shape[-1:], eps=1e-8)
+            b, n, c = patches.shape
+            out.append(patches.transpose(1, 2).reshape(b, c, *grid))
+        return out
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: Batch, step: int) -> torch.Tensor:
+        target, output = self._features(batch.image)
+        p = mining_fraction(step, self.hard_mining, self.hard_mining_ramp)
+        return global_cosine_hard_mining(target, output, p, self.hard_factor)
+
+    # -- scoring -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Prediction:
+        image = batch.image.to(self.device)
+        target, output = self._features(image)
+        size = None if self.map_size is None else (self.map_size, self.map_size)
+        maps = anomaly_maps(
+            target, output, tuple(image.shape[-2:]), size, self.smoothing_kernel, self.sigma
+        )
+        return Prediction(score=top_mean(maps, self.top_fraction), anomaly_map=maps)
