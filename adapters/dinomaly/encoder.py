@@ -34,11 +34,14 @@ def default_layers(depth: int) -> tuple[int, ...]:
 def create_encoder(
     name: str, weights: str, layers: tuple[int, ...] | None, depth: int | None = None
 ) -> nn.Module:
-    encoder = (
-        EfficientNetEncoder(weights, layers)
-        if name == SUBSTITUTE
-        else ViTEncoder(name, weights, layers, depth)
-    )
+    # random weights (tests, timing) are the same on every call: seed 0, whatever the global RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = (
+            EfficientNetEncoder(weights, layers)
+            if name == SUBSTITUTE
+            else ViTEncoder(name, weights, layers, depth)
+        )
     encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
@@ -61,7 +64,9 @@ class ViTEncoder(nn.Module):
         vit = _create_vit(name, weights, depth)
         self.layers = tuple(layers) if layers is not None else default_layers(len(vit.blocks))
         if not self.layers or max(self.layers) >= len(vit.blocks) or min(self.layers) < 0:
-            raise ValueError(f"layers {self.layers} are not blocks of {name} (0..{len(vit.blocks) - 1})")
+            raise ValueError(
+                f"layers {self.layers} are not blocks of {name} (0..{len(vit.blocks) - 1})"
+            )
         self.vit = vit
         self.embed_dim = vit.embed_dim
         self.num_heads = vit.blocks[0].attn.num_heads
@@ -174,7 +179,9 @@ class EfficientNetEncoder(nn.Module):
         self.blocks = nn.ModuleList(b for s in self.stages for b in net.blocks[s])
         self.layers = tuple(layers) if layers is not None else tuple(range(len(self.blocks)))
         if not self.layers or max(self.layers) >= len(self.blocks) or min(self.layers) < 0:
-            raise ValueError(f"substitute layers {self.layers} are not in 0..{len(self.blocks) - 1}")
+            raise ValueError(
+                f"substitute layers {self.layers} are not in 0..{len(self.blocks) - 1}"
+            )
         self.embed_dim, self.num_heads, self.prefix = self.width, self.heads, 0
         generator = torch.Generator().manual_seed(0)
         for i, block in enumerate(self.blocks):

@@ -116,6 +116,8 @@ def warm_cosine(
         if step >= total:
             return final_ratio
         rest = total - warmup
-        return final_ratio + 0.5 * (1 - final_ratio) * (1 + math.cos(math.pi * (step - warmup) / rest))
+        return final_ratio + 0.5 * (1 - final_ratio) * (
+            1 + math.cos(math.pi * (step - warmup) / rest)
+        )
 
     return LambdaLR(optimizer, factor)

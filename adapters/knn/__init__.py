@@ -18,7 +18,6 @@ from ..common import gaussian_blur, image_score, patch_features
 from .coreset import greedy_coreset, random_projection
 from .neighbours import nearest
 
-
 #: PatchCore's backbone (ImageNet weights from the hub)
 PAPER_BACKBONE = "wide_resnet50_2"
 
@@ -76,7 +75,9 @@ class KNNPatchDistance(Detector):
     def substitutes(cls, params: dict) -> list[str]:
         backbone, weights = params.get("backbone", PAPER_BACKBONE), params.get("weights")
         if weights == "random":
-            return [f"backbone {backbone} with random weights, not the paper's pretrained {PAPER_BACKBONE}"]
+            return [
+                f"backbone {backbone} with random weights, not the paper's pretrained {PAPER_BACKBONE}"
+            ]
         if backbone != PAPER_BACKBONE:
             return [f"backbone {backbone} (ImageNet), not the paper's {PAPER_BACKBONE}"]
         return []

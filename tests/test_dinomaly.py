@@ -1,0 +1,487 @@
+"""Dinomaly: each part against an independent computation, the training loop's outcomes (loss
+falls, exact resume), the Dinomaly2 options, and a unified benchmark run with the offline
+encoder substitute named in the record, the MLflow run and the leaderboard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from bench.adapters.dinomaly import Dinomaly
+from bench.adapters.dinomaly.encoder import ViTEncoder, create_encoder
+from bench.adapters.dinomaly.loss import (
+    anomaly_maps,
+    gaussian_kernel,
+    global_cosine_hard_mining,
+    mining_fraction,
+    top_mean,
+)
+from bench.adapters.dinomaly.network import LinearAttention, Reconstructor
+from bench.adapters.dinomaly.optim import StableAdamW, warm_cosine
+from bench.training import CHECKPOINT_NAME
+from bench.types import Batch
+
+#: a 2-block random ViT-S/14 with registers: the real architecture, small enough for a CPU test
+TINY = dict(
+    encoder="vit_small_patch14_reg4_dinov2",
+    weights="random",
+    encoder_depth=2,
+    layers=(0, 1),
+    decoder_depth=2,
+    warmup=3,
+    hard_mining_ramp=4,
+    map_size=None,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _images(n: int, size: int = 56, seed: int = 0) -> torch.Tensor:
+    """Smooth random textures in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, size // 8, size // 8, generator=g)
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class Batches:
+    """Re-iterable batches of fixed images (a stand-in for the runner's EpochLoader)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int = 4) -> None:
+        self.images, self.batch_size = images, batch_size
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch_size
+
+    def __iter__(self):
+        for i in range(0, len(self), 1):
+            image = self.images[i * self.batch_size : (i + 1) * self.batch_size]
+            n, _, h, w = image.shape
+            yield Batch(
+                meta=[{} for _ in range(n)],
+                label=torch.zeros(n),
+                image=image,
+                mask=torch.zeros(n, h, w),
+            )
+
+
+# -- optimiser and schedule --------------------------------------------------------------------
+def _params(seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in ((5, 7), (7,), (3, 2, 4))]
+
+
+def _quadratic_steps(opt, params, steps: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(42)
+    targets = [torch.randn(p.shape, generator=g) for p in params]
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum(((p - t) ** 2).sum() * scale for p, t in zip(params, targets))
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("amsgrad", [True, False])
+def test_stable_adamw_without_clipping_is_torch_adamw(amsgrad):
+    ours, theirs = _params(0), _params(0)
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-10, weight_decay=1e-2, amsgrad=amsgrad)
+    _quadratic_steps(StableAdamW(ours, clip_threshold=1e12, **kw), ours, 12, 1.0)
+    _quadratic_steps(torch.optim.AdamW(theirs, **kw), theirs, 12, 1.0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _reference_stable_adamw(params, steps, lr, wd, eps, amsgrad, clip):
+    """The official per-parameter loop, written out with Python floats for the scale."""
+    g = torch.Generator().manual_seed(42)
+    targets = [torch.randn(p.shape, generator=g) for p in params]
+    state = [
+        dict(m=torch.zeros_like(p), v=torch.zeros_like(p), vmax=torch.zeros_like(p)) for p in params
+    ]
+    params = [p.detach().clone().double() for p in params]
+    targets = [t.double() for t in targets]
+    for step in range(1, steps + 1):
+        for p, t, s in zip(params, targets, state):
+            grad = 2 * (p - t) * 1e-3
+            p.mul_(1 - lr * wd)
+            s["m"] = 0.9 * s["m"].double() + 0.1 * grad
+            s["v"] = 0.999 * s["v"].double() + 0.001 * grad * grad
+            s["vmax"] = torch.maximum(s["vmax"].double(), s["v"])
+            second = s["vmax"] if amsgrad else s["v"]
+            denom = second.sqrt() / math.sqrt(1 - 0.999**step) + eps
+            ratio = grad / denom
+            rms = float(ratio.norm() / math.sqrt(ratio.numel()))
+            scale = max(1.0, rms / clip)
+            p.add_(-(lr / (1 - 0.9**step) / scale) * s["m"] / denom)
+    return params
+
+
+@pytest.mark.parametrize("amsgrad", [True, False])
+def test_stable_adamw_clips_each_update_by_its_rms_as_the_official_code(amsgrad):
+    # a gradient scale of 1e-3 with eps 1: g / denom is small early and then grows, so some
+    # steps are clipped (scale > 1) and some are not
+    ours = _params(1)
+    opt = StableAdamW(
+        ours, lr=0.05, eps=1e-3, weight_decay=0.1, amsgrad=amsgrad, clip_threshold=0.5
+    )
+    _quadratic_steps(opt, ours, 15, 1e-3)
+    expected = _reference_stable_adamw(_params(1), 15, 0.05, 0.1, 1e-3, amsgrad, 0.5)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a.detach().double(), b, rtol=1e-4, atol=1e-6)
+    # clipping changed the result: without it the parameters differ
+    unclipped = _params(1)
+    opt = StableAdamW(
+        unclipped, lr=0.05, eps=1e-3, weight_decay=0.1, amsgrad=amsgrad, clip_threshold=1e12
+    )
+    _quadratic_steps(opt, unclipped, 15, 1e-3)
+    assert any(not torch.allclose(a, b) for a, b in zip(ours, unclipped))
+
+
+def test_warm_cosine_is_the_official_schedule():
+    base, final, total, warmup = 2e-3, 2e-4, 40, 10
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=base)
+    sched = warm_cosine(opt, total, warmup, final / base)
+    seen = []
+    for _ in range(total + 3):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    rest = np.arange(total - warmup)
+    official = np.concatenate(
+        (
+            np.linspace(0, base, warmup),
+            final + 0.5 * (base - final) * (1 + np.cos(np.pi * rest / len(rest))),
+        )
+    )
+    np.testing.assert_allclose(seen[:total], official, rtol=1e-12, atol=1e-15)
+    assert seen[total:] == pytest.approx([final] * 3)
+    # Dinomaly2: warm-up, then constant
+    opt = torch.optim.SGD([p], lr=base)
+    sched = warm_cosine(opt, total, warmup, None)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:warmup] == pytest.approx(list(np.linspace(0, base, warmup)))
+    assert lrs[warmup:] == pytest.approx([base] * (total - warmup))
+
+
+# -- decoder -----------------------------------------------------------------------------------
+def test_linear_attention_is_the_normalised_kernel_attention():
+    torch.manual_seed(0)
+    attn = LinearAttention(24, heads=3).double()
+    torch.nn.init.normal_(attn.qkv.weight, std=0.3)
+    x = torch.randn(2, 11, 24, dtype=torch.float64)
+    q, k, v = attn.qkv(x).view(2, 11, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1
+    weights = phi_q @ phi_k.transpose(-1, -2)  # [b, h, n, n], the quadratic form
+    expected = (weights / weights.sum(-1, keepdim=True)) @ v
+    expected = attn.proj(expected.transpose(1, 2).reshape(2, 11, 24))
+    torch.testing.assert_close(attn(x), expected)
+
+
+def test_reconstructor_initialisation_and_output_order():
+    torch.manual_seed(0)
+    net = Reconstructor(32, 4, depth=4, dropout=0.2)
+    linear = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in linear])
+    assert weights.abs().max() <= 0.03 and 0.007 < weights.std() < 0.011
+    assert all(not m.bias.any() for m in linear)
+    net.eval()
+    x = [torch.randn(2, 5, 32) for _ in range(4)]
+    out = net(x)
+    manual = net.bottleneck(torch.stack(x).mean(0))
+    chain = []
+    for block in net.blocks:
+        manual = block(manual)
+        chain.append(manual)
+    assert len(out) == 4 and all(torch.equal(a, b) for a, b in zip(out, chain[::-1]))
+
+
+# -- loss and maps -------------------------------------------------------------------------------
+def test_hard_mining_damps_the_easy_points_gradient_only():
+    torch.manual_seed(0)
+    target = [torch.randn(3, 6, 4, 5) for _ in range(2)]
+    output = [(t + 0.5 * torch.randn_like(t)).requires_grad_() for t in target]
+    p, factor = 0.75, 0.1
+    loss = global_cosine_hard_mining(target, output, p, factor)
+    # the value: 1 - cosine of each image's whole flattened map, averaged
+    expected = np.mean(
+        [
+            np.mean(
+                [
+                    1
+                    - a[i].flatten().numpy()
+                    @ b[i].detach().flatten().numpy()
+                    / np.linalg.norm(a[i].numpy())
+                    / np.linalg.norm(b[i].detach().numpy())
+                    for i in range(3)
+                ]
+            )
+            for a, b in zip(target, output)
+        ]
+    )
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    plain = [o.detach().clone().requires_grad_() for o in output]
+    global_cosine_hard_mining(target, plain, 0.0, 1.0).backward()
+    for t, o, q in zip(target, output, plain):
+        distance = 1 - F.cosine_similarity(t, o.detach(), dim=1)
+        k = int(distance.numel() * (1 - p))
+        kth = distance.flatten().sort(descending=True).values[k - 1]
+        easy = (distance < kth)[:, None].expand_as(o)
+        assert easy.any() and (~easy).any()
+        torch.testing.assert_close(o.grad[easy], factor * q.grad[easy])
+        torch.testing.assert_close(o.grad[~easy], q.grad[~easy])
+    assert [mining_fraction(s, 0.9, 1000) for s in (0, 500, 1000, 5000)] == [0, 0.45, 0.9, 0.9]
+
+
+def test_maps_and_score_follow_the_official_evaluation():
+    torch.manual_seed(0)
+    a = [torch.randn(2, 8, 4, 4) for _ in range(2)]
+    b = [x + 0.3 * torch.randn_like(x) for x in a]
+    maps = anomaly_maps(a, b, (28, 28), (20, 20), kernel=5, sigma=4.0)
+    # independently: per group distance, upsample (align_corners), mean, resize, 5x5 zero-pad blur
+    per_group = [
+        F.interpolate(
+            (1 - F.cosine_similarity(x, y, dim=1))[:, None],
+            (28, 28),
+            mode="bilinear",
+            align_corners=True,
+        )
+        for x, y in zip(a, b)
+    ]
+    mean = (per_group[0] + per_group[1]) / 2
+    small = F.interpolate(mean, (20, 20), mode="bilinear", align_corners=False)[:, 0].numpy()
+    grid = np.arange(5) - 2.0
+    kernel = np.exp(-(grid[:, None] ** 2 + grid[None] ** 2) / (2 * 16.0))
+    kernel /= kernel.sum()
+    padded = np.pad(small, ((0, 0), (2, 2), (2, 2)))
+    blurred = np.zeros_like(small)
+    for dy in range(5):
+        for dx in range(5):
+            blurred += kernel[dy, dx] * padded[:, dy : dy + 20, dx : dx + 20]
+    np.testing.assert_allclose(maps.numpy(), blurred, rtol=1e-5, atol=1e-6)
+    assert gaussian_kernel(5, 4.0, torch.device("cpu")).sum() == pytest.approx(1.0)
+    flat = np.sort(maps.flatten(1).numpy(), axis=1)[:, ::-1]
+    k = int(400 * 0.01)
+    assert top_mean(maps, 0.01).numpy() == pytest.approx(flat[:, :k].mean(1), rel=1e-6)
+
+
+# -- encoder -----------------------------------------------------------------------------------
+def _dinov2_positions(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Meta's DINOv2 ``interpolate_pos_encoding`` for a patch grid of h x w (offset 0.1,
+    bicubic on scale factors, no antialias), on its patch embeddings [1, N, D]."""
+    n, dim = pos.shape[1], pos.shape[2]
+    side = math.sqrt(n)
+    grid = pos.reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    out = F.interpolate(
+        grid, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic", antialias=False
+    )
+    return out.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+
+def test_vit_tokens_match_timm_at_native_size_and_dinov2_when_resized():
+    torch.manual_seed(0)
+    enc = create_encoder("vit_small_patch14_reg4_dinov2", "random", (0, 1), depth=2)
+    vit = enc.vit
+    torch.nn.init.normal_(vit.pos_embed, std=0.5)  # a position signal worth interpolating
+    x = torch.randn(1, 3, 518, 518)
+    ours, grid = enc(x)
+    assert grid == (37, 37)
+    with torch.no_grad():
+        tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        expected = []
+        for block in vit.blocks:
+            tokens = block(tokens)
+            expected.append(tokens)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b)
+    # 392 px: 28 x 28 tokens with the official interpolation, not timm's antialiased resample
+    positions = enc.positions(28, 28)
+    torch.testing.assert_close(positions, _dinov2_positions(vit.pos_embed, 28, 28))
+    from timm.layers import resample_abs_pos_embed
+
+    timm_default = resample_abs_pos_embed(vit.pos_embed, (28, 28), (37, 37), num_prefix_tokens=0)
+    assert (positions - timm_default).abs().max() > 1e-3
+    out, grid = enc(torch.randn(1, 3, 392, 392))
+    assert grid == (28, 28) and out[0].shape == (1, 5 + 28 * 28, 384)
+
+
+def test_meta_dinov2_checkpoint_loads_through_the_real_path(tmp_path):
+    """A checkpoint in Meta's layout (cls position inside pos_embed, register_tokens,
+    mask_token), as the official Dinomaly loads it, gives the encoder timm's weights."""
+    torch.manual_seed(0)
+    source = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, depth=2)
+    torch.nn.init.normal_(source.pos_embed, std=0.5)
+    torch.nn.init.normal_(source.reg_token, std=0.5)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    cls_position = torch.randn(1, 1, 384)
+    meta = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    meta["pos_embed"] = torch.cat([cls_position, state["pos_embed"]], 1)
+    meta["cls_token"] = state["cls_token"] - cls_position
+    meta["register_tokens"] = state["reg_token"]
+    meta["mask_token"] = torch.zeros(1, 384)
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(meta, path)
+    loaded = create_encoder("vit_small_patch14_reg4_dinov2", str(path), (0, 1), depth=2)
+    reference = ViTEncoder("vit_small_patch14_reg4_dinov2", "random", (0, 1), 2)
+    reference.vit.load_state_dict(state)
+    x = torch.randn(2, 3, 70, 84)
+    for a, b in zip(loaded(x)[0], reference(x)[0]):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_encoder("vit_small_patch14_reg4_dinov2", str(tmp_path / "missing.pth"), None)
+
+
+def test_the_offline_substitute_preserves_each_layers_cosines():
+    enc = create_encoder("efficientnet_lite0", "pretrained", None)
+    x = torch.rand(2, 3, 128, 128)
+    layers, grid = enc(x)
+    assert grid == (8, 8) and len(layers) == 8 and enc.prefix == 0
+    with torch.no_grad():
+        h = enc.stem(x)
+        raw = []
+        for block in enc.blocks:
+            h = block(h)
+            raw.append(F.adaptive_avg_pool2d(h, grid).flatten(2).transpose(1, 2))
+    for embedded, native in zip(layers, raw):
+        assert embedded.shape[-1] == 128
+        gram, expected = embedded @ embedded.transpose(1, 2), native @ native.transpose(1, 2)
+        assert (gram - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+# -- the detector ------------------------------------------------------------------------------
+def test_training_reduces_the_loss():
+    seed_everything(0)
+    det = Dinomaly(**TINY, iterations=24)
+    det.fit(Batches(_images(16)))
+    losses = [v for _, v in det.train_log_]
+    assert len(losses) == 24 and np.mean(losses[-4:]) < 0.75 * np.mean(losses[:4])
+    pred = det.predict(next(iter(Batches(_images(4, seed=1)))))
+    assert pred.score.shape == (4,) and pred.anomaly_map.shape == (4, 56, 56)
+
+
+class CrashAt(Dinomaly):
+    crash_at = 5
+
+    def training_step(self, batch, step):
+        if step == self.crash_at:
+            raise KeyboardInterrupt("simulated interruption")
+        return super().training_step(batch, step)
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path):
+    params = dict(**TINY, iterations=8, checkpoint_every=4)
+    data = Batches(_images(12))
+    seed_everything(0)
+    straight = Dinomaly(**params)
+    straight.workdir = tmp_path / "straight"
+    straight.fit(data)
+
+    seed_everything(0)
+    crashed = CrashAt(**params)
+    crashed.workdir = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit(data)
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)["step"] == 4
+
+    seed_everything(99)  # the checkpoint restores the RNG (the bottleneck's dropout masks)
+    resumed = Dinomaly(**params)
+    resumed.workdir = tmp_path / "resumed"
+    resumed.fit(data)
+    assert resumed.train_log_ == straight.train_log_
+    a, b = straight.decoder_.state_dict(), resumed.decoder_.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the checkpoint holds the trained part only, never the frozen encoder
+    blob = torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)
+    assert set(blob["modules"]) == {"decoder_"}
+
+
+def test_dinomaly2_options():
+    seed_everything(0)
+    det = Dinomaly(**{**TINY, "variant": "dinomaly2"}, iterations=6)
+    assert (det.dropout, det.narrow, det.lr_final, det.narrow_lr, det.amsgrad, det.recentre) == (
+        0.4, 256, None, 2e-4, False, True,
+    )  # fmt: skip
+    assert Dinomaly().encoder == "vit_base_patch14_reg4_dinov2.lvd142m"
+    assert Dinomaly(variant="dinomaly2").encoder == "vit_small_patch14_reg4_dinov2.lvd142m"
+    det.fit(Batches(_images(8)))
+    bottleneck = det.decoder_.bottleneck
+    assert (bottleneck.reduce.in_features, bottleneck.reduce.out_features) == (384, 256)
+    assert (bottleneck.fc1.in_features, bottleneck.fc1.out_features) == (256, 4 * 384)
+    opt, sched = det.configure_optimizers()
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]  # warm-up starts at 0
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-4])
+    # recentring: every token of a group map has zero mean and unit variance over channels
+    layers, grid = det.frozen_encoder(torch.rand(2, 3, 56, 56))
+    for group in det._groups(layers, grid):
+        assert group.mean(1).abs().max() < 1e-5
+        assert group.var(1, unbiased=False).sub(1).abs().max() < 1e-3
+
+
+def test_substitutes_are_named():
+    assert Dinomaly.substitutes(Dinomaly().get_params()) == []
+    [note] = Dinomaly.substitutes(Dinomaly(encoder="efficientnet_lite0").get_params())
+    assert "substitute" in note and "vit_base_patch14_reg4_dinov2" in note
+    [note] = Dinomaly.substitutes(Dinomaly(**TINY).get_params())
+    assert "random weights" in note
+
+
+def test_unified_run_with_the_substitute_writes_one_state_and_names_the_substitute(
+    tmp_path, ad_root, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    from bench.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "out"
+    args = [
+        "run", "--detectors", "dinomaly", "--datasets", "mvtec_ad", "--root", str(ad_root),
+        "--image-size", "64", "--scope", "unified", "--batch-size", "4", "--num-workers", "0",
+        "--param", "dinomaly.encoder=efficientnet_lite0", "--param", "dinomaly.iterations=6",
+        "--param", "dinomaly.warmup=2", "--param", "dinomaly.decoder_depth=2",
+        "--name", "dino", "--output", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0
+    records = [json.loads(p.read_text()) for p in sorted((out / "dino" / "jobs").glob("*.json"))]
+    assert [r["category"] for r in records] == ["washer", "weave"]
+    assert len({r["fit_hash"] for r in records}) == 1 and records[0]["n_train"] == 24
+    assert len(list(out.glob("dino/state/*/fitted.pt"))) == 1
+    for r in records:
+        assert r["fit_label"] == "unified"
+        assert r["substitutes"] and "encoder substitute efficientnet_lite0" in r["substitutes"][0]
+        assert 0 <= r["metrics"]["all"]["image_auroc"] <= 1
+    board = next(out.glob("dino/**/leaderboard.md")).read_text()
+    assert "| dinomaly † | unified |" in board and "## Substitutes" in board
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("adbench/dino")
+    jobs = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("adbench.kind") == "job"
+    ]
+    assert len(jobs) == 2
+    assert all("efficientnet_lite0" in r.data.tags["adbench.substitutes"] for r in jobs)
