@@ -1,9 +1,18 @@
 import argparse
 
-from bench.perf import casl_perf, category_perf, curvature_perf, knn_perf, metrics_perf
+from bench.perf import (
+    casl_perf,
+    category_perf,
+    curvature_perf,
+    dinomaly_perf,
+    knn_perf,
+    metrics_perf,
+)
 
 parser = argparse.ArgumentParser(prog="python -m bench.perf")
-parser.add_argument("suite", choices=["metrics", "knn", "curvature", "category", "casl"])
+parser.add_argument(
+    "suite", choices=["metrics", "knn", "curvature", "category", "casl", "dinomaly"]
+)
 parser.add_argument("--output", default="results/perf")
 parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
 parser.add_argument(
@@ -24,3 +33,5 @@ if args.suite == "category":
     category_perf.main(args.output, args.quick)
 if args.suite == "casl":
     casl_perf.main(args.output, args.quick)
+if args.suite == "dinomaly":
+    dinomaly_perf.main(args.output, args.quick, args.anomalib_budget or 3600.0)
