@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -27,6 +27,8 @@ help:
 	@echo "make bench-points  curvature on Real3D-AD / Anomaly-ShapeNet at REAL3D_AD_ROOT /"
 	@echo "               ANOMALY_SHAPENET_ROOT (built-in unorganised clouds when neither is set)"
 	@echo "make bench-visa  2D detectors on VisA at VISA_ROOT (built-in VisA-layout data when unset)"
+	@echo "make bench-dinomaly  Dinomaly as published on MVTec AD (unified + per category; GPU, DINOv2 weights)"
+	@echo "make bench-dinomaly-offline  Dinomaly with the offline encoder substitute next to knn on MVTec AD"
 	@echo "make bench-protocols  knn under every fit scope (per category, unified, from VisA, k-shot)"
 	@echo "               on MVTec AD at MVTEC_AD_ROOT and the built-in data"
 	@echo "make bench-casl-wide  curvature vs casl on generated compact and wide smooth 3D defects"
@@ -75,6 +77,12 @@ bench-visa: $(STAMP)
 	@if [ -n "$$VISA_ROOT" ]; then $(BIN)/bench run --config bench-visa --output $(RESULTS); \
 	else echo "VISA_ROOT is not set: running on the built-in VisA-layout data"; \
 	  $(BIN)/bench run --config bench-visa --datasets builtin_visa --output $(RESULTS); fi
+
+bench-dinomaly: $(STAMP)
+	$(BIN)/bench run --config dinomaly-mvtec --output $(RESULTS) $(ARGS)
+
+bench-dinomaly-offline: $(STAMP)
+	$(BIN)/bench run --config dinomaly-offline --output $(RESULTS) $(ARGS)
 
 bench-protocols: $(STAMP)
 	$(BIN)/bench run --config protocols-knn --output $(RESULTS)

@@ -171,8 +171,12 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
             "curvature/builtin_3d/dome/seed0",
             "curvature/builtin_points/ellipsoid/seed0",
             "casl-cpu/builtin_points/ellipsoid/seed0",
+            "dinomaly-cpu/builtin_ad/washer/unified/seed0",
         ]
     )
+    dino = jobs["dinomaly-cpu/builtin_ad/washer/unified/seed0"]  # CPU schedule, substitute
+    assert (dino.params["encoder"], dino.params["iterations"]) == ("efficientnet_lite0", 150)
+    assert (dino.image_size, dino.crop_size, dino.batch_size) == (160, 144, 8)
     assert cfg.batch_size == 8
     casl = jobs["casl-cpu/builtin_points/ellipsoid/seed0"].params  # the CPU schedule
     assert (casl["pretrain_iterations"], casl["finetune_iterations"]) == (25, 100)
@@ -182,6 +186,25 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     assert (knn.image_size, knn.crop_size) == (256, None)  # no crop in `default`
     assert jobs["curvature/builtin_3d/dome/seed0"].image_size is None  # native
     assert Path(jobs["curvature/builtin_points/ellipsoid/seed0"].root) == tiny_points.resolve()
+
+    # Dinomaly as published: seed 1, batch 16, 448 -> 392, unified 10,000 and per category 5,000
+    cfg = load_config("dinomaly-mvtec")
+    jobs = {j.run_name: j for j in plan_jobs(cfg)}
+    assert sorted(jobs) == [
+        "dinomaly per-category/mvtec_ad/washer/seed1",
+        "dinomaly unified/mvtec_ad/washer/unified/seed1",
+    ]
+    for job in jobs.values():
+        assert (job.image_size, job.crop_size, job.batch_size) == (448, 392, 16)
+        assert job.params.get("encoder") is None and job.params["weights"] == "pretrained"
+    assert jobs["dinomaly unified/mvtec_ad/washer/unified/seed1"].params["iterations"] == 10000
+    assert jobs["dinomaly per-category/mvtec_ad/washer/seed1"].params["iterations"] == 5000
+    cfg = load_config("dinomaly-offline")
+    batch = {j.run_name: j.batch_size for j in plan_jobs(cfg)}
+    assert batch == {
+        "dinomaly (substitute)/mvtec_ad/washer/unified/seed1": 16,
+        "knn/mvtec_ad/washer/seed1": 8,
+    }
 
     cfg, jobs = planned("bench-2d")
     assert sorted(jobs) == ["feature_stats/mvtec_ad/washer/seed0", "knn/mvtec_ad/washer/seed0"]
