@@ -175,8 +175,8 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
         ]
     )
     dino = jobs["dinomaly-cpu/builtin_ad/washer/unified/seed0"]  # CPU schedule, substitute
-    assert (dino.params["encoder"], dino.params["iterations"]) == ("efficientnet_lite0", 150)
-    assert (dino.image_size, dino.crop_size, dino.batch_size) == (160, 144, 8)
+    assert (dino.params["encoder"], dino.params["iterations"]) == ("efficientnet_lite0", 400)
+    assert (dino.image_size, dino.crop_size, dino.batch_size) == (160, None, 8)
     assert cfg.batch_size == 8
     casl = jobs["casl-cpu/builtin_points/ellipsoid/seed0"].params  # the CPU schedule
     assert (casl["pretrain_iterations"], casl["finetune_iterations"]) == (25, 100)
