@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -23,8 +23,9 @@ class EpochLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        collate_fn: Callable[[list], Batch] = collate,
     ) -> None:
-        self.dataset, self.batch_size = dataset, batch_size
+        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self._order = _EpochOrder(len(dataset), shuffle, seed)
         self._loader: DataLoader | None = None
@@ -62,7 +63,7 @@ class EpochLoader:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 drop_last=self.drop_last,
-                collate_fn=collate,
+                collate_fn=self.collate_fn,
                 persistent_workers=self.num_workers > 0 and self.shuffle,  # training loaders
             )
         return iter(self._loader)

@@ -45,6 +45,7 @@ from bench.system import (
     track_peak_memory,
 )
 from bench.training import CHECKPOINT_NAME, TrainableDetector, amp_dtype
+from bench.types import collate_training
 
 __all__ = ["data_fingerprint", "run_benchmark", "run_job"]
 
@@ -61,7 +62,7 @@ def _sync(device: torch.device) -> None:
 def job_modality(detector, spec) -> str:
     """The input a job feeds the detector: the first modality it accepts that the dataset
     serves by default, else the first the dataset can provide."""
-    accepted = detector.accepted_modalities()
+    accepted = detector.accepted_modalities(detector.get_params())
     for pool in (spec.modalities, spec.feeds):
         for modality in accepted:
             if modality in pool:
@@ -136,6 +137,7 @@ def open_fit_data(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         drop_last=trainable and len(pooled) >= fit.batch_size,
+        collate_fn=collate_training,
     )
     return sets, loader
 

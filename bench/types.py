@@ -96,6 +96,12 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
     return Batch(**out)
 
 
+def collate_training(samples: list[dict[str, Any]]) -> Batch:
+    """:func:`collate` for training batches: their ground truth (defect-free, empty) is left
+    out, so a unified fit can batch categories whose native sizes differ (VisA, MVTec 3D-AD)."""
+    return collate([{k: v for k, v in s.items() if k != "mask"} for s in samples])
+
+
 def _mixed_sizes(key: str, values: list[torch.Tensor], samples: list[dict[str, Any]]) -> str:
     """Names the files whose size differs from the batch's most common size."""
     shapes = [tuple(v.shape[-2:]) for v in values]
