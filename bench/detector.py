@@ -70,7 +70,15 @@ class Detector:
         return []
 
     @classmethod
-    def accepted_modalities(cls) -> tuple[str, ...]:
+    def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` (every constructor argument) with the defaults that depend on other
+        arguments filled in, so that records, MLflow and the fit's hash hold the values used."""
+        return params
+
+    @classmethod
+    def accepted_modalities(cls, params: dict[str, Any] | None = None) -> tuple[str, ...]:
+        """The inputs it scores; a detector whose input depends on its configuration narrows
+        them for ``params`` (its config or resolved arguments)."""
         return (cls.modality, *cls.also_accepts)
 
     # -- configuration ---------------------------------------------------------------------

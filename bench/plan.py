@@ -49,6 +49,7 @@ def resolved_params(entry: DetectorEntry) -> dict[str, Any]:
     }
     check_params(cls, entry.params, f"detector {entry.display!r}")
     out.update(entry.params)
+    out = cls.resolve_params(out)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -306,7 +307,7 @@ def check_supported(det: DetectorEntry, cls, scope: FitScope) -> None:
 
 
 def chosen_datasets(cfg: BenchConfig, det: DetectorEntry, cls) -> list[DatasetEntry]:
-    accepted = cls.accepted_modalities()
+    accepted = cls.accepted_modalities(det.params)
     if det.datasets is not None:
         missing = set(det.datasets) - {d.name for d in cfg.datasets}
         if missing:
@@ -348,10 +349,11 @@ def dataset_categories(cfg: BenchConfig, ds: DatasetEntry) -> tuple[str, list[st
 def source_parts(src: TrainSource, det: DetectorEntry, cls) -> tuple[Part, ...]:
     """The training splits of a ``train_on`` dataset."""
     spec = get_dataset(src.dataset)
-    if not set(cls.accepted_modalities()) & set(spec.feeds):
+    accepted = cls.accepted_modalities(det.params)
+    if not set(accepted) & set(spec.feeds):
         raise ConfigError(
             f"detector {det.display!r}: train_on dataset {src.dataset} cannot provide "
-            f"{' or '.join(cls.accepted_modalities())} input"
+            f"{' or '.join(accepted)} input"
         )
     root = spec.root(src.root)
     try:
@@ -523,7 +525,15 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
             f"categor(ies) {sorted(set(cfg.categories) - seen)} are in none of the configured datasets"
         )
     if not jobs:
+        wants = "; ".join(
+            f"{d.display} takes {' or '.join(get_detector_class(d.name).accepted_modalities(d.params))}"
+            for d in cfg.detectors
+        )
+        serves = "; ".join(
+            f"{d.name} serves {', '.join(get_dataset(d.name).modalities)}" for d in cfg.datasets
+        )
         raise ConfigError(
-            "the config yields no job: no dataset feeds the configured detectors' modalities"
+            f"the config yields no job: no dataset feeds the configured detectors' modalities "
+            f"({wants}; {serves})"
         )
     return jobs
