@@ -24,6 +24,7 @@ from bench.adapters.dinomaly.loss import (
 )
 from bench.adapters.dinomaly.network import LinearAttention, Reconstructor
 from bench.adapters.dinomaly.optim import StableAdamW, warm_cosine
+from bench.backbones import normalize
 from bench.training import CHECKPOINT_NAME
 from bench.types import Batch
 
@@ -172,15 +173,15 @@ def test_warm_cosine_is_the_official_schedule():
     )
     np.testing.assert_allclose(seen[:total], official, rtol=1e-12, atol=1e-15)
     assert seen[total:] == pytest.approx([final] * 3)
-    # Dinomaly2: warm-up, then constant
+    # Dinomaly2's WarmupCosineScheduler(final_ratio=1): lr * step / warmup, then constant
     opt = torch.optim.SGD([p], lr=base)
-    sched = warm_cosine(opt, total, warmup, None)
+    sched = warm_cosine(opt, total, warmup, None, full_at_last_warmup_step=False)
     lrs = []
     for _ in range(total):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[:warmup] == pytest.approx(list(np.linspace(0, base, warmup)))
+    assert lrs[:warmup] == pytest.approx([base * i / warmup for i in range(warmup)])
     assert lrs[warmup:] == pytest.approx([base] * (total - warmup))
 
 
@@ -422,23 +423,39 @@ def test_dinomaly2_options():
     assert (det.dropout, det.narrow, det.lr_final, det.narrow_lr, det.amsgrad, det.recentre) == (
         0.4, 256, None, 2e-4, False, True,
     )  # fmt: skip
+    # the official dinomaly_2D.py: LinearAttention2(eps=1e-8), --total_iters 40000, ViT-S
+    v2 = Dinomaly(variant="dinomaly2")
+    assert (v2.attention_eps, v2.iterations) == (1e-8, 40000)
+    assert (Dinomaly().attention_eps, Dinomaly().iterations) == (0.0, 10000)
     assert Dinomaly().encoder == "vit_base_patch14_reg4_dinov2.lvd142m"
-    assert Dinomaly(variant="dinomaly2").encoder == "vit_small_patch14_reg4_dinov2.lvd142m"
+    assert v2.encoder == "vit_small_patch14_reg4_dinov2.lvd142m"
+    # dinomaly_mvtec3d.py: ViT-B and one learning rate for the whole bottleneck
+    rgbd = Dinomaly(variant="dinomaly2", inputs="rgb+depth")
+    assert (rgbd.encoder, rgbd.narrow_lr) == ("vit_base_patch14_reg4_dinov2.lvd142m", None)
     det.fit(Batches(_images(8)))
     bottleneck = det.decoder_.bottleneck
     assert (bottleneck.reduce.in_features, bottleneck.reduce.out_features) == (384, 256)
     assert (bottleneck.fc1.in_features, bottleneck.fc1.out_features) == (256, 4 * 384)
     opt, sched = det.configure_optimizers()
     assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]  # warm-up starts at 0
-    for _ in range(5):
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3 / 3, 2e-4 / 3])  # step/3
+    for _ in range(9):
         opt.step()
         sched.step()
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-4])
-    # recentring: every token of a group map has zero mean and unit variance over channels
-    layers, grid = det.frozen_encoder(torch.rand(2, 3, 56, 56))
-    for group in det._groups(layers, grid):
-        assert group.mean(1).abs().max() < 1e-5
-        assert group.var(1, unbiased=False).sub(1).abs().max() < 1e-3
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-3, 2e-4])  # then constant
+    # recentring acts on the encoder targets only (the official Dinomaly.forward): each target
+    # token is its group's patch token minus the group's class token, layer-normalised; the
+    # decoder output is compared as it is
+    det.decoder_.eval()
+    image = torch.rand(2, 3, 56, 56)
+    target, output = det._features(Batch(label=torch.zeros(2), image=image))
+    layers, grid = det.frozen_encoder(normalize(image))
+    for t, tokens in zip(target, layers):  # one layer per group in TINY
+        expected = F.layer_norm(tokens[:, 5:] - tokens[:, :1], (384,), eps=1e-8)
+        torch.testing.assert_close(t.flatten(2).transpose(1, 2), expected)
+    assert all(o.mean(1).abs().max() > 1e-3 for o in output)
 
 
 def test_substitutes_are_named():

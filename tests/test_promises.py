@@ -196,14 +196,31 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     ]
     for job in jobs.values():
         assert (job.image_size, job.crop_size, job.batch_size) == (448, 392, 16)
-        assert job.params.get("encoder") is None and job.params["weights"] == "pretrained"
-    assert jobs["dinomaly unified/mvtec_ad/washer/unified/seed1"].params["iterations"] == 10000
+        assert job.params["weights"] == "pretrained" and job.params["variant"] == "dinomaly"
+    unified = jobs["dinomaly unified/mvtec_ad/washer/unified/seed1"].params
+    assert (unified["iterations"], unified["encoder"], unified["dropout"]) == (
+        10000, "vit_base_patch14_reg4_dinov2.lvd142m", 0.2,
+    )  # fmt: skip
     assert jobs["dinomaly per-category/mvtec_ad/washer/seed1"].params["iterations"] == 5000
     cfg = load_config("dinomaly-offline")
     batch = {j.run_name: j.batch_size for j in plan_jobs(cfg)}
     assert batch == {
         "dinomaly (substitute)/mvtec_ad/washer/unified/seed1": 16,
         "knn/mvtec_ad/washer/seed1": 8,
+    }
+
+    # Dinomaly2's RGB + depth mode: the official dinomaly_mvtec3d.py on MVTec 3D-AD
+    [job] = plan_jobs(load_config("dinomaly2-mvtec3d"))
+    assert job.run_name == "dinomaly2 rgb+depth/mvtec_3d/dome/unified/seed1"
+    assert (job.image_size, job.crop_size, job.batch_size) == (392, None, 16)
+    assert job.dataset.options == {"preprocess": True}
+    want = ("rgb+depth", 40000, "vit_base_patch14_reg4_dinov2.lvd142m", None, 0.4, 1e-8)
+    keys = ("inputs", "iterations", "encoder", "narrow_lr", "dropout", "attention_eps")
+    assert tuple(job.params[k] for k in keys) == want
+    offline = {j.run_name: j for j in plan_jobs(load_config("dinomaly2-3d-offline"))}
+    assert {n for n in offline if n.startswith("dinomaly2")} == {
+        "dinomaly2 rgb+depth (substitute)/builtin_3d/dome/unified/seed1",
+        "dinomaly2 rgb (substitute)/builtin_3d/dome/unified/seed1",
     }
 
     cfg, jobs = planned("bench-2d")

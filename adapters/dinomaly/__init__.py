@@ -15,16 +15,21 @@ from bench.registry import register_detector
 from bench.training import TrainableDetector
 from bench.types import Batch, Prediction
 
+from .depth import rgb_and_depth
 from .encoder import SUBSTITUTE, create_encoder
 from .loss import anomaly_maps, global_cosine_hard_mining, mining_fraction, top_mean
 from .network import Reconstructor
 from .optim import StableAdamW, warm_cosine
 
-#: the paper's encoders (timm names of Meta's DINOv2 weights with 4 registers)
-PAPER_ENCODER = {
-    "dinomaly": "vit_base_patch14_reg4_dinov2.lvd142m",
-    "dinomaly2": "vit_small_patch14_reg4_dinov2.lvd142m",
-}
+#: timm names of Meta's DINOv2 weights with 4 registers
+VIT_B, VIT_S = "vit_base_patch14_reg4_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m"
+INPUTS = ("rgb", "rgb+depth")
+
+
+def paper_encoder(variant: str = "dinomaly", inputs: str = "rgb") -> str:
+    """The official encoder: ViT-B/14 for Dinomaly and for Dinomaly2's RGB + depth script
+    (``dinomaly_mvtec3d.py``), ViT-S/14 for Dinomaly2 on images (``dinomaly_2D.py``)."""
+    return VIT_S if variant == "dinomaly2" and inputs == "rgb" else VIT_B
 
 
 @register_detector("dinomaly")
@@ -40,19 +45,29 @@ class Dinomaly(TrainableDetector):
     ``image_size``/``crop_size`` in the config entry, as bench/configs/dinomaly-mvtec.toml does).
 
     ``variant="dinomaly2"``: narrow bottleneck (d -> 256 -> 4d -> d), dropout 0.4, lr 2e-4 on its
-    first layer, no AMSGrad, no cosine decay, and context-aware recentring (each group's patch
-    tokens minus its class token, then LayerNorm without affine); ViT-S/14 by default. Options
-    left as None take the variant's value. ``encoder="efficientnet_lite0"`` is the offline
-    substitute (packaged ImageNet weights), named as such in every record.
+    first layer, no AMSGrad, no cosine decay, an eps of 1e-8 in the attention, 40,000
+    iterations, and context-aware recentring of the encoder targets (each group's patch tokens
+    minus its class token, then LayerNorm without affine); ViT-S/14 by default. Options left as
+    None take the variant's value. ``encoder="efficientnet_lite0"`` is the offline substitute
+    (packaged ImageNet weights), named as such in every record.
+
+    ``inputs="rgb+depth"`` (Dinomaly2 on MVTec 3D-AD, modality ``rgb+point_cloud``): the RGB
+    image and the scan's colourised depth (``depth.py``) pass the frozen encoder as one doubled
+    batch and each layer is ``rgb_weight`` x RGB + (1 - ``rgb_weight``) x depth; ViT-B/14 and
+    one learning rate for the whole bottleneck, as the official ``dinomaly_mvtec3d.py``.
     """
 
     modality = "image"
+    also_accepts = ("rgb+point_cloud",)
     #: learns from whatever normal images it is given: the paper's unified setting is a scope
     scopes = FIT_SCOPES
 
     def __init__(
         self,
         variant: Literal["dinomaly", "dinomaly2"] = "dinomaly",
+        inputs: Literal["rgb", "rgb+depth"] = "rgb",
+        rgb_weight: Annotated[float, Range(ge=0, le=1)] = 0.5,
+        depth_fill: Annotated[int, Range(ge=0)] = 3,
         encoder: str | None = None,
         weights: str = "pretrained",
         layers: tuple[Annotated[int, Range(ge=0)], ...] | None = None,
@@ -61,8 +76,8 @@ class Dinomaly(TrainableDetector):
         decoder_heads: Annotated[int, Range(ge=1)] | None = None,
         dropout: Annotated[float, Range(ge=0, lt=1)] | None = None,
         narrow: Annotated[int, Range(ge=1)] | None = None,
-        attention_eps: Annotated[float, Range(ge=0)] = 0.0,
-        iterations: Annotated[int, Range(ge=1)] = 10000,
+        attention_eps: Annotated[float, Range(ge=0)] | None = None,
+        iterations: Annotated[int, Range(ge=1)] | None = None,
         lr: Annotated[float, Range(gt=0)] = 2e-3,
         lr_final: Annotated[float, Range(ge=0)] | None = None,
         narrow_lr: Annotated[float, Range(gt=0)] | None = None,
@@ -84,8 +99,9 @@ class Dinomaly(TrainableDetector):
         checkpoint_every: Annotated[int, Range(ge=1)] = 1000,
     ) -> None:
         v2 = variant == "dinomaly2"
-        self.variant = variant
-        self.encoder = PAPER_ENCODER[variant] if encoder is None else encoder
+        self.variant, self.inputs = variant, inputs
+        self.rgb_weight, self.depth_fill = rgb_weight, depth_fill
+        self.encoder = paper_encoder(variant, inputs) if encoder is None else encoder
         self.weights, self.encoder_depth = weights, encoder_depth
         self.layers = None if layers is None else tuple(layers)
         if self.layers is not None and (len(self.layers) < 2 or len(self.layers) % 2):
@@ -97,10 +113,15 @@ class Dinomaly(TrainableDetector):
         self.dropout = (0.4 if v2 else 0.2) if dropout is None else dropout
         self.narrow = (256 if v2 else None) if narrow is None else narrow
         self.lr_final = (None if v2 else 2e-4) if lr_final is None else lr_final
-        self.narrow_lr = (2e-4 if v2 else None) if narrow_lr is None else narrow_lr
+        # the official RGB + depth script trains the whole bottleneck at one learning rate
+        self.narrow_lr = (
+            (2e-4 if v2 and inputs == "rgb" else None) if narrow_lr is None else narrow_lr
+        )
         self.amsgrad = (not v2) if amsgrad is None else amsgrad
         self.recentre = v2 if recentre is None else recentre
-        self.attention_eps, self.iterations, self.lr = attention_eps, iterations, lr
+        self.attention_eps = (1e-8 if v2 else 0.0) if attention_eps is None else attention_eps
+        self.iterations = (40000 if v2 else 10000) if iterations is None else iterations
+        self.lr = lr
         self.warmup, self.weight_decay, self.eps = warmup, weight_decay, eps
         self.grad_clip = grad_clip
         self.hard_mining, self.hard_mining_ramp = hard_mining, hard_mining_ramp
@@ -110,11 +131,26 @@ class Dinomaly(TrainableDetector):
         self._encoder: torch.nn.Module | None = None
         self._compiled: dict[str, Any] = {}
 
+    @classmethod
+    def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The variant's and the inputs' values for the options left as None (the encoder is
+        built on first use, so this is cheap)."""
+        return cls(**params).get_params()
+
     # -- provenance --------------------------------------------------------------------------
     @classmethod
+    def accepted_modalities(cls, params: dict[str, Any] | None = None) -> tuple[str, ...]:
+        if params is None:
+            return super().accepted_modalities()
+        inputs = params.get("inputs", "rgb")
+        if inputs not in INPUTS:
+            raise ValueError(f"dinomaly inputs must be one of {INPUTS}, got {inputs!r}")
+        return ("rgb+point_cloud",) if inputs == "rgb+depth" else ("image",)
+
+    @classmethod
     def substitutes(cls, params: dict[str, Any]) -> list[str]:
-        encoder = params.get("encoder") or PAPER_ENCODER[params.get("variant", "dinomaly")]
-        paper = PAPER_ENCODER[params.get("variant", "dinomaly")]
+        paper = paper_encoder(params.get("variant", "dinomaly"), params.get("inputs", "rgb"))
+        encoder = params.get("encoder") or paper
         if encoder == SUBSTITUTE:
             return [f"encoder substitute {SUBSTITUTE} (ImageNet), not the paper's {paper}"]
         if params.get("weights") == "random":
@@ -170,26 +206,48 @@ class Dinomaly(TrainableDetector):
             amsgrad=self.amsgrad,
         )
         final = None if self.lr_final is None else self.lr_final / self.lr
-        return opt, warm_cosine(opt, self.iterations, self.warmup, final)
+        dinomaly2 = self.variant == "dinomaly2"
+        return opt, warm_cosine(opt, self.iterations, self.warmup, final, not dinomaly2)
 
     # -- features ----------------------------------------------------------------------------
-    def _features(self, image: torch.Tensor):
+    def _inputs(self, batch: Batch) -> torch.Tensor:
+        """The images the encoder sees: [B, 3, H, W], or for ``rgb+depth`` the RGB images (no
+        depth: 0) followed by the colourised depth maps, [2B, 3, H, W]."""
+        if self.inputs == "rgb":
+            return batch.image.to(self.device)
+        if batch.xyz is None or batch.valid is None:
+            raise ValueError(
+                "dinomaly inputs='rgb+depth' needs organised point clouds with RGB (MVTec 3D-AD "
+                "layout: xyz, valid and rgb); this batch has images only"
+            )
+        rgb = (batch.rgb if batch.rgb is not None else batch.image).to(self.device)
+        z, valid = batch.xyz[:, 2].to(self.device), batch.valid.to(self.device)
+        return torch.cat(rgb_and_depth(rgb, z, valid, self.depth_fill))
+
+    def _features(self, batch: Batch):
         """Encoder layers (no gradient), decoder outputs, and both as two group maps."""
         with torch.no_grad():
-            layers, grid = self._run("encoder", self.frozen_encoder, normalize(image))
+            x = self._inputs(batch)
+            layers, grid = self._run("encoder", self.frozen_encoder, normalize(x))
+            if self.inputs == "rgb+depth":  # one doubled batch, fused per layer
+                b, w = len(x) // 2, self.rgb_weight
+                layers = [w * t[:b] + (1 - w) * t[b:] for t in layers]
         decoded = self._run("decoder", self.decoder_, layers)
-        return self._groups(layers, grid), self._groups(decoded, grid)
+        return self._groups(layers, grid, self.recentre), self._groups(decoded, grid, False)
 
-    def _groups(self, layers: list[torch.Tensor], grid: tuple[int, int]) -> list[torch.Tensor]:
+    def _groups(
+        self, layers: list[torch.Tensor], grid: tuple[int, int], recentre: bool
+    ) -> list[torch.Tensor]:
         """Two groups (first and second half of ``layers``) averaged, prefix tokens dropped,
-        as maps [B, C, h, w]; Dinomaly2 recentres each on its class token first."""
+        as maps [B, C, h, w]. ``recentre`` (Dinomaly2, the encoder targets only, as the
+        official code): each group's patch tokens minus its class token, then LayerNorm."""
         prefix = self.frozen_encoder.prefix
         half = len(layers) // 2
         out = []
         for group in (layers[:half], layers[half:]):
             tokens = torch.stack(group, 1).mean(1)
             patches = tokens[:, prefix:]
-            if self.recentre:
+            if recentre:
                 # the substitute has no class token: the image's mean token stands in
                 context = tokens[:, :1] if prefix else patches.mean(1, keepdim=True)
                 patches = F.layer_norm(patches - context, patches.shape[-1:], eps=1e-8)
@@ -199,16 +257,16 @@ class Dinomaly(TrainableDetector):
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: Batch, step: int) -> torch.Tensor:
-        target, output = self._features(batch.image)
+        target, output = self._features(batch)
         p = mining_fraction(step, self.hard_mining, self.hard_mining_ramp)
         return global_cosine_hard_mining(target, output, p, self.hard_factor)
 
     # -- scoring -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:
-        image = batch.image.to(self.device)
-        target, output = self._features(image)
+        target, output = self._features(batch)
         size = None if self.map_size is None else (self.map_size, self.map_size)
+        image = batch.image if batch.image is not None else batch.rgb
         maps = anomaly_maps(
             target, output, tuple(image.shape[-2:]), size, self.smoothing_kernel, self.sigma
         )

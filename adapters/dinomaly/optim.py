@@ -102,14 +102,18 @@ def warm_cosine(
     total: int,
     warmup: int,
     final_ratio: float | None,
+    full_at_last_warmup_step: bool = True,
 ) -> LambdaLR:
     """Dinomaly's WarmCosineScheduler as a factor on each group's lr: ``warmup`` steps rising
-    linearly from 0 (``linspace(0, 1, warmup)``, so step ``warmup - 1`` has the full lr), then a
-    half cosine from 1 down to ``final_ratio`` over the remaining steps (None: constant), and
-    ``final_ratio`` from step ``total`` on."""
+    linearly from 0 (``linspace(0, 1, warmup)``, so step ``warmup - 1`` has the full lr; with
+    ``full_at_last_warmup_step=False`` step / warmup, as Dinomaly2's WarmupCosineScheduler),
+    then a half cosine from 1 down to ``final_ratio`` over the remaining steps (None:
+    constant), and ``final_ratio`` from step ``total`` on."""
 
     def factor(step: int) -> float:
         if step < warmup:
+            if not full_at_last_warmup_step:
+                return step / warmup
             return step / (warmup - 1) if warmup > 1 else 1.0
         if final_ratio is None:
             return 1.0
