@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench-visa  2D detectors on VisA at VISA_ROOT (built-in VisA-layout data when unset)"
 	@echo "make bench-dinomaly  Dinomaly as published on MVTec AD (unified + per category; GPU, DINOv2 weights)"
 	@echo "make bench-dinomaly-offline  Dinomaly with the offline encoder substitute next to knn on MVTec AD"
+	@echo "make bench-dinomaly-visa  Dinomaly as published on VisA at VISA_ROOT (unified; GPU, DINOv2 weights)"
 	@echo "make bench-dinomaly2-3d  Dinomaly2 RGB + depth on MVTec 3D-AD at MVTEC_3D_ROOT (GPU, DINOv2 weights)"
 	@echo "make bench-dinomaly2-3d-offline  Dinomaly2 RGB + depth vs RGB with the encoder substitute on the built-in scans"
 	@echo "make bench-protocols  knn under every fit scope (per category, unified, from VisA, k-shot)"
@@ -85,6 +86,10 @@ bench-dinomaly: $(STAMP)
 
 bench-dinomaly-offline: $(STAMP)
 	$(BIN)/bench run --config dinomaly-offline --output $(RESULTS) $(ARGS)
+
+bench-dinomaly-visa: $(STAMP)
+	@if [ -z "$$VISA_ROOT" ]; then echo "set VISA_ROOT to the VisA folder (split_csv/1cls.csv layout)"; exit 2; fi
+	$(BIN)/bench run --config dinomaly-visa --output $(RESULTS) $(ARGS)
 
 bench-dinomaly2-3d: $(STAMP)
 	@if [ -z "$$MVTEC_3D_ROOT" ]; then echo "set MVTEC_3D_ROOT to the MVTec 3D-AD folder (make bench-dinomaly2-3d-offline runs on built-in data)"; exit 2; fi

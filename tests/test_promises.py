@@ -209,6 +209,25 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
         "knn/mvtec_ad/washer/seed1": 8,
     }
 
+    # the official dinomaly_visa_uni.py: the MVTec AD unified settings on VisA
+    from bench.datasets import synthetic_visa
+
+    visa = synthetic_visa.generate(tmp_path / "visa", n_train=2, n_test_good=1, n_anomaly=1)
+    monkeypatch.setenv("VISA_ROOT", str(visa))
+    jobs = {j.run_name: j for j in plan_jobs(load_config("dinomaly-visa"))}
+    assert (
+        len(jobs) == len(synthetic_visa.CATEGORIES)
+        and len({j.fit_hash for j in jobs.values()}) == 1
+    )
+    for job in jobs.values():
+        assert (job.dataset.name, job.image_size, job.crop_size, job.batch_size) == (
+            "visa",
+            448,
+            392,
+            16,
+        )
+        assert (job.params["iterations"], job.params["encoder"]) == (10000, unified["encoder"])
+
     # Dinomaly2's RGB + depth mode: the official dinomaly_mvtec3d.py on MVTec 3D-AD
     [job] = plan_jobs(load_config("dinomaly2-mvtec3d"))
     assert job.run_name == "dinomaly2 rgb+depth/mvtec_3d/dome/unified/seed1"
