@@ -68,6 +68,14 @@ class EpochLoader:
             )
         return iter(self._loader)
 
+    def close(self) -> None:
+        """Stops persistent workers now rather than at garbage collection: a later loader's
+        forked workers would otherwise inherit this iterator and complain when they drop it."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader = None
+
 
 class _EpochOrder(Sampler[int]):
     """The sample order of the current epoch, shuffled by (seed, epoch) alone: the order a

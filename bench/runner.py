@@ -217,6 +217,7 @@ def fit_or_load(
             try:
                 (detector.fit if stage.stage == "fit" else detector.fit_references)(loader)
             finally:
+                loader.close()
                 if trainable:
                     detector.step_logger = None
             _sync(device)

@@ -139,3 +139,24 @@ def test_epoch_loader_iterates_when_only_its_iterator_is_kept():
         next(iter(shuffled)).label.long().tolist()
         == _torch.randperm(10, generator=expected).tolist()
     )
+
+
+def test_epoch_loader_close_stops_its_persistent_workers():
+    """A training loader's workers persist across epochs; ``close`` ends them at once (the
+    runner calls it after a fit, before the test loader forks its own workers)."""
+    from torch.utils.data import TensorDataset
+
+    class Samples(TensorDataset):
+        def __getitem__(self, i):
+            return {"meta": {"index": i}, "label": super().__getitem__(i)[0]}
+
+    loader = EpochLoader(Samples(torch.arange(8.0)), 4, shuffle=True, num_workers=2)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert sorted(x for b in loader for x in b.label.tolist()) == list(range(8))
+    workers = loader._loader._iterator._workers
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+    assert sorted(x for b in loader for x in b.label.tolist()) == list(range(8))  # reopens
+    loader.close()
