@@ -306,6 +306,12 @@ def check_supported(det: DetectorEntry, cls, scope: FitScope) -> None:
         )
 
 
+def _serves(spec) -> str:
+    extra = [m for m in spec.feeds if m not in spec.modalities]
+    fed = f" (and feeds {', '.join(extra)} to a detector entry that names it in datasets)"
+    return f"{spec.name} serves {', '.join(spec.modalities)}" + (fed if extra else "")
+
+
 def chosen_datasets(cfg: BenchConfig, det: DetectorEntry, cls) -> list[DatasetEntry]:
     accepted = cls.accepted_modalities(det.params)
     if det.datasets is not None:
@@ -529,9 +535,7 @@ def plan_jobs(cfg: BenchConfig) -> list[Job]:
             f"{d.display} takes {' or '.join(get_detector_class(d.name).accepted_modalities(d.params))}"
             for d in cfg.detectors
         )
-        serves = "; ".join(
-            f"{d.name} serves {', '.join(get_dataset(d.name).modalities)}" for d in cfg.datasets
-        )
+        serves = "; ".join(_serves(get_dataset(d.name)) for d in cfg.datasets)
         raise ConfigError(
             f"the config yields no job: no dataset feeds the configured detectors' modalities "
             f"({wants}; {serves})"

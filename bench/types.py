@@ -17,7 +17,8 @@ class Batch:
     """A batch of samples. 2D: ``image``; 3D: ``xyz`` + ``valid`` (+ ``rgb``); unorganised
     clouds: ``points`` and ``point_labels``, lists of [N_i,3] and [N_i] (sizes differ per cloud).
 
-    ``mask`` stays at the ground truth's native size [B,H0,W0]; ``roi`` [B,4] is the box
+    ``mask`` stays at the ground truth's native size [B,H0,W0] (None in training batches, which
+    are defect-free and may mix native sizes); ``roi`` [B,4] is the box
     (y0, x0, y1, x1) of the native frame that the model input covers (the whole frame unless
     the input was cropped). Both are None for unorganised clouds.
     """

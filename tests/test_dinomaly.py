@@ -560,6 +560,19 @@ def test_depth_grey_levels_follow_the_official_preparation(passes):
         assert grey[i][~filled[i]].eq(0).all() and grey[i][filled[i]].min() >= 50
 
 
+def test_depth_is_made_in_float32_under_autocast():
+    """A 3 cm deep object 0.6 m away: bf16 (autocast) or TF32 sums would move its grey levels by
+    tens; the depth image must be the same with and without autocast."""
+    g = torch.Generator().manual_seed(1)
+    z = 0.6 + 0.03 * F.interpolate(torch.rand(2, 1, 8, 8, generator=g), size=(64, 64))[:, 0]
+    valid = torch.rand(2, 64, 64, generator=g) > 0.4
+    plain = depth_grey(z * valid, valid, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = depth_grey(z * valid, valid, 3)
+    assert torch.equal(plain[0], cast[0]) and torch.equal(plain[1], cast[1])
+    assert cast[0].dtype == torch.float32
+
+
 def test_fill_grows_one_pixel_per_pass_into_a_hole():
     valid = torch.ones(1, 9, 9, dtype=torch.bool)
     valid[0, 2:7, 2:7] = False  # a 5 x 5 hole: 9, 1, then 0 empty

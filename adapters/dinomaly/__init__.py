@@ -215,10 +215,10 @@ class Dinomaly(TrainableDetector):
         depth: 0) followed by the colourised depth maps, [2B, 3, H, W]."""
         if self.inputs == "rgb":
             return batch.image.to(self.device)
-        if batch.xyz is None or batch.valid is None:
+        if batch.xyz is None or batch.valid is None or (batch.rgb is None and batch.image is None):
             raise ValueError(
                 "dinomaly inputs='rgb+depth' needs organised point clouds with RGB (MVTec 3D-AD "
-                "layout: xyz, valid and rgb); this batch has images only"
+                "layout: xyz, valid and rgb); this batch lacks some of them"
             )
         rgb = (batch.rgb if batch.rgb is not None else batch.image).to(self.device)
         z, valid = batch.xyz[:, 2].to(self.device), batch.valid.to(self.device)

@@ -14,15 +14,22 @@ import torch
 import torch.nn.functional as F
 
 
+def box_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sums over each pixel's 3 x 3 window (zero padding) of [B, H, W] maps, as nine shifted
+    additions in the input's dtype: a convolution would run in bf16 under autocast and in TF32
+    on CUDA, far too coarse for millimetres at half a metre."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1))
+    return sum(padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3))
+
+
 def fill_gaps(z: torch.Tensor, filled: torch.Tensor, passes: int = 3):
     """``passes`` rounds of gap filling on [B, H, W] maps: each empty pixel with a non-empty
     3 x 3 neighbour takes the mean of its non-empty neighbours (values of the previous round).
     Returns the filled map and its non-empty mask (each pass grows regions by one pixel)."""
-    ones = torch.ones(1, 1, 3, 3, dtype=z.dtype, device=z.device)
     z = torch.where(filled, z, 0)
     for _ in range(passes):
-        total = F.conv2d(z[:, None], ones, padding=1)[:, 0]
-        count = F.conv2d(filled[:, None].to(z.dtype), ones, padding=1)[:, 0]
+        total, count = box_sum(z), box_sum(filled.to(z.dtype))
         grow = ~filled & (count > 0)
         z = torch.where(grow, total / count.clamp_min(1), z)
         filled = filled | grow
@@ -32,8 +39,14 @@ def fill_gaps(z: torch.Tensor, filled: torch.Tensor, passes: int = 3):
 def depth_grey(z: torch.Tensor, valid: torch.Tensor, passes: int = 3):
     """8-bit grey levels [B, H, W] (as float) of the filled depth, and the filled mask: per
     image d = (z - min) / (max - min) over the filled pixels, level = trunc(255 (1 - 0.8 d)),
-    empty pixels 0. An image without any valid pixel is all 0."""
-    z, filled = fill_gaps(z.float(), valid.bool(), passes)
+    empty pixels 0. An image without any valid pixel is all 0. Runs in float32, also under
+    autocast."""
+    with torch.autocast(z.device.type, enabled=False):
+        return _depth_grey(z.float(), valid.bool(), passes)
+
+
+def _depth_grey(z: torch.Tensor, valid: torch.Tensor, passes: int):
+    z, filled = fill_gaps(z, valid, passes)
     big = torch.finfo(z.dtype).max
     low = torch.where(filled, z, big).flatten(1).amin(1)[:, None, None]
     high = torch.where(filled, z, -big).flatten(1).amax(1)[:, None, None]
