@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -32,6 +32,9 @@ help:
 	@echo "make bench-dinomaly-visa  Dinomaly as published on VisA at VISA_ROOT (unified; GPU, DINOv2 weights)"
 	@echo "make bench-dinomaly2-3d  Dinomaly2 RGB + depth on MVTec 3D-AD at MVTEC_3D_ROOT (GPU, DINOv2 weights)"
 	@echo "make bench-dinomaly2-3d-offline  Dinomaly2 RGB + depth vs RGB with the encoder substitute on the built-in scans"
+	@echo "make bench-dictas  DictAS as published: trained on VisA (VISA_ROOT), 4-shot on MVTec AD (GPU, CLIP weights)"
+	@echo "make bench-dictas-visa  DictAS as published: trained on MVTec AD, 4-shot on VisA (GPU, CLIP weights)"
+	@echo "make bench-dictas-offline  DictAS with the token-source substitute, k = 1, 2, 4, 8 on MVTec AD bottle"
 	@echo "make bench-protocols  knn under every fit scope (per category, unified, from VisA, k-shot)"
 	@echo "               on MVTec AD at MVTEC_AD_ROOT and the built-in data"
 	@echo "make bench-casl-wide  curvature vs casl on generated compact and wide smooth 3D defects"
@@ -97,6 +100,17 @@ bench-dinomaly2-3d: $(STAMP)
 
 bench-dinomaly2-3d-offline: $(STAMP)
 	$(BIN)/bench run --config dinomaly2-3d-offline --output $(RESULTS) $(ARGS)
+
+bench-dictas: $(STAMP)
+	@if [ -z "$$VISA_ROOT" ]; then echo "set VISA_ROOT to the VisA folder (the generators' training data; make bench-dictas-offline runs offline)"; exit 2; fi
+	$(BIN)/bench run --config dictas-mvtec --output $(RESULTS) $(ARGS)
+
+bench-dictas-visa: $(STAMP)
+	@if [ -z "$$VISA_ROOT" ]; then echo "set VISA_ROOT to the VisA folder"; exit 2; fi
+	$(BIN)/bench run --config dictas-visa --output $(RESULTS) $(ARGS)
+
+bench-dictas-offline: $(STAMP)
+	$(BIN)/bench run --config dictas-offline --output $(RESULTS) $(ARGS)
 
 bench-protocols: $(STAMP)
 	$(BIN)/bench run --config protocols-knn --output $(RESULTS)

@@ -4,4 +4,13 @@ Importing this package registers them; third-party detectors come in through the
 ``adbench.detectors`` entry-point group instead.
 """
 
-from . import autoencoder, casl, curvature, dinomaly, feature_stats, grid_curvature, knn  # noqa: F401
+from . import (  # noqa: F401
+    autoencoder,
+    casl,
+    curvature,
+    dictas,
+    dinomaly,
+    feature_stats,
+    grid_curvature,
+    knn,
+)

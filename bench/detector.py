@@ -62,6 +62,15 @@ class Detector:
         ``fit`` (or its cached state) on the training source."""
         raise NotImplementedError
 
+    def start_test(self) -> None:
+        """Called before the first ``predict`` of a job's test set."""
+
+    def test_scores(self) -> torch.Tensor | None:
+        """Called after the last ``predict`` of a job: image scores [N] (in prediction order)
+        that replace the per-image ones, for a detector whose options make scores depend on
+        the whole test set (transductive); None keeps the per-image scores."""
+        return None
+
     @classmethod
     def substitutes(cls, params: dict[str, Any]) -> list[str]:
         """What, under ``params`` (resolved constructor arguments), stands in for the paper's

@@ -123,6 +123,20 @@ class Evaluator:
             self.defects.append(str(meta.get("defect", "unknown")))
             self.categories.add(str(meta.get("category", "unknown category")))
 
+    def replace_scores(self, scores: torch.Tensor) -> None:
+        """Replaces every image score (in the order given), e.g. by scores normalised over the
+        whole test set (``Detector.test_scores``)."""
+        scores = scores.detach().float().cpu()
+        if scores.shape != (len(self.scores),):
+            raise ValueError(
+                f"{self.category}: {tuple(scores.shape)} replacement scores for "
+                f"{len(self.scores)} test images"
+            )
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{self.category}: a replacement image score is not finite")
+        self.scores = [float(s) for s in scores]
+        self._exported = [(*row[:3], s) for row, s in zip(self._exported, self.scores)]
+
     def _export(
         self, meta: dict, amap: torch.Tensor, roi: tuple[int, ...], shape: tuple, score: float
     ) -> None:

@@ -303,6 +303,7 @@ def predict_all(
         progress_bar(f"predict {job.run_name}", len(data.test)) as bar,
     ):
         start = time.perf_counter()
+        detector.start_test()
         for batch in data.test:
             batch = batch.to(device, non_blocking=True)
             t0 = time.perf_counter()
@@ -318,6 +319,9 @@ def predict_all(
                 out.defective["maps"].append(prediction.anomaly_map.float().cpu()[keep])
                 out.defective["defects"] += [m["defect"] for m, k in zip(batch.meta, keep) if k]
             bar.advance(1)
+        final = detector.test_scores()
+        if final is not None:
+            evaluator.replace_scores(final)
         out.predict_seconds = time.perf_counter() - start
     out.peak_host_bytes, out.peak_gpu_bytes = peak.host_bytes, peak.gpu_bytes
     return out

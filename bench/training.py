@@ -80,6 +80,17 @@ class TrainableDetector(Detector):
     def after_training(self, train: Iterable[Batch]) -> None:
         """Optional hook: statistics over the training set once the weights are final."""
 
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Optional hook after each optimiser step (and scheduler step), before the checkpoint
+        of that step is written: e.g. end-of-epoch validation and model selection."""
+
+    def training_state(self) -> dict[str, Any]:
+        """What ``after_step`` keeps between steps, saved with each checkpoint (exact resume)."""
+        return {}
+
+    def restore_training_state(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`training_state` from a checkpoint (after modules and optimiser)."""
+
     # -- the loop ------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {k: v for k, v in self.fitted_state().items() if isinstance(v, nn.Module)}
@@ -136,6 +147,7 @@ class TrainableDetector(Detector):
                 images_per_second = len(batch) / max(time.perf_counter() - tic, 1e-9)
                 self.train_log_.append((step, value))
                 self.train_metrics_.append((step, value, lr, images_per_second))
+                self.after_step(step, optimizer)
                 bar.advance(1)
                 done = step + 1
                 if logger is not None and (done % every == 0 or done == self.iterations):
@@ -181,6 +193,7 @@ class TrainableDetector(Detector):
             "train_log": self.train_log_,
             "train_metrics": self.train_metrics_,
             "rng": _rng_state(),
+            "training_state": self.training_state(),
         }
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(blob, tmp)
@@ -214,6 +227,7 @@ class TrainableDetector(Detector):
         self.train_log_ = [(int(r[0]), float(r[1])) for r in blob["train_log"]]
         self.train_metrics_ = [full_record(r) for r in blob.get("train_metrics", blob["train_log"])]
         _set_rng_state(blob["rng"])
+        self.restore_training_state(blob.get("training_state", {}))
         return int(blob["step"])
 
 
