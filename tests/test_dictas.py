@@ -385,3 +385,19 @@ def test_missing_clip_weights_name_the_way_out(tmp_path):
     det = DictAS(weights=str(tmp_path / "missing.pt"))
     with pytest.raises(FileNotFoundError, match="neither a pretrained tag"):
         det.source  # noqa: B018
+
+
+def test_offline_config_plans_every_k_over_one_training(bottle, monkeypatch, tmp_path):
+    from bench.config import load_config
+    from bench.datasets.builtin import GENERATOR_VERSION
+    from bench.plan import plan_jobs
+
+    visa = synthetic_visa.generate(tmp_path / "visa", n_train=2, n_test_good=1, n_anomaly=1)
+    monkeypatch.setenv("ADBENCH_CACHE", str(tmp_path))
+    (tmp_path / f"builtin_visa_v{GENERATOR_VERSION}").symlink_to(visa)
+    monkeypatch.setenv("MVTEC_AD_ROOT", str(bottle.parent))
+    jobs = plan_jobs(load_config("dictas-offline"))
+    assert len(jobs) == 2 * 4 * 3  # learned and training-free, k = 1, 2, 4, 8, 3 draws
+    assert sorted({len(j.references) for j in jobs}) == [1, 2, 4, 8]
+    assert len({j.fit.parent.hash for j in jobs}) == 2  # one first stage each
+    assert all(j.params["backbone"] == "efficientnet_lite0" for j in jobs)

@@ -148,8 +148,11 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     from bench.plan import plan_jobs
 
     assert {"default", "bench-2d", "bench-3d", "bench-points"} <= set(builtin_configs())
+    from bench.datasets import synthetic_visa
+
+    visa = synthetic_visa.generate(tmp_path / "visa", n_train=2, n_test_good=1, n_anomaly=1)
     monkeypatch.setenv("ADBENCH_CACHE", str(tmp_path))
-    for kind, root in (("ad", tiny_ad), ("3d", tiny_3d), ("points", tiny_points)):
+    for kind, root in (("ad", tiny_ad), ("3d", tiny_3d), ("points", tiny_points), ("visa", visa)):
         (tmp_path / f"builtin_{kind}_v{GENERATOR_VERSION}").symlink_to(root)
     monkeypatch.setenv("MVTEC_AD_ROOT", str(tiny_ad))
     monkeypatch.setenv("MVTEC_3D_ROOT", str(tiny_3d))
@@ -172,8 +175,15 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
             "curvature/builtin_points/ellipsoid/seed0",
             "casl-cpu/builtin_points/ellipsoid/seed0",
             "dinomaly-cpu/builtin_ad/washer/unified/seed0",
+            "dictas-cpu/builtin_ad/washer/from-builtin_visa-4shot-d0/seed0",
         ]
     )
+    dictas = jobs["dictas-cpu/builtin_ad/washer/from-builtin_visa-4shot-d0/seed0"]
+    assert dictas.fit.stage == "references" and len(dictas.references) == 4
+    assert dictas.fit.parent.parts[0].dataset == "builtin_visa"
+    assert (dictas.params["backbone"], dictas.params["epochs"], dictas.image_size) == (
+        "efficientnet_lite0", 3, 224,
+    )  # fmt: skip
     dino = jobs["dinomaly-cpu/builtin_ad/washer/unified/seed0"]  # CPU schedule, substitute
     assert (dino.params["encoder"], dino.params["iterations"]) == ("efficientnet_lite0", 400)
     assert (dino.image_size, dino.crop_size, dino.batch_size) == (160, None, 8)
@@ -210,9 +220,6 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     }
 
     # the official dinomaly_visa_uni.py: the MVTec AD unified settings on VisA
-    from bench.datasets import synthetic_visa
-
-    visa = synthetic_visa.generate(tmp_path / "visa", n_train=2, n_test_good=1, n_anomaly=1)
     monkeypatch.setenv("VISA_ROOT", str(visa))
     jobs = {j.run_name: j for j in plan_jobs(load_config("dinomaly-visa"))}
     assert (
@@ -227,6 +234,23 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
             16,
         )
         assert (job.params["iterations"], job.params["encoder"]) == (10000, unified["encoder"])
+
+    # DictAS as published: trained on VisA for MVTec AD and on MVTec AD for VisA, 4-shot
+    jobs = {j.run_name: j for j in plan_jobs(load_config("dictas-mvtec"))}
+    assert sorted(jobs) == [
+        f"dictas/mvtec_ad/washer/from-visa-4shot-d{d}/seed222" for d in range(3)
+    ]
+    for job in jobs.values():
+        assert (job.image_size, job.batch_size, job.params["backbone"]) == (336, 24, "ViT-L-14-336")
+        assert (job.params["weights"], job.params["test_layers"]) == ("openai", [6, 12])
+        assert job.fit.parent.parts[0].dataset == "visa" and job.params["epochs"] == 30
+    assert len({j.fit.parent.hash for j in jobs.values()}) == 1  # one training, three draws
+    big_visa = synthetic_visa.generate(tmp_path / "v6", n_train=6, n_test_good=1, n_anomaly=1)
+    monkeypatch.setenv("VISA_ROOT", str(big_visa))  # 4 references in 3 different draws
+    jobs = plan_jobs(load_config("dictas-visa"))
+    assert len(jobs) == 3 * len(synthetic_visa.CATEGORIES)
+    assert {j.fit.parent.parts[0].dataset for j in jobs} == {"mvtec_ad"}
+    assert all(j.params["test_layers"] == [6, 12, 18, 24] for j in jobs)
 
     # Dinomaly2's RGB + depth mode: the official dinomaly_mvtec3d.py on MVTec 3D-AD
     [job] = plan_jobs(load_config("dinomaly2-mvtec3d"))
