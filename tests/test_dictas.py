@@ -401,3 +401,35 @@ def test_offline_config_plans_every_k_over_one_training(bottle, monkeypatch, tmp
     assert sorted({len(j.references) for j in jobs}) == [1, 2, 4, 8]
     assert len({j.fit.parent.hash for j in jobs}) == 2  # one first stage each
     assert all(j.params["backbone"] == "efficientnet_lite0" for j in jobs)
+
+
+def test_scoring_ignores_an_outer_autocast():
+    """Maps, text scores and the lookup run in float32 even inside bf16 autocast (the runner
+    uses one on GPUs for other detectors): results equal those without it."""
+    det = DictAS(**TINY, training_free=True)
+    det.fit([])
+    loader = _train_loader(2)
+    det.fit_references([loader[0]])
+    plain = det.predict(loader[1])
+    det._entries, det._text = None, {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = det.predict(loader[1])
+    assert mixed.anomaly_map.dtype == torch.float32
+    assert torch.equal(mixed.anomaly_map, plain.anomaly_map)
+    assert torch.equal(mixed.score, plain.score)
+    assert DictAS.inference_amp is False
+
+
+def test_screw_with_more_than_four_references_scores_every_layer():
+    det = DictAS(backbone="efficientnet_lite0", input_size=64, training_free=True)
+    det.fit([])
+    for k, category, want in (
+        (8, "screw", (2, 4, 6, 8)),
+        (4, "screw", (2, 4)),
+        (8, "bolt", (2, 4)),
+    ):
+        det.fit_references([_batch(torch.rand(k, 3, 64, 64), category)])
+        assert det.scored_layers == want
+        assert det.predict(_batch(torch.rand(1, 3, 64, 64), category)).anomaly_map.shape == (
+            1, 64, 64,
+        )  # fmt: skip

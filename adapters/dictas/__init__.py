@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bench.params import Range
 from bench.registry import register_detector
-from bench.training import TrainableDetector
+from bench.training import TrainableDetector, amp_dtype
 from bench.types import Batch, Prediction
 
 from ..common import gaussian_blur
@@ -59,6 +59,8 @@ class DictAS(TrainableDetector):
     modality = "image"
     scopes = ("train_on", "shots")
     reference_stage = True
+    #: the official code runs in float32; ``amp="bf16"`` puts only the frozen backbone in bf16
+    inference_amp = False
 
     def __init__(
         self,
@@ -88,9 +90,10 @@ class DictAS(TrainableDetector):
         text_score_weight: Annotated[float, Range(ge=0, le=1)] = 0.2,
         score_normalisation: Literal["none", "per_category"] = "none",
         rotated_references: tuple[str, ...] = ("screw",),
+        all_layers_categories: tuple[str, ...] = ("screw",),
         training_free: bool = False,
         seed: int = 0,
-        amp: Literal["auto", "bf16", "fp16", "off"] = "auto",
+        amp: Literal["auto", "bf16", "fp16", "off"] = "off",
         checkpoint_every: Annotated[int, Range(ge=1)] = 500,
     ) -> None:
         self.backbone, self.input_size = backbone, input_size
@@ -120,6 +123,7 @@ class DictAS(TrainableDetector):
         self.sigma, self.text_score_weight = sigma, text_score_weight
         self.score_normalisation = score_normalisation
         self.rotated_references = tuple(rotated_references)
+        self.all_layers_categories = tuple(all_layers_categories)
         self.training_free = training_free
         self.seed, self.amp, self.checkpoint_every = seed, amp, checkpoint_every
         self.grad_clip = None
@@ -182,15 +186,18 @@ class DictAS(TrainableDetector):
         return self
 
     def _tokens(self, images: torch.Tensor, layers: tuple[int, ...]):
-        """Patch tokens of ``layers`` (float32), the grid and the global embedding."""
-        with torch.no_grad():
+        """Patch tokens of ``layers`` (float32), the grid and the global embedding; the frozen
+        backbone alone runs under ``amp`` (everything after it in float32, as the official)."""
+        dtype = amp_dtype(self.device, self.amp)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype, enabled=dtype is not None):
             tokens, grid, glob = self.source(images)
         chosen = [tokens[self.all_layers.index(i)].float() for i in layers]
         return chosen, grid, None if glob is None else glob.float()
 
     def _text_features(self, category: str) -> torch.Tensor | None:
         if category not in self._text:
-            self._text[category] = self.source.text_features(category)
+            with _float32(self.device):
+                self._text[category] = self.source.text_features(category)
         return self._text[category]
 
     # -- stage 1: the generators ---------------------------------------------------------------
@@ -201,7 +208,7 @@ class DictAS(TrainableDetector):
         self._steps_per_epoch = len(train)
         self.iterations = self.epochs * self._steps_per_epoch
         self._textures = TextureFolder(self.textures) if self.textures else None
-        self._validation = Validation(self.val_fraction, self.val_images)
+        self._validation = Validation(self.val_fraction, self.val_images, self._textures)
         self._frozen_value, self._best, self._epoch_losses = False, None, []
         super().fit(train)
 
@@ -234,17 +241,21 @@ class DictAS(TrainableDetector):
         q_tokens, grid, _ = self._tokens(query, self.layers)
         r_tokens, _, _ = self._tokens(reference, self.layers)
         if self._frozen_value:  # phase 2: queries pass the (frozen) value generator
-            q_tokens = [self.dictionary_.value(t) for t in q_tokens]
+            with _float32(self.device):
+                q_tokens = [self.dictionary_.value(t) for t in q_tokens]
         anomalous = F.interpolate(mask.to(q_tokens[0]), size=grid, mode="bilinear",
                                   align_corners=True) > 0.5  # fmt: skip
         anomalous = anomalous.flatten(1).float()
-        query_loss, hinge, retrieved_s1 = self._lookup_losses(q_tokens, r_tokens, grid, anomalous)
-        loss = query_loss + self.contrastive_weight * hinge
-        if self.has_text and self.text_weight:
-            text = torch.stack([self._text_features(c) for c in categories]).to(query_loss)
-            loss = loss + self.text_weight * self._text_loss(
-                q_tokens, retrieved_s1, text, label.to(self.device)
+        with _float32(self.device):
+            query_loss, hinge, retrieved_s1 = self._lookup_losses(
+                q_tokens, r_tokens, grid, anomalous
             )
+            loss = query_loss + self.contrastive_weight * hinge
+            if self.has_text and self.text_weight:
+                text = torch.stack([self._text_features(c) for c in categories]).to(query_loss)
+                loss = loss + self.text_weight * self._text_loss(
+                    q_tokens, retrieved_s1, text, label.to(self.device)
+                )
         self._epoch_losses.append(float(query_loss.detach()))
         return loss
 
@@ -310,12 +321,14 @@ class DictAS(TrainableDetector):
 
     @torch.no_grad()
     def _val_maps(self, query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Anomaly maps of validation queries [B,3,H,W], each against its own reference."""
-        r_tokens, grid, _ = self._tokens(reference.to(self.device), self.test_layers)
+        """Unblurred maps of validation queries [B,3,H,W], each against its own reference, on
+        every training layer (the official validation)."""
+        r_tokens, grid, _ = self._tokens(reference.to(self.device), self.layers)
         maps = []
         for i in range(len(query)):
             entries = self._entries_for([t[i : i + 1] for t in r_tokens], grid)
-            maps.append(self._maps(query[i : i + 1].to(self.device), entries)[0])
+            image = query[i : i + 1].to(self.device)
+            maps.append(self._maps(image, entries, self.layers, sigma=0.0)[0])
         return torch.stack(maps)
 
     def training_state(self) -> dict[str, Any]:
@@ -369,8 +382,8 @@ class DictAS(TrainableDetector):
         return refs
 
     def _entries_for(self, r_tokens: list[torch.Tensor], grid) -> list[list[tuple]]:
-        """Keys and values of every test layer and scale: all reference tokens pooled on
-        their own grid, then concatenated into one dictionary."""
+        """Keys and values of every layer and scale: all reference tokens pooled on their own
+        grid, then concatenated into one dictionary."""
         out = []
         for r in r_tokens:
             per_scale = []
@@ -380,39 +393,62 @@ class DictAS(TrainableDetector):
             out.append(per_scale)
         return out
 
+    @property
+    def scored_layers(self) -> tuple[int, ...]:
+        """The test layers; every training layer for ``all_layers_categories`` with more than
+        4 references (the official screw setting)."""
+        many = len(self.reference_images_) > 4
+        return (
+            self.layers
+            if many and self.category_ in self.all_layers_categories
+            else (self.test_layers)
+        )
+
     def _dictionary_entries(self) -> list[list[tuple]]:
         if self._entries is None:
+            layers = self.scored_layers
             refs = self._reference_images()
-            chunks = [self._tokens(c, self.test_layers) for c in refs.split(8)]
+            chunks = [self._tokens(c, layers) for c in refs.split(8)]
             grid = chunks[0][1]
-            r_tokens = [torch.cat([c[0][i] for c in chunks]) for i in range(len(self.test_layers))]
-            self._entries = self._entries_for(r_tokens, grid)
+            r_tokens = [torch.cat([c[0][i] for c in chunks]) for i in range(len(layers))]
+            with _float32(self.device):
+                self._entries = self._entries_for(r_tokens, grid)
         return self._entries
 
     # -- scoring -----------------------------------------------------------------------------
-    def _maps(self, images: torch.Tensor, entries, glob_out: list | None = None) -> torch.Tensor:
-        """Anomaly maps [B, S, S] at the input size, blurred."""
-        q_tokens, grid, glob = self._tokens(images, self.test_layers)
+    def _maps(
+        self,
+        images: torch.Tensor,
+        entries,
+        layers: tuple[int, ...],
+        sigma: float,
+        glob_out: list | None = None,
+    ) -> torch.Tensor:
+        """Anomaly maps [B, S, S] at the input size, blurred with ``sigma`` (float32)."""
+        q_tokens, grid, glob = self._tokens(images, layers)
         if glob_out is not None:
             glob_out.append(glob)
         size = (self.input_size, self.input_size)
         maps = []
-        for q, per_scale in zip(q_tokens, entries):
-            q = self.dictionary_.value(q)
-            for pooling, (keys, values) in zip(self.scales, per_scale):
-                qs = map_tokens(pool(token_map(q, grid), pooling))
-                got = self.dictionary_.lookup(qs, keys, values)
-                distance = (1 - F.cosine_similarity(qs.float(), got.float(), dim=-1)) / 2
-                distance = distance.reshape(len(images), 1, *grid)
-                maps.append(F.interpolate(distance, size=size, mode="bilinear",
-                                          align_corners=True)[:, 0])  # fmt: skip
-        return gaussian_blur(torch.stack(maps).mean(0), self.sigma)
+        with _float32(self.device):
+            for q, per_scale in zip(q_tokens, entries):
+                q = self.dictionary_.value(q)
+                for pooling, (keys, values) in zip(self.scales, per_scale):
+                    qs = map_tokens(pool(token_map(q, grid), pooling))
+                    got = self.dictionary_.lookup(qs, keys, values)
+                    distance = (1 - F.cosine_similarity(qs, got, dim=-1)) / 2
+                    distance = distance.reshape(len(images), 1, *grid)
+                    upsampled = F.interpolate(distance, size, mode="bilinear", align_corners=True)
+                    maps.append(upsampled[:, 0])
+            return gaussian_blur(torch.stack(maps).mean(0), sigma)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:
         self.dictionary_.eval()
         glob: list = []
-        maps = self._maps(batch.image.to(self.device), self._dictionary_entries(), glob)
+        entries = self._dictionary_entries()
+        image = batch.image.to(self.device)
+        maps = self._maps(image, entries, self.scored_layers, self.sigma, glob)
         peak = maps.flatten(1).max(1).values
         text = self._text_scores(glob[0])
         if self.score_normalisation == "per_category":
@@ -427,8 +463,9 @@ class DictAS(TrainableDetector):
         if glob is None:
             return None
         text = self._text_features(self.category_).to(glob)
-        logits = 100 * F.normalize(glob, dim=-1) @ text
-        return logits.softmax(-1)[:, 1]
+        with _float32(self.device):
+            logits = 100 * F.normalize(glob.float(), dim=-1) @ text.float()
+            return logits.softmax(-1)[:, 1]
 
     def start_test(self) -> None:
         self._test_parts = []
@@ -445,6 +482,11 @@ class DictAS(TrainableDetector):
             return peak
         w = self.text_score_weight
         return (1 - w) * peak + w * _minmax(torch.cat(texts))
+
+
+def _float32(device: torch.device):
+    """A block without autocast: the lookup, losses, maps and text run in float32."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ class TokenSource(nn.Module):
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != (self.input_size, self.input_size):
             images = F.interpolate(
-                images, size=(self.input_size,) * 2, mode="bicubic", align_corners=False
+                images, size=(self.input_size,) * 2, mode="bicubic", antialias=True
             ).clamp(0, 1)
         return images
 

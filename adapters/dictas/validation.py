@@ -5,7 +5,8 @@ generator) by pixel AP on the TARGET dataset's test images. Here a fixed share o
 auxiliary training images (chosen by a hash of category and file name, so the same on every
 machine) is kept out of training; each gets a synthetic anomaly (fixed seed) and is looked up
 against another held-out image of its category (k = 1), or, alone in its category, an
-augmented copy of itself. The score is the pixel AP over all of them.
+augmented copy of itself. The score is the pixel AP of each category, averaged, on unblurred
+maps of every training layer (as the official validation).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 
-from .synthesis import augment_references, synthesize_anomalies
+from .synthesis import TextureFolder, augment_references, synthesize_anomalies
 
 #: the validation anomalies and references are the same at every epoch
 SEED = 20250601
@@ -33,8 +34,8 @@ class Validation:
     """Collects held-out images as training sees them (at most ``capacity``) and scores a model
     on them."""
 
-    def __init__(self, fraction: float, capacity: int) -> None:
-        self.fraction, self.capacity = fraction, capacity
+    def __init__(self, fraction: float, capacity: int, textures: TextureFolder | None = None):
+        self.fraction, self.capacity, self.textures = fraction, capacity, textures
         self.images: dict[str, torch.Tensor] = {}
         self.categories: dict[str, str] = {}
         self._pairs: tuple | None = None
@@ -61,7 +62,7 @@ class Validation:
             keys = sorted(self.images)
             clean = torch.stack([self.images[k] for k in keys])
             gen = torch.Generator().manual_seed(SEED)
-            query, mask, _ = synthesize_anomalies(clean, gen, p=1.0)
+            query, mask, _ = synthesize_anomalies(clean, gen, p=1.0, textures=self.textures)
             augmented = augment_references(clean, gen, p=1.0)
             refs = []
             for i, key in enumerate(keys):
