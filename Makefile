@@ -166,6 +166,7 @@ perf: $(PERF_STAMP)
 	$(PERF_VENV)/bin/python -m bench.perf knn --output $(RESULTS)/perf --data $(MVTEC_AD_ROOT)
 	$(PERF_VENV)/bin/python -m bench.perf casl --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf dinomaly --output $(RESULTS)/perf
+	$(PERF_VENV)/bin/python -m bench.perf dictas --output $(RESULTS)/perf
 
 clean:
 	rm -rf $(VENV) $(PERF_VENV) .pytest_cache .ruff_cache

@@ -4,6 +4,7 @@ from bench.perf import (
     casl_perf,
     category_perf,
     curvature_perf,
+    dictas_perf,
     dinomaly_perf,
     knn_perf,
     metrics_perf,
@@ -11,7 +12,7 @@ from bench.perf import (
 
 parser = argparse.ArgumentParser(prog="python -m bench.perf")
 parser.add_argument(
-    "suite", choices=["metrics", "knn", "curvature", "category", "casl", "dinomaly"]
+    "suite", choices=["metrics", "knn", "curvature", "category", "casl", "dinomaly", "dictas"]
 )
 parser.add_argument("--output", default="results/perf")
 parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
@@ -35,3 +36,5 @@ if args.suite == "casl":
     casl_perf.main(args.output, args.quick)
 if args.suite == "dinomaly":
     dinomaly_perf.main(args.output, args.quick, args.anomalib_budget or 3600.0)
+if args.suite == "dictas":
+    dictas_perf.main(args.output, args.quick)
