@@ -137,15 +137,21 @@ class Dictionary(nn.Module):
 
     def lookup(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Retrieved features [B, N, C] for query tokens [B, N, C] from keys/values [B or 1,
-        M, C]; the sparsemax runs on chunks of query rows, so memory is bounded by
-        ``LOOKUP_CHUNK`` x M logits whatever the number of references."""
+        M, C]. The sparsemax runs on chunks of ``LOOKUP_CHUNK`` query rows (the rows of every
+        image of the batch together when the dictionary is shared), so memory is bounded by
+        ``LOOKUP_CHUNK`` x M logits whatever the batch and the number of references."""
         q = self.query(query)
+        b, n, c = q.shape
+        shared = keys.shape[0] == 1 and b > 1
+        if shared:  # one dictionary for the whole batch: chunk over all its rows
+            q = q.reshape(1, b * n, c)
         out = []
         for start in range(0, q.shape[1], LOOKUP_CHUNK):
             chunk = q[:, start : start + LOOKUP_CHUNK]
             weights = sparsemax(chunk @ keys.transpose(1, 2) * self.scale)
             out.append(weights @ values.float())
-        return torch.cat(out, 1).to(query.dtype)
+        retrieved = torch.cat(out, 1)
+        return (retrieved.reshape(b, n, c) if shared else retrieved).to(query.dtype)
 
 
 def pool(maps: torch.Tensor, size: int) -> torch.Tensor:
