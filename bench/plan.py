@@ -113,6 +113,10 @@ class Fit:
     label: str = "per-category"
     stage: str = "fit"  # "fit" or "references"
     parent: Fit | None = None
+    #: named by its content (detector name, training data, seed), not by the config entry's
+    #: label: the first stage of a two-stage detector, shared by entries that differ only in
+    #: their references (k, draws)
+    by_content: bool = False
 
     @property
     def legacy(self) -> bool:
@@ -161,6 +165,8 @@ class Fit:
         datasets = "+".join(sorted({p.dataset for p in self.parts}))
         cats = {p.category for p in self.parts}
         where = f"{datasets}/{next(iter(cats))}" if len(cats) == 1 else datasets
+        if self.by_content:  # the hash beside it in the folder name tells params apart
+            return f"{self.detector.name}/{where}/{self.slug}/seed{self.seed}"
         return f"{self.detector.display}/{where}/{self.slug}/seed{self.seed}"
 
     @property
@@ -434,10 +440,10 @@ def scope_jobs(
     options = json.dumps(ds.options, sort_keys=True, default=str)
     batch_size = det.batch_size or cfg.batch_size
 
-    def make_fit(parts, slug, label, stage="fit", parent=None) -> Fit:
+    def make_fit(parts, slug, label, stage="fit", parent=None, by_content=False) -> Fit:
         return Fit(
             det, params, seed, batch_size, image_size, crop_size, tuple(parts),
-            parts_fingerprint(tuple(parts)), slug, label, stage, parent,
+            parts_fingerprint(tuple(parts)), slug, label, stage, parent, by_content,
         )  # fmt: skip
 
     def job(category: str, fit: Fit, draw: int | None, refs: tuple[str, ...] | None) -> Job:
@@ -453,7 +459,11 @@ def scope_jobs(
 
     base = None
     if scope.train_on is not None:
-        base = make_fit(source_parts(scope.train_on, det, cls), scope.slug(None), scope.label())
+        source = source_parts(scope.train_on, det, cls)
+        if cls.reference_stage:  # one first stage for every k, draw and entry label
+            base = make_fit(source, scope.train_on.slug, scope.train_on.label, by_content=True)
+        else:
+            base = make_fit(source, scope.slug(None), scope.label())
         if not scope.few_shot and not cls.reference_stage:
             return [job(c, base, None, None) for c in categories]
     jobs = []

@@ -327,8 +327,9 @@ def test_screw_references_get_rotated_copies():
 
 
 def test_two_stage_cli_run_trains_once_and_scores_every_draw(tmp_path, ad_root):
-    """Generators fitted on a VisA-layout dataset (one first stage), then 2-shot references of
-    each MVTec AD-layout category over 2 draws: 4 jobs, one training, records that say so."""
+    """Generators fitted on a VisA-layout dataset (one first stage, shared by two config
+    entries that differ in k), then 2-shot references of each MVTec AD-layout category over 2
+    draws and 1-shot ones: 6 jobs, one training, records that say so."""
     visa = synthetic_visa.generate(tmp_path / "visa", n_train=8, n_test_good=1, n_anomaly=1)
     params = ", ".join(f"{k} = {json.dumps(v)}" for k, v in TINY.items())
     (tmp_path / "c.toml").write_text(
@@ -345,11 +346,17 @@ train_on = {{ dataset = "visa", root = "{visa}" }}
 shots = 2
 shot_draws = 2
 params = {{ {params}, epochs = 2, val_fraction = 0.2 }}
+[[detectors]]
+name = "dictas"
+label = "dictas 1-shot"
+train_on = {{ dataset = "visa", root = "{visa}" }}
+shots = 1
+params = {{ {params}, epochs = 2, val_fraction = 0.2 }}
 """
     )
     out = tmp_path / "out"
     assert main(["run", "--config", str(tmp_path / "c.toml"), "--output", str(out)]) == 0
-    records = [json.loads(p.read_text()) for p in (out / "dictas-run" / "jobs").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (out / "dictas-run" / "jobs").glob("dictas__*")]
     assert len(records) == 4
     assert {(r["category"], r["draw"]) for r in records} == {
         (c, d) for c in ("washer", "weave") for d in (0, 1)
@@ -358,9 +365,12 @@ params = {{ {params}, epochs = 2, val_fraction = 0.2 }}
         assert len(r["references"]) == 2
         assert any("random weights" in s for s in r["substitutes"])
         assert all(math.isfinite(r["metrics"]["all"][m]) for m in ("pixel_auroc", "au_pro"))
-    # one training (its checkpoint) and five computed stages: the generators, 4 reference sets
+    one_shot = list((out / "dictas-run" / "jobs").glob("dictas 1-shot__*"))
+    assert len(one_shot) == 2
+    # one training (its checkpoint), shared by both entries, and 7 computed stages: the
+    # generators and 6 reference sets (2 categories x 2 draws at k = 2, 2 categories at k = 1)
     assert len(list((out / "dictas-run").rglob(CHECKPOINT_NAME))) == 1
-    assert len(list((out / "dictas-run").rglob("fit.json"))) == 5
+    assert len(list((out / "dictas-run").rglob("fit.json"))) == 7
 
 
 def test_substitutes_name_every_departure():
