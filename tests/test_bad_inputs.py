@@ -362,7 +362,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path, weave):
            "64", "--param", "autoencoder.iterations=100000", "--no-tracking", "--device", "cpu",
            "--num-workers", "0", "--output", str(tmp_path / "out")]  # fmt: skip
     env = {**os.environ, "ADBENCH_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a suite started in the background (`make test &`) hands its children SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: restore the default, as a terminal has
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "out" / "default" / "state").is_dir():
         time.sleep(0.2)  # planning is done, the job starts
