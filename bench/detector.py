@@ -46,6 +46,9 @@ class Detector:
     scopes: ClassVar[tuple[str, ...]] = ("per_category",)
     #: whether ``fit_references`` is a second stage after ``fit`` (see the class docstring)
     reference_stage: ClassVar[bool] = False
+    #: whether a later stage's saved state holds only what that stage adds (the runner then
+    #: loads every stage's state on top of its parent's); False: each state is complete
+    incremental_stages: ClassVar[bool] = False
 
     device: torch.device = torch.device("cpu")
     #: folder for checkpoints and caches of this job; set by the runner, None when unused
@@ -112,6 +115,11 @@ class Detector:
     def fitted_state(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
 
+    def saved_state(self) -> dict[str, Any]:
+        """What :meth:`save_state` writes: the fitted state, or with ``incremental_stages``
+        only what the stage just computed adds to its parent's."""
+        return self.fitted_state()
+
     def to(self, device: torch.device | str) -> Detector:
         self.device = torch.device(device)
         for name, value in self.fitted_state().items():
@@ -122,7 +130,7 @@ class Detector:
     def save_state(self, path: str | Path) -> None:
         """Writes the fitted state atomically (tmp file + rename)."""
         state = {}
-        for name, value in self.fitted_state().items():
+        for name, value in self.saved_state().items():
             if isinstance(value, (torch.Tensor, nn.Module)):
                 value = value.to("cpu")
             state[name] = value

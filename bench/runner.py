@@ -199,11 +199,7 @@ def fit_or_load(
     result = FitResult(cached=False, seconds=0.0, peak=None)
     with track_peak_memory(device) as peak:
         start = time.perf_counter()
-        todo = []
-        for stage in chain:  # the job's own fit first, then the stages it starts from
-            if load_fitted(detector, store.fit_dir(stage)):
-                break
-            todo.append(stage)
+        todo = cached_stages(detector, chain, store)
         for stage in reversed(todo):
             workdir = store.fit_dir(stage)
             detector.workdir = workdir
@@ -230,6 +226,25 @@ def fit_or_load(
     result.cached, result.peak = not todo, peak
     result.fitted_seconds = fitted_seconds(store, fit)
     return result
+
+
+def cached_stages(detector: Detector, chain: list[Fit], store: ResultStore) -> list[Fit]:
+    """Loads the cached state ``chain`` (the job's own fit first) can start from and returns
+    the stages still to compute, the job's own last. Self-contained stage states: the nearest
+    cached stage is enough. Incremental ones (``Detector.incremental_stages``: a later stage
+    saves only what it adds): each stage is loaded on top of its parent, from the first."""
+    if not detector.incremental_stages:
+        todo = []
+        for stage in chain:
+            if load_fitted(detector, store.fit_dir(stage)):
+                break
+            todo.append(stage)
+        return todo
+    first_stages = list(reversed(chain))
+    for i, stage in enumerate(first_stages):
+        if not load_fitted(detector, store.fit_dir(stage)):
+            return list(reversed(first_stages[i:]))
+    return []
 
 
 def fitted_seconds(store: ResultStore, fit: Fit) -> float | None:

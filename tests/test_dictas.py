@@ -371,6 +371,19 @@ params = {{ {params}, epochs = 2, val_fraction = 0.2 }}
     # generators and 6 reference sets (2 categories x 2 draws at k = 2, 2 categories at k = 1)
     assert len(list((out / "dictas-run").rglob(CHECKPOINT_NAME))) == 1
     assert len(list((out / "dictas-run").rglob("fit.json"))) == 7
+    # a references stage saves its references alone; a re-run loads it on top of stage 1
+    states = {p.parent.name: torch.load(p, weights_only=False)["state"]
+              for p in (out / "dictas-run" / "state").glob("*/fitted.pt")}  # fmt: skip
+    first = [s for name, s in states.items() if "__visa__" in name]
+    assert len(first) == 1 and "dictionary_" in first[0] and "reference_images_" not in first[0]
+    refs = [s for name, s in states.items() if "__mvtec_ad__" in name]
+    assert len(refs) == 6 and all(set(s) == {"reference_images_", "category_"} for s in refs)
+    job = one_shot[0]
+    before = json.loads(job.read_text())
+    job.unlink()
+    assert main(["run", "--config", str(tmp_path / "c.toml"), "--output", str(out)]) == 0
+    again = json.loads(job.read_text())
+    assert again["fit_cached"] and again["metrics"]["all"] == before["metrics"]["all"]
 
 
 def test_substitutes_name_every_departure():

@@ -61,6 +61,10 @@ class DictAS(TrainableDetector):
     reference_stage = True
     #: the official code runs in float32; ``amp="bf16"`` puts only the frozen backbone in bf16
     inference_amp = False
+    #: a references stage saves its references only, not the generators again (for CLIP-L
+    #: about 85 MB per category and draw); the runner loads it on top of the first stage
+    incremental_stages = True
+    REFERENCE_STATE = ("reference_images_", "category_")
 
     def __init__(
         self,
@@ -202,6 +206,7 @@ class DictAS(TrainableDetector):
 
     # -- stage 1: the generators ---------------------------------------------------------------
     def fit(self, train) -> None:
+        self._stage = "fit"
         if self.training_free:  # identity generators: nothing to learn
             self.dictionary_ = Dictionary(self.source.width, identity=True).to(self.device)
             return
@@ -372,6 +377,14 @@ class DictAS(TrainableDetector):
         self.reference_images_ = torch.cat(images)
         self.category_ = categories.pop()
         self._entries = None
+        self._stage = "references"
+
+    def saved_state(self) -> dict[str, Any]:
+        """Stage 1: everything it learned; a references stage: its references alone."""
+        state = self.fitted_state()
+        if getattr(self, "_stage", "fit") == "references":
+            return {k: v for k, v in state.items() if k in self.REFERENCE_STATE}
+        return {k: v for k, v in state.items() if k not in self.REFERENCE_STATE}
 
     def _reference_images(self) -> torch.Tensor:
         refs = self.reference_images_.to(self.device)
