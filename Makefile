@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui perf clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui server perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -42,6 +42,7 @@ help:
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff"
 	@echo "make ui        MLflow UI on the local store (PORT=$(PORT))"
+	@echo "make server    an MLflow tracking server for a team (SQL backend, artifacts under $(RESULTS)/; PORT, MLFLOW_BACKEND_URI)"
 	@echo "make perf      speed benchmarks (vs anomalib $(ANOMALIB_VERSION); ~60 min on 2 cores), written to $(RESULTS)/perf/"
 
 install: $(STAMP)
@@ -145,6 +146,18 @@ ui: $(STAMP)
 	  --base-url http://127.0.0.1:$(PORT) || true
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(abspath $(RESULTS))/mlflow.db)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RESULTS))/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+# An MLflow tracking server for a team: SQL backend (SQLite under RESULTS, or the database that
+# MLFLOW_BACKEND_URI names, e.g. postgresql://user:pass@db-host/mlflow), artifacts proxied by
+# the server into RESULTS/mlartifacts; every interface (SERVER_HOST) so other machines reach it.
+SERVER_HOST ?= 0.0.0.0
+server: $(STAMP)
+	@mkdir -p $(RESULTS)/mlartifacts
+	@echo "MLflow tracking server on port $(PORT) (backend: $${MLFLOW_BACKEND_URI:-sqlite:///$(abspath $(RESULTS))/mlflow-server.db}, artifacts: $(abspath $(RESULTS))/mlartifacts)"
+	@echo "on every machine: export MLFLOW_TRACKING_URI=http://$$(hostname):$(PORT)"
+	$(BIN)/mlflow server --host $(SERVER_HOST) --port $(PORT) \
+	  --backend-store-uri "$${MLFLOW_BACKEND_URI:-sqlite:///$(abspath $(RESULTS))/mlflow-server.db}" \
+	  --artifacts-destination "$(abspath $(RESULTS))/mlartifacts" $(SERVER_ARGS)
 
 $(PERF_STAMP): $(STAMP)
 	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)

@@ -127,3 +127,51 @@ def test_outage_then_sync_uploads_each_job_once(tmp_path, ad_root, server_addres
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_make_server_serves_a_team_run_and_its_artifacts(tmp_path, ad_root, server_address):
+    """`make server` (the team's tracking server) as a real process on loopback: a benchmark
+    pointed at it through MLFLOW_TRACKING_URI logs its runs there, and the artifacts land in
+    the server's folder under RESULTS (proxied: the client never writes them itself)."""
+    port, uri = server_address
+    served = tmp_path / "served"
+    env = {**os.environ, "MLFLOW_BACKEND_URI": f"sqlite:///{tmp_path / 'team.db'}"}
+    server = subprocess.Popen(
+        ["make", "--no-print-directory", "server", f"PORT={port}", "SERVER_HOST=127.0.0.1",
+         f"RESULTS={served}", "SERVER_ARGS=--workers 1"],
+        cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "server did not start"
+                time.sleep(0.5)
+        out = tmp_path / "client"
+        run = subprocess.run(
+            [str(BIN / "bench"), "run", "--detectors", "feature_stats", "--datasets",
+             "mvtec_ad", "--root", str(ad_root), "--categories", "washer", "--image-size",
+             "64", "--name", "team", "--output", str(out)],
+            capture_output=True, text=True,
+            env={**os.environ, "ADBENCH_PROGRESS": "0", "MLFLOW_TRACKING_URI": uri},
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name("adbench/team")
+        (job,) = [
+            r
+            for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("adbench.kind") == "job"
+        ]
+        assert job.info.run_name == "feature_stats/mvtec_ad/washer/seed0"
+        assert (tmp_path / "team.db").is_file()  # MLFLOW_BACKEND_URI is the backend
+        stored = {p.name for p in (served / "mlartifacts").rglob("*") if p.is_file()}
+        assert {"per_defect.csv", "config.json"} <= stored
+        assert not (out / "mlartifacts").exists() and not (out / "mlflow.db").exists()
+    finally:
+        os.killpg(server.pid, 15)  # make and the mlflow server it started
+        server.wait(timeout=30)
