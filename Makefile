@@ -59,8 +59,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24" setuptools wheel
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev]"
-	$(BIN)/python -c "import torchvision.ops, open3d, timm, mlflow, bench.adapters; print('environment ready:', 'torch', __import__('torch').__version__)"
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[dev,ray]"
+	$(BIN)/python -c "import torchvision.ops, open3d, timm, mlflow, ray, bench.adapters; print('environment ready:', 'torch', __import__('torch').__version__)"
 	touch $(STAMP)
 
 bench: $(STAMP)

@@ -112,6 +112,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="trained detectors log loss, lr and images/s to MLflow every N steps (default 1)",
     )
+    ex = run.add_argument_group("executor", "where the jobs run (default: this process)")
+    ex.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="local (default): one job at a time here; ray: each job a Ray task on a cluster",
+    )
+    ex.add_argument(
+        "--address",
+        dest="ray_address",
+        metavar="ADDRESS",
+        help="the Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray "
+        "instance using every CPU and GPU of this machine",
+    )
+    ex.add_argument(
+        "--gpus-per-job",
+        type=float,
+        help="GPUs a Ray job requests (0.25: four jobs share a GPU; default 1 on a cluster "
+        "with GPUs, else 0)",
+    )
+    ex.add_argument("--cpus-per-job", type=float, help="CPUs a Ray job requests (default 1)")
+    ex.add_argument(
+        "--max-retries",
+        type=int,
+        help="retries of a Ray job whose worker or node was lost (default 3); a job failing "
+        "by itself is recorded as failed, never retried",
+    )
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--num-workers", type=int)
@@ -249,6 +275,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "tracking_uri",
         "experiment",
         "export_maps",
+        "executor",
+        "ray_address",
+        "gpus_per_job",
+        "cpus_per_job",
+        "max_retries",
     ):
         value = getattr(args, attr)
         if value is not None:

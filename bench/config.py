@@ -35,6 +35,17 @@ shot_draws = 5              # ... drawn 5 times (seeded by category and draw ind
 shot_files = ["refs.txt"]   # or the reference images listed in files, one file per draw
 train_log_every = 1         # trained detectors log loss, lr and images/s every N steps
 ```
+
+Where the jobs run (bench.executors):
+
+```toml
+executor = "ray"            # local (default): this process, one job at a time
+ray_address = "head:6379"   # optional: a running Ray cluster (default: a local Ray instance)
+gpus_per_job = 0.25         # optional: GPUs a job requests (fractional: light jobs share one);
+                            # default 1 when the cluster has GPUs, else 0
+cpus_per_job = 1            # CPUs a job requests
+max_retries = 3             # retries of a job whose worker was lost (its own errors: none)
+```
 """
 
 from __future__ import annotations
@@ -113,6 +124,15 @@ class BenchConfig:
     shot_files: list[str] | None = None
     #: trained detectors log their loss, learning rate and throughput every N steps
     train_log_every: int = 1
+    #: where jobs run: "local" (this process) or "ray" (tasks on a Ray cluster)
+    executor: str = "local"
+    #: the Ray cluster to join ("auto", "HOST:PORT", "ray://HOST:10001"); None: start a local one
+    ray_address: str | None = None
+    #: GPUs per Ray job (fractions share a GPU); None: 1 when the cluster has GPUs, else 0
+    gpus_per_job: float | None = None
+    cpus_per_job: float = 1.0
+    #: retries of a Ray job whose worker process or node was lost
+    max_retries: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,6 +208,7 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
         raise ConfigError(
             f"{source}: train_log_every must be a positive integer, got {cfg.train_log_every!r}"
         )
+    check_executor(cfg, source)
     from bench.scopes import check_scope_fields
 
     check_scope_fields(cfg, f"{source}:")
@@ -198,6 +219,37 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
     if dupes:
         raise ConfigError(
             f"{source}: detector label(s) {dupes} appear twice; give each entry a distinct 'label'"
+        )
+
+
+EXECUTORS = ("local", "ray")
+
+
+def check_executor(cfg: BenchConfig, source: str) -> None:
+    """The executor fields: a known executor and non-negative resource requests."""
+    if cfg.executor not in EXECUTORS:
+        raise ConfigError(f"{source}: executor must be one of {EXECUTORS}, got {cfg.executor!r}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+    if cfg.gpus_per_job is not None and not number(cfg.gpus_per_job):
+        raise ConfigError(
+            f"{source}: gpus_per_job must be a number >= 0 (e.g. 0.5 to share a GPU), "
+            f"got {cfg.gpus_per_job!r}"
+        )
+    if not number(cfg.cpus_per_job):
+        raise ConfigError(f"{source}: cpus_per_job must be a number >= 0, got {cfg.cpus_per_job!r}")
+    if not (isinstance(cfg.max_retries, int) and not isinstance(cfg.max_retries, bool)) or (
+        cfg.max_retries < 0
+    ):
+        raise ConfigError(
+            f"{source}: max_retries must be a non-negative integer, got {cfg.max_retries!r}"
+        )
+    if cfg.ray_address is not None and not (isinstance(cfg.ray_address, str) and cfg.ray_address):
+        raise ConfigError(
+            f"{source}: ray_address must be a cluster address such as 'auto' or 'HOST:6379', "
+            f"got {cfg.ray_address!r}"
         )
 
 

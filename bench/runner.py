@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
+import socket
 import time
 from collections.abc import Collection
 from contextlib import nullcontext
@@ -52,6 +54,8 @@ __all__ = ["data_fingerprint", "run_benchmark", "run_job"]
 FITTED_STATE = "fitted.pt"
 #: when and from what a fit was computed (its seconds are reported by every job sharing it)
 FIT_INFO = "fit.json"
+#: one line per fit stage computed, by any process of any machine: what was fitted, where, when
+FIT_LOG = "fits.jsonl"
 
 
 def _sync(device: torch.device) -> None:
@@ -218,14 +222,46 @@ def fit_or_load(
                     detector.step_logger = None
             _sync(device)
             detector.save_state(workdir / FITTED_STATE)
-            write_json(workdir / FIT_INFO, {"seconds": time.perf_counter() - t0,
+            seconds = time.perf_counter() - t0
+            write_json(workdir / FIT_INFO, {"seconds": seconds,
                                             "fit": stage.config(), "name": stage.name})  # fmt: skip
+            log_fit(store, stage, seconds, device)
             result.computed.append(stage.stage)
         result.seconds = time.perf_counter() - start
     detector.workdir = store.fit_dir(fit)
     result.cached, result.peak = not todo, peak
     result.fitted_seconds = fitted_seconds(store, fit)
     return result
+
+
+def log_fit(store: ResultStore, stage: Fit, seconds: float, device: torch.device) -> None:
+    """Appends the computation of ``stage`` to the store's fit log (:data:`FIT_LOG`). One
+    ``write`` of one line in append mode: lines from processes on several machines sharing
+    the results folder do not interleave."""
+    line = json.dumps(
+        {
+            "name": stage.name,
+            "hash": stage.hash,
+            "stage": stage.stage,
+            "seconds": round(seconds, 3),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": device_description(device),
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
+        sort_keys=True,
+    )
+    store.root.mkdir(parents=True, exist_ok=True)
+    with open(store.root / FIT_LOG, "a", encoding="utf-8") as log:
+        log.write(line + "\n")
+
+
+def fit_log(store: ResultStore) -> list[dict[str, Any]]:
+    """Every fit computation the store's log holds, oldest first."""
+    path = store.root / FIT_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def cached_stages(detector: Detector, chain: list[Fit], store: ResultStore) -> list[Fit]:
@@ -474,6 +510,8 @@ def job_record(
             "predict_peak_gpu_mb": pred.peak_gpu_bytes / 2**20,
         },
         "device": device_description(device),
+        #: the process that ran the job (with the Ray executor, any node of the cluster)
+        "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         "data_fingerprint": hashlib.sha256(
             f"{job.train_data}|{job.test_data}".encode()
         ).hexdigest()[:16],
@@ -679,7 +717,13 @@ def check_writable(*folders: Path) -> None:
 def run_benchmark(
     cfg: BenchConfig, force: bool = False, track: bool = True
 ) -> tuple[list[dict], list[str]]:
-    """Runs every planned job not already finished; returns (records, failed run names)."""
+    """Runs every planned job not already finished; returns (records, failed run names).
+    ``cfg.executor`` "ray" hands the jobs to Ray (bench.executors.ray_executor); "local" runs
+    them here, one after the other."""
+    if cfg.executor == "ray":
+        from bench.executors.ray_executor import run_on_ray
+
+        return run_on_ray(cfg, force=force, track=track)
     from bench.tracking import Tracker
 
     device = resolve_device(cfg.device)  # before planning: a wrong device fails at once

@@ -296,6 +296,20 @@ class Tracker:
             open_parent,
         )
 
+    @classmethod
+    def attach(cls, uri: str, experiment_id: str, parent_id: str) -> Tracker:
+        """A tracker for a worker process (bench.executors): it joins the parent run the
+        driver opened, never opens or closes one, and logs jobs and fits under it."""
+        tracker = cls(uri, "", Path(), "", {}, open_parent=False)
+        try:
+            import mlflow
+
+            tracker.client = mlflow.MlflowClient(tracking_uri=uri)
+        except Exception as err:
+            tracker._fail(err)
+        tracker.experiment_id, tracker.parent_id = experiment_id, parent_id
+        return tracker
+
     def _fail(self, err: Exception) -> None:
         if not self.failed:
             console.print(
@@ -504,7 +518,9 @@ class Tracker:
         """The live training-curve logger of a fit stage (a child run of the benchmark run,
         tagged ``adbench.kind = "fit"``); None when tracking is off or failed. A training that
         starts from scratch (``resuming`` False) never continues the curve of an earlier,
-        unfinished one: that run is marked KILLED and a new one opened."""
+        unfinished one (a worker killed before the first checkpoint, a checkpoint removed by
+        ``--force``): that run is marked KILLED and superseded, then deleted (MLflow's soft
+        delete: restorable until ``mlflow gc``), so the fit keeps one run, the new one."""
         if self.failed or self.client is None:
             return None
         try:
@@ -514,10 +530,11 @@ class Tracker:
                 stale = self.client.search_runs(
                     [self.experiment_id], filter_string=_fit_filter(fit.hash), max_results=100
                 )
-                for run in stale:  # e.g. a killed training whose checkpoint --force removed
+                for run in stale:
                     if run.info.status != "FINISHED":
                         self.client.set_tag(run.info.run_id, "adbench.superseded", "true")
                         self.client.set_terminated(run.info.run_id, "KILLED")
+                        self.client.delete_run(run.info.run_id)
             params = {f"detector.{k}": str(v)[:500] for k, v in fit.params.items()}
             params.update(
                 {

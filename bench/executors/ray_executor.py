@@ -1,0 +1,444 @@
+"""Runs a benchmark's jobs as Ray tasks, on this machine or across a cluster.
+
+Each pending job is one task. A fit stage that two or more pending jobs need (a unified fit,
+the first stage of a two-stage detector) is a task of its own that runs once; the job tasks
+that need it wait for it (Ray passes its result as an argument) and load its saved state.
+Tasks write into the same results folder as the local executor, so resume is the same: a
+re-run skips finished jobs. That folder, and the driver's working directory (relative dataset
+roots), must be at the same path on every node: a shared filesystem (checked by each task).
+
+Retries: a task whose worker process or node is lost is retried up to ``max_retries`` times
+(Ray's ``max_retries``). A job that raises is recorded as failed (its traceback under
+``failed/``) and is not retried (``retry_exceptions=False``); the jobs of a failed shared fit
+are recorded as failed with its error.
+
+Tracking: the driver opens the benchmark's parent run; each task logs its job run (and a
+trained fit's curve) under it. A retried task finds the run of its job by config hash
+(:meth:`bench.tracking.Tracker.log_job`: exactly once, half-logged runs replaced); a run a task
+could not log (e.g. the SQLite store was locked) is logged by the driver.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import time
+import uuid
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.markup import escape
+
+from bench.config import BenchConfig, ConfigError
+from bench.plan import Fit, Job, plan_jobs
+from bench.progress import console
+from bench.results import ResultStore, write_json
+
+#: written by the driver into the results folder; a task that cannot read it is on a node
+#: that does not share the folder
+SHARE_MARKER = ".ray-driver"
+#: one file per job a task is running (worker, device, start): the driver's progress view
+RUNNING = "running"
+#: a job task's console output (warnings, fit messages), one file per job
+LOGS = "logs"
+#: environment variables passed to every task (where data, weights and tracking live)
+PASSED_ENV = ("ADBENCH_", "MLFLOW_", "MVTEC_", "VISA_", "REAL3D_", "ANOMALY_SHAPENET_", "TORCH_HOME", "HF_")  # fmt: skip
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise ConfigError(
+            "executor 'ray' needs Ray: pip install 'adbench[ray]' (or pip install 'ray[default]')"
+        ) from err
+    return ray
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What every task needs from the driver (sent once per task, small)."""
+
+    output: str  # absolute
+    name: str
+    cwd: str
+    device: str  # "cpu" or "cuda" (the GPU Ray assigns)
+    num_workers: int
+    export_maps: str | None
+    train_log_every: int
+    token: str
+    #: under --force: a record finished before this time is computed again
+    since: str | None
+    #: (tracking URI, experiment id, parent run id); None: no tracking
+    tracking: tuple[str, str, str] | None
+
+
+# -- inside a task -------------------------------------------------------------------------------
+def worker_info(device: torch.device) -> dict[str, Any]:
+    """Which process on which node runs a task, and on what device."""
+    import ray
+
+    from bench.system import device_description
+
+    context = ray.get_runtime_context()
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "node": context.get_node_id(),
+        "device": device_description(device),
+        "gpus": [str(g) for g in ray.get_gpu_ids()],
+    }
+
+
+def enter(ctx: TaskContext) -> tuple[ResultStore, torch.device]:
+    """Checks that this node sees the driver's folders; the store and this task's device."""
+    import ray
+
+    host = socket.gethostname()
+    try:
+        os.chdir(ctx.cwd)
+    except OSError as err:
+        raise RuntimeError(
+            f"node {host}: the driver's working directory {ctx.cwd} is not here ({err.strerror}); "
+            "the Ray executor needs the results folder and relative dataset roots on a "
+            "filesystem every node shares at the same path"
+        ) from None
+    store = ResultStore(ctx.output, ctx.name)
+    marker = store.root / SHARE_MARKER
+    if not marker.is_file() or marker.read_text() != ctx.token:
+        raise RuntimeError(
+            f"node {host}: the results folder {store.root} is not the driver's (no {SHARE_MARKER} "
+            "written by this run); the Ray executor needs it on a filesystem every node shares "
+            "at the same path"
+        )
+    cuda = ctx.device == "cuda" and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    return store, torch.device("cuda" if cuda else "cpu")
+
+
+def attach_tracker(ctx: TaskContext):
+    if ctx.tracking is None:
+        return None
+    from bench.tracking import Tracker
+
+    return Tracker.attach(*ctx.tracking)
+
+
+@contextmanager
+def job_console(store: ResultStore, job: Job):
+    """The task's console output goes to ``logs/<job>.log`` (the driver shows the live view)."""
+    path = store.root / LOGS / f"{job.slug}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = console.file
+    with open(path, "a", encoding="utf-8") as log:
+        console.file = log
+        try:
+            yield path
+        finally:
+            console.file = before
+
+
+def job_task(ctx: TaskContext, job: Job, *needed: Any) -> dict[str, Any]:
+    """One job: skips it when a finished record exists (a retry after the record was saved),
+    else runs it; logs its MLflow run. Its own errors are recorded as failed, not raised."""
+    from bench.runner import run_job, short_error
+
+    store, device = enter(ctx)
+    worker = worker_info(device)
+    record = store.load(job)
+    if record is not None and ctx.since is not None and record.get("finished", "") < ctx.since:
+        record = None  # --force: computed again
+    tracker = attach_tracker(ctx)
+    if record is None:
+        marker = store.root / RUNNING / f"{job.slug}.json"
+        write_json(marker, {"run_name": job.run_name, "started": time.time(), **worker})
+        try:
+            with job_console(store, job):
+                console.print(f"{job.run_name}: started on {where(worker)}", soft_wrap=True)
+                record = run_job(
+                    job,
+                    store,
+                    device,
+                    ctx.num_workers,
+                    ctx.export_maps,
+                    logger_for=None if tracker is None else tracker.fit_logger,
+                    log_every=ctx.train_log_every,
+                )
+        except Exception as err:
+            path = store.save_failure(job, err)
+            return {"run_name": job.run_name, "error": short_error(err), "traceback": str(path),
+                    "worker": worker}  # fmt: skip
+        finally:
+            marker.unlink(missing_ok=True)
+    if tracker is not None and not record.get("mlflow_run_id"):
+        run_id = tracker.log_job(record)
+        if run_id:
+            record["mlflow_run_id"] = run_id
+            store.save(record)
+    return {"run_name": job.run_name, "record": record, "worker": worker}
+
+
+def fit_task(ctx: TaskContext, fit: Fit, *needed: Any) -> dict[str, Any]:
+    """One fit stage that several jobs share: computed once (or loaded when a retried task
+    finds it saved) and saved in its state folder, where the job tasks load it."""
+    from bench.registry import create_detector
+    from bench.runner import fit_or_load
+    from bench.system import seed_everything
+    from bench.training import TrainableDetector
+
+    store, device = enter(ctx)
+    seed_everything(fit.seed)
+    tracker = attach_tracker(ctx)
+    detector = create_detector(fit.detector.name, **fit.params)
+    detector.to(device)
+    if isinstance(detector, TrainableDetector):
+        detector.log_every = ctx.train_log_every
+    logger_for = None if tracker is None else tracker.fit_logger
+    result = fit_or_load(detector, fit, store, device, ctx.num_workers, logger_for)
+    return {"fit": fit.name, "computed": result.computed, "seconds": result.seconds,
+            "worker": worker_info(device)}  # fmt: skip
+
+
+# -- on the driver -------------------------------------------------------------------------------
+def shared_stages(jobs: list[Job], store: ResultStore) -> dict[str, Fit]:
+    """The fit stages (by state folder) that two or more of ``jobs`` need and whose state is
+    not saved yet: each becomes one fit task."""
+    from bench.runner import FITTED_STATE, fit_chain
+
+    uses: Counter[str] = Counter()
+    stages: dict[str, Fit] = {}
+    for job in jobs:
+        for stage in fit_chain(job.fit):
+            key = str(store.fit_dir(stage))
+            uses[key] += 1
+            stages[key] = stage
+    return {
+        key: stage
+        for key, stage in stages.items()
+        if uses[key] > 1 and not (store.fit_dir(stage) / FITTED_STATE).is_file()
+    }
+
+
+def nearest_shared(fit: Fit | None, shared: dict[str, Any], store: ResultStore) -> Any:
+    """The task of the first stage of ``fit``'s chain that has one (None when none has)."""
+    while fit is not None:
+        task = shared.get(str(store.fit_dir(fit)))
+        if task is not None:
+            return task
+        fit = fit.parent
+    return None
+
+
+def connect(cfg: BenchConfig):
+    """Joins ``cfg.ray_address``, or starts a local Ray instance; Ray's context."""
+    ray = import_ray()
+    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
+    env.pop("ADBENCH_PROGRESS", None)
+    kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": env}}
+    if cfg.ray_address is None:
+        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
+    return ray.init(address=cfg.ray_address, **kwargs)
+
+
+def gpus_per_job(cfg: BenchConfig, cluster: dict[str, float]) -> float:
+    """The GPUs a job requests: the config's, else 1 on a cluster with GPUs (0 on CPU)."""
+    gpus = cluster.get("GPU", 0.0)
+    if cfg.device == "cpu":
+        return 0.0
+    if cfg.gpus_per_job is not None:
+        wanted = float(cfg.gpus_per_job)
+    else:
+        wanted = 1.0 if gpus > 0 else 0.0
+    if cfg.device.startswith("cuda") and wanted == 0:
+        raise ConfigError(
+            f"device {cfg.device!r} with the Ray executor needs GPUs: the cluster has {gpus:g}; "
+            "set gpus_per_job (--gpus-per-job) > 0 or use device auto"
+        )
+    if wanted > gpus:
+        raise ConfigError(
+            f"gpus_per_job {wanted:g}: the Ray cluster has {gpus:g} GPU(s); no job could start"
+        )
+    return wanted
+
+
+def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
+    """Runs every planned job not already finished as Ray tasks; (records, failed run names)."""
+    from bench.executors.view import ClusterView
+    from bench.runner import (
+        check_writable,
+        clear_fitted_state,
+        fit_chain,
+        pending_path,
+        report_job,
+    )
+    from bench.tracking import Tracker
+
+    ray = import_ray()
+    jobs = plan_jobs(cfg)
+    output = Path(cfg.output).resolve()
+    store = ResultStore(output, cfg.name)
+    folders = [store.root / sub for sub in ("jobs", "state", "figures", "failed", RUNNING)]
+    export = str(Path(cfg.export_maps).resolve()) if cfg.export_maps else None
+    check_writable(*folders, *([Path(export)] if export else []))
+    done = {} if force else {j.run_name: store.load(j) for j in jobs}
+    pending = [j for j in jobs if done.get(j.run_name) is None]
+    since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds") if force else None
+    if force:  # as the local --force: every fit stage and kept prediction of the jobs, anew
+        for stage_dir in {str(store.fit_dir(f)) for j in pending for f in fit_chain(j.fit)}:
+            clear_fitted_state(Path(stage_dir))
+        for job in pending:
+            pending_path(store, job).unlink(missing_ok=True)
+    token = uuid.uuid4().hex
+    (store.root / SHARE_MARKER).write_text(token)
+    context = connect(cfg)
+    try:
+        cluster = ray.cluster_resources()
+        gpus = gpus_per_job(cfg, cluster)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        dashboard = getattr(context, "dashboard_url", None) or None
+        console.print(
+            f"[bold]{cfg.name}[/]: {len(jobs)} job(s), {len(pending)} to run, on a Ray cluster of "
+            f"{len(nodes)} node(s) ({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} "
+            f"GPUs); each job asks for {cfg.cpus_per_job:g} CPU(s), {gpus:g} GPU(s)",
+            soft_wrap=True,
+        )
+        console.print(f"Ray dashboard: http://{dashboard}" if dashboard else
+                      "Ray dashboard: not running (pip install 'ray\\[default]' on the head node)")  # fmt: skip
+        tracker = Tracker.from_config(cfg) if track else None
+        with tracker if tracker is not None else nullcontext():
+            warn_sqlite_across_machines(tracker, nodes)
+            tracking = None
+            if tracker is not None and not tracker.failed and tracker.parent_id:
+                tracking = (tracker.uri, tracker.experiment_id, tracker.parent_id)
+            ctx = TaskContext(
+                str(output), cfg.name, os.getcwd(), "cpu" if gpus == 0 else "cuda",
+                cfg.num_workers, export, cfg.train_log_every, token, since, tracking,
+            )  # fmt: skip
+            options = {
+                "num_cpus": cfg.cpus_per_job,
+                "num_gpus": gpus,
+                "max_retries": cfg.max_retries,
+                "retry_exceptions": False,
+            }
+            refs = submit(ray, ctx, pending, store, options)
+            view = ClusterView(len(jobs), len(jobs) - len(pending), store.root / RUNNING)
+            records = [r for r in done.values() if r is not None]
+            for record in records:
+                track_record(tracker, store, record)
+            failed = collect(ray, refs, store, tracker, view, records, report_job)
+            if tracker is not None:
+                tracker.log_summary(records)
+    finally:
+        ray.shutdown()
+        for marker in (store.root / RUNNING).glob("*.json"):
+            marker.unlink(missing_ok=True)  # left by killed workers
+    return records, failed
+
+
+def submit(ray, ctx: TaskContext, pending: list[Job], store: ResultStore, options: dict):
+    """A fit task per shared stage (parents first), then a task per job; {ref: job}."""
+    fit_remote = ray.remote(fit_task).options(name="adbench-fit", **options)
+    job_remote = ray.remote(job_task).options(name="adbench-job", **options)
+    shared = shared_stages(pending, store)
+    tasks: dict[str, Any] = {}
+
+    def fit_ref(stage: Fit):
+        key = str(store.fit_dir(stage))
+        if key not in tasks:
+            before = nearest_shared(stage.parent, shared, store)
+            parent = None if before is None else fit_ref(before)
+            tasks[key] = fit_remote.remote(ctx, stage, *([] if parent is None else [parent]))
+        return tasks[key]
+
+    refs = {}
+    for job in pending:
+        stage = nearest_shared(job.fit, shared, store)
+        needed = [] if stage is None else [fit_ref(stage)]
+        refs[job_remote.remote(ctx, job, *needed)] = job
+    return refs
+
+
+def collect(ray, refs: dict, store: ResultStore, tracker, view, records: list, report) -> list:
+    """Waits for every job task, showing progress; records and tracks each result once.
+    Returns the run names of the failed jobs."""
+    failed: list[str] = []
+    try:
+        with view:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
+                view.refresh()
+                for ref in ready:
+                    job = refs.pop(ref)
+                    out = outcome(ray, ref, job, store)
+                    view.finished(job.run_name, out)
+                    if "record" not in out:
+                        console.print(
+                            f"[red]{escape(job.run_name)} failed: {escape(out['error'])}[/] "
+                            f"(traceback in {out['traceback']})",
+                            soft_wrap=True,
+                        )
+                        failed.append(job.run_name)
+                        continue
+                    record = out["record"]
+                    console.print(f"{escape(job.run_name)} on {where(out['worker'])}:")
+                    report(record)
+                    track_record(tracker, store, record)
+                    records.append(record)
+    except KeyboardInterrupt:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise
+    return failed
+
+
+def outcome(ray, ref, job: Job, store: ResultStore) -> dict[str, Any]:
+    """A job task's result, or its failure when its worker was lost past the retries or the
+    fit it waited for failed (recorded under ``failed/`` here, since no task could)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
+            from bench.runner import short_error
+
+            text = f"its shared fit failed: {short_error(cause)}"
+            error: BaseException = cause
+        else:
+            text = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+            error = err
+        path = store.save_failure(job, error)
+        return {"run_name": job.run_name, "error": text, "traceback": str(path), "worker": None}
+
+
+def track_record(tracker, store: ResultStore, record: dict[str, Any]) -> None:
+    """Logs a record that has no MLflow run yet (its task could not, or it finished before)."""
+    if tracker is None or record.get("mlflow_run_id"):
+        return
+    run_id = tracker.log_job(record)
+    if run_id:
+        record["mlflow_run_id"] = run_id
+        store.save(record)
+
+
+def where(worker: dict[str, Any] | None) -> str:
+    if not worker:
+        return "?"
+    gpus = f" GPU {','.join(worker['gpus'])}" if worker.get("gpus") else ""
+    return f"{worker['host']} pid {worker['pid']} ({worker['device']}{gpus})"
+
+
+def warn_sqlite_across_machines(tracker, nodes: list[dict]) -> None:
+    """SQLite takes writers from one machine only: a cluster of several machines needs a
+    tracking server."""
+    hosts = {n.get("NodeManagerAddress") for n in nodes}
+    if tracker is not None and tracker.uri.startswith("sqlite:") and len(hosts) > 1:
+        console.print(
+            f"[yellow]MLflow: {len(hosts)} machines would write to the SQLite store "
+            f"{escape(tracker.uri)}; SQLite is not safe on a shared filesystem. Start `make "
+            "server` on one machine and set MLFLOW_TRACKING_URI=http://HOST:5000 on the driver.[/]",
+            soft_wrap=True,
+        )

@@ -1,0 +1,312 @@
+"""The Ray executor on a real local cluster: a head node and one more worker node, started by
+these tests on 127.0.0.1 (``ray start --block``) and stopped by them.
+
+- a grid of jobs gives the same records (metrics to 1e-9) as the local executor;
+- a shared (unified) fit requested by several jobs is computed once, by either executor;
+- a worker killed (SIGKILL, by its pid) mid-job: the job is retried, and every job ends exactly
+  once in results/ and exactly once in MLflow (job runs and training-curve runs);
+- a job that fails by itself is recorded as failed once, next to the jobs that finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from bench.config import BenchConfig, DatasetEntry, DetectorEntry  # noqa: E402
+from bench.results import ResultStore  # noqa: E402
+from bench.runner import fit_log, run_benchmark  # noqa: E402
+
+BIN = Path(sys.executable).parent
+#: token authentication is for clusters reachable from other machines; these are loopback only
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    """``ray start --block`` as a process group of its own; returns once the node is up."""
+    cmd = [str(BIN / "ray"), "start", "--block", *args, "--node-ip-address=127.0.0.1",
+           "--num-cpus=1", "--num-gpus=0", "--object-store-memory=80000000"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    deadline = time.monotonic() + 120
+    while "Ray runtime started" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stops a node: SIGTERM to its process group, SIGKILL after a grace period."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            if sig == signal.SIGTERM:
+                os.killpg(proc.pid, signal.SIGKILL)  # its raylet, GCS and workers
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A two-node Ray cluster on loopback, 1 CPU per node; yields its address."""
+    logs = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, **RAY_ENV}
+    port = _free_port()
+    head = _start_node(
+        ["--head", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"],
+        logs / "head.log",
+        env,
+    )
+    nodes = [head]
+    try:
+        nodes.append(
+            _start_node(
+                [f"--address=127.0.0.1:{port}", "--disable-usage-stats"], logs / "worker.log", env
+            )
+        )
+        yield f"127.0.0.1:{port}"
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+
+
+@pytest.fixture
+def ray_env(monkeypatch):
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def _bench(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, **RAY_ENV}
+    return subprocess.run(
+        [str(BIN / "bench"), "run", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def _grid(root: Path, output: Path, **kw) -> BenchConfig:
+    """knn and feature_stats per category, and knn unified over both categories."""
+    knn = {"backbone": "efficientnet_lite0"}
+    return BenchConfig(
+        name="grid",
+        detectors=[
+            DetectorEntry("feature_stats", params={"weights": "random"}),
+            DetectorEntry("knn", params=knn),
+            DetectorEntry("knn", label="knn-unified", params=knn, scope="unified"),
+        ],
+        datasets=[DatasetEntry("mvtec_ad", root=str(root), image_size=64)],
+        batch_size=8,
+        num_workers=0,
+        output=str(output),
+        **kw,
+    )
+
+
+def _write_toml(cfg: BenchConfig, path: Path) -> Path:
+    lines = [f'name = "{cfg.name}"', f"batch_size = {cfg.batch_size}", "num_workers = 0"]
+    for det in cfg.detectors:
+        lines += ["[[detectors]]", f'name = "{det.name}"', f'label = "{det.display}"']
+        lines.append("params = {" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in det.params.items()) + "}")  # fmt: skip
+        if det.scope:
+            lines.append(f'scope = "{det.scope}"')
+    for ds in cfg.datasets:
+        lines += ["[[datasets]]", f'name = "{ds.name}"', f'root = "{ds.root}"',
+                  f"image_size = {ds.image_size}"]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _metrics(records: list[dict]) -> dict[str, dict]:
+    return {r["run_name"]: r["metrics"] for r in records}
+
+
+def _assert_close(a: dict, b: dict, tol: float = 1e-9) -> None:
+    assert a.keys() == b.keys()
+    for run in a:
+        assert a[run].keys() == b[run].keys(), run
+        for group in a[run]:
+            for key, value in a[run][group].items():
+                other = b[run][group][key]
+                if value != value:  # NaN (undefined for the subset) on both sides
+                    assert other != other, (run, group, key)
+                else:
+                    assert abs(value - other) <= tol, (run, group, key, value, other)
+
+
+def _mlflow_runs(output: Path, kind: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("adbench/grid")
+    return client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`adbench.kind` = '{kind}'", max_results=1000
+    )
+
+
+def test_ray_grid_matches_the_local_executor_and_computes_a_shared_fit_once(
+    cluster, ad_root, tmp_path
+):
+    import torch
+
+    local_out, ray_out = tmp_path / "local", tmp_path / "ray"
+    # Ray gives each task cpus_per_job (1) threads; float sums depend on the thread count
+    # (3e-8 in pixel AUROC with 2 threads), so the reference runs with 1 thread as well
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local, failed = run_benchmark(_grid(ad_root, local_out), track=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert not failed and len(local) == 6
+
+    config = _write_toml(_grid(ad_root, ray_out), tmp_path / "grid.toml")
+    args = ["--config", str(config), "--output", str(ray_out), "--executor", "ray",
+            "--address", cluster]  # fmt: skip
+    proc = _bench(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    store = ResultStore(ray_out, "grid")
+    remote = store.records()
+    _assert_close(_metrics(local), _metrics(remote))
+    assert {r["fit_hash"] for r in remote} == {r["fit_hash"] for r in local}
+    # both nodes worked, and each job names the process that ran it
+    assert len({r["worker"]["pid"] for r in remote}) >= 2
+
+    unified = {r["fit_hash"] for r in remote if r["fit_label"] == "unified"}
+    assert len(unified) == 1 and len([r for r in remote if r["fit_label"] == "unified"]) == 2
+    for out in (local_out, ray_out):  # the unified fit: one computation for its two jobs
+        log = fit_log(ResultStore(out, "grid"))
+        assert [e["hash"] for e in log].count(next(iter(unified))) == 1
+        assert len(log) == 5  # 4 per-category fits + 1 unified
+    assert "Ray dashboard" in proc.stderr
+
+    # exactly once in MLflow, under the one parent run the driver opened
+    jobs = _mlflow_runs(ray_out, "job")
+    assert sorted(r.info.run_name for r in jobs) == sorted(r["run_name"] for r in remote)
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {
+        r.info.run_id for r in _mlflow_runs(ray_out, "benchmark")
+    }
+    assert len(_mlflow_runs(ray_out, "benchmark")) == 1
+
+    # resume: a re-run skips every finished job and starts no task
+    again = _bench(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "6 job(s), 0 to run" in " ".join(again.stderr.split())
+    assert len(fit_log(store)) == 5
+
+
+def test_a_worker_killed_mid_job_is_retried_and_every_job_ends_exactly_once(
+    cluster, ad_root, tmp_path
+):
+    out = tmp_path / "out"
+    cfg = BenchConfig(
+        name="grid",
+        detectors=[DetectorEntry("autoencoder", params={"iterations": 60})],
+        datasets=[DatasetEntry("mvtec_ad", root=str(ad_root), image_size=64)],
+        batch_size=4,
+    )
+    config = _write_toml(cfg, tmp_path / "kill.toml")
+    args = ["--config", str(config), "--output", str(out), "--executor", "ray", "--address",
+            cluster, "--train-log-every", "5"]  # fmt: skip
+    env = {**os.environ, **RAY_ENV}
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(
+            [str(BIN / "bench"), "run", *args], cwd=tmp_path, env=env, stdout=log, stderr=log
+        )
+    running = out / "grid" / "running"
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and driver.poll() is None:
+        markers = sorted(running.glob("*.json")) if running.is_dir() else []
+        if markers:
+            time.sleep(1.0)  # into the job (data, training)
+            try:
+                marker = json.loads(markers[0].read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            os.kill(marker["pid"], signal.SIGKILL)
+            killed = marker
+        time.sleep(0.1)
+    assert killed is not None, (tmp_path / "driver.log").read_text()[-4000:]
+    assert driver.wait(600) == 0, (tmp_path / "driver.log").read_text()[-4000:]
+
+    records = ResultStore(out, "grid").records()
+    assert sorted(r["category"] for r in records) == ["washer", "weave"]
+    retried = next(r for r in records if r["run_name"] == killed["run_name"])
+    assert retried["worker"]["pid"] != killed["pid"]  # a new worker process ran it again
+    assert not list((out / "grid" / "failed").glob("*"))
+    assert not list(running.glob("*.json"))
+
+    jobs = [r for r in _mlflow_runs(out, "job") if r.info.status == "FINISHED"]
+    assert sorted(r.info.run_name for r in jobs) == sorted(r["run_name"] for r in records)
+    assert len(_mlflow_runs(out, "job")) == 2  # no half-logged run of the killed attempt left
+    fits = _mlflow_runs(out, "fit")
+    assert sorted(r.data.tags["fit_hash"] for r in fits) == sorted(r["fit_hash"] for r in records)
+    assert all(r.info.status == "FINISHED" for r in fits)
+
+
+def test_a_job_failing_by_itself_is_recorded_failed_once_and_the_others_finish(
+    cluster, ad_root, tmp_path
+):
+    root = tmp_path / "data"
+    shutil.copytree(ad_root, root)
+    broken = sorted((root / "weave" / "test" / "good").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    cfg = BenchConfig(
+        name="grid",
+        detectors=[DetectorEntry("feature_stats", params={"weights": "random"})],
+        datasets=[DatasetEntry("mvtec_ad", root=str(root), image_size=64)],
+    )
+    config = _write_toml(cfg, tmp_path / "fail.toml")
+    args = ["--config", str(config), "--output", str(out), "--executor", "ray", "--address",
+            cluster, "--no-tracking"]  # fmt: skip
+    proc = _bench(args, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    text = " ".join(proc.stderr.split())
+    assert "1 job(s) failed: feature_stats/mvtec_ad/weave/seed0" in text
+    assert broken.name in text  # the error names the file
+    failures = list((out / "grid" / "failed").glob("*.txt"))
+    assert [f.stem for f in failures] == ["feature_stats__mvtec_ad__weave__seed0"]
+    assert [r["category"] for r in ResultStore(out, "grid").records()] == ["washer"]
+    # not retried: one attempt in the job's console log
+    log = (out / "grid" / "logs" / "feature_stats__mvtec_ad__weave__seed0.log").read_text()
+    assert log.count("started on") == 1
+
+
+def test_ray_executor_options_are_checked(ray_env, ad_root, tmp_path):
+    from bench.config import ConfigError, validate
+
+    cfg = _grid(ad_root, tmp_path, executor="ray", gpus_per_job=-1)
+    with pytest.raises(ConfigError, match="gpus_per_job must be a number >= 0"):
+        validate(cfg)
+    cfg = _grid(ad_root, tmp_path, executor="rayon")
+    with pytest.raises(ConfigError, match="executor must be one of"):
+        validate(cfg)
