@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui server perf clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui server gpu-check gpu-wheels perf clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -43,6 +43,9 @@ help:
 	@echo "make lint      ruff"
 	@echo "make ui        MLflow UI on the local store (PORT=$(PORT))"
 	@echo "make server    an MLflow tracking server for a team (SQL backend, artifacts under $(RESULTS)/; PORT, MLFLOW_BACKEND_URI)"
+	@echo "make gpu-check on a CUDA machine: every CUDA test and GPU benchmark -> $(RESULTS)/perf/gpu-*.md"
+	@echo "               (no install needed: a python with torch and timm; GPU_PYTHON, GPU_CHECK_ARGS=--quick)"
+	@echo "make gpu-wheels  the pytest wheels gpu-check needs on an air-gapped machine (into wheels/)"
 	@echo "make perf      speed benchmarks (vs anomalib $(ANOMALIB_VERSION); ~60 min on 2 cores), written to $(RESULTS)/perf/"
 
 install: $(STAMP)
@@ -159,6 +162,23 @@ server: $(STAMP)
 	  --backend-store-uri "$${MLFLOW_BACKEND_URI:-sqlite:///$(abspath $(RESULTS))/mlflow-server.db}" \
 	  --artifacts-destination "$(abspath $(RESULTS))/mlartifacts" $(SERVER_ARGS)
 
+# the python of a GPU machine: this project's environment when there is one, else the machine's
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+# Runs from the checkout, installs nothing into GPU_PYTHON: pytest (if missing) comes from the
+# wheels/ folder that `make gpu-wheels` fills on a machine with a package index, into .gpu-site/.
+gpu-check:
+	@site=""; if ! $(GPU_PYTHON) -c "import pytest" 2>/dev/null && [ -d wheels ]; then \
+	  echo "installing pytest from wheels/ into .gpu-site/"; \
+	  $(GPU_PYTHON) -m pip install --quiet --no-index --find-links wheels --target .gpu-site pytest || exit 1; \
+	  site="$(CURDIR)/.gpu-site"; fi; \
+	PYTHONPATH="$(CURDIR)$${site:+:$$site}$${PYTHONPATH:+:$$PYTHONPATH}" \
+	  $(GPU_PYTHON) -m bench.gpu_check --output $(RESULTS)/perf $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(STAMP)
+	rm -rf wheels && $(BIN)/pip download --quiet --only-binary=:all: --dest wheels pytest
+	@echo "wheels/ ($$(du -sh wheels | cut -f1)): copy it beside the checkout on the GPU machine, then run make gpu-check"
+
 $(PERF_STAMP): $(STAMP)
 	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
 	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python$$($(BIN)/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages')" \
@@ -180,6 +200,7 @@ perf: $(PERF_STAMP)
 	$(PERF_VENV)/bin/python -m bench.perf casl --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf dinomaly --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf dictas --output $(RESULTS)/perf
+	$(PERF_VENV)/bin/python -m bench.perf ray --output $(RESULTS)/perf
 
 clean:
 	rm -rf $(VENV) $(PERF_VENV) .pytest_cache .ruff_cache

@@ -319,17 +319,6 @@ def test_undefined_metrics_are_nan_with_a_warning_naming_the_category():
     assert any("screw: no anomalous test image" in w for w in ev.warnings)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_and_cpu_give_the_same_values():
-    rng = np.random.default_rng(4)
-    masks = torch.from_numpy(rng.random((6, 64, 64)) < 0.03)
-    maps = torch.from_numpy(rng.random((6, 64, 64)).astype(np.float32)) + masks * 0.3
-    cpu = pixel_metrics(maps, masks)
-    gpu = pixel_metrics(maps.cuda(), masks)
-    for key, value in cpu.items():
-        assert gpu[key] == pytest.approx(value, abs=1e-12), key
-
-
 @pytest.mark.parametrize("quantised", [False, True])
 def test_binned_path_matches_sklearn_and_the_official_algorithm_at_scale(quantised):
     """Thousands of distinct defective scores: the binned event counting is in use."""

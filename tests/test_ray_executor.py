@@ -310,3 +310,57 @@ def test_ray_executor_options_are_checked(ray_env, ad_root, tmp_path):
     cfg = _grid(ad_root, tmp_path, executor="rayon")
     with pytest.raises(ConfigError, match="executor must be one of"):
         validate(cfg)
+
+
+def test_cli_executor_flags_reach_the_config(ad_root, tmp_path):
+    from bench.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--executor",
+            "ray",
+            "--address",
+            "10.0.0.5:6379",
+            "--gpus-per-job",
+            "0.25",
+            "--cpus-per-job",
+            "2",
+            "--max-retries",
+            "5",
+        ]  # fmt: skip
+    )
+    cfg = config_from_args(args)
+    assert (cfg.executor, cfg.ray_address, cfg.gpus_per_job, cfg.cpus_per_job, cfg.max_retries) == (
+        "ray", "10.0.0.5:6379", 0.25, 2.0, 5
+    )  # fmt: skip
+
+
+def test_cluster_view_counts_jobs_and_shows_each_worker_and_device(tmp_path, capsys):
+    from rich.console import Console
+
+    from bench.executors.view import ClusterView
+    from bench.results import write_json
+
+    running = tmp_path / "running"
+    now = time.time()
+    write_json(running / "a.json", {"run_name": "knn/x/a/seed0", "host": "gpu1", "pid": 11,
+                                    "device": "NVIDIA H100", "gpus": ["0"], "started": now - 30})  # fmt: skip
+    write_json(running / "b.json", {"run_name": "knn/x/b/seed0", "host": "gpu2", "pid": 12,
+                                    "device": "NVIDIA H100", "gpus": ["1"], "started": now - 5})  # fmt: skip
+    (running / "c.json").write_text("{half written")  # skipped, not fatal
+    view = ClusterView(total=6, skipped=1, running_dir=running)
+    with view:
+        view.refresh()
+        view.finished("knn/x/z/seed0", {"record": {}, "worker": {"host": "gpu1", "pid": 11,
+                                                                 "gpus": ["0"]}})  # fmt: skip
+        view.finished("knn/x/y/seed0", {"error": "boom", "worker": None})
+    err = " ".join(capsys.readouterr().err.split())
+    assert "knn/x/a/seed0: running on gpu1:11 GPU 0 (NVIDIA H100)" in err
+    text = Console(record=True, width=200)
+    text.print(view.render())
+    shown = text.export_text()
+    assert "2/6 done (1 before), 2 running, 1 failed, 1 queued" in shown
+    assert "gpu1:11 GPU 0" in shown and "gpu2:12 GPU 1" in shown and "30 s" in shown
+    row = next(line for line in shown.splitlines() if "gpu1:11" in line)
+    assert row.split("│")[-2].strip() == "1"  # the one job that worker finished

@@ -234,14 +234,18 @@ def nearest_shared(fit: Fit | None, shared: dict[str, Any], store: ResultStore) 
 
 
 def connect(cfg: BenchConfig):
-    """Joins ``cfg.ray_address``, or starts a local Ray instance; Ray's context."""
+    """Joins ``cfg.ray_address``, or starts a local Ray instance; (Ray's context, whether this
+    call connected). A process already connected (``ray.init`` by the caller) keeps its
+    connection, which the run then leaves open."""
     ray = import_ray()
+    if ray.is_initialized():
+        return ray.get_runtime_context(), False
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
     env.pop("ADBENCH_PROGRESS", None)
     kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": env}}
     if cfg.ray_address is None:
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
-    return ray.init(address=cfg.ray_address, **kwargs)
+    return ray.init(address=cfg.ray_address, **kwargs), True
 
 
 def gpus_per_job(cfg: BenchConfig, cluster: dict[str, float]) -> float:
@@ -294,7 +298,7 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
             pending_path(store, job).unlink(missing_ok=True)
     token = uuid.uuid4().hex
     (store.root / SHARE_MARKER).write_text(token)
-    context = connect(cfg)
+    context, connected = connect(cfg)
     try:
         cluster = ray.cluster_resources()
         gpus = gpus_per_job(cfg, cluster)
@@ -306,8 +310,9 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
             f"GPUs); each job asks for {cfg.cpus_per_job:g} CPU(s), {gpus:g} GPU(s)",
             soft_wrap=True,
         )
-        console.print(f"Ray dashboard: http://{dashboard}" if dashboard else
-                      "Ray dashboard: not running (pip install 'ray\\[default]' on the head node)")  # fmt: skip
+        if connected:  # a caller's own ray.init shows its dashboard itself
+            console.print(f"Ray dashboard: http://{dashboard}" if dashboard else
+                          "Ray dashboard: not running (pip install 'ray\\[default]' on the head node)")  # fmt: skip
         tracker = Tracker.from_config(cfg) if track else None
         with tracker if tracker is not None else nullcontext():
             warn_sqlite_across_machines(tracker, nodes)
@@ -333,7 +338,8 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
             if tracker is not None:
                 tracker.log_summary(records)
     finally:
-        ray.shutdown()
+        if connected:
+            ray.shutdown()
         for marker in (store.root / RUNNING).glob("*.json"):
             marker.unlink(missing_ok=True)  # left by killed workers
     return records, failed

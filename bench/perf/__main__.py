@@ -12,7 +12,8 @@ from bench.perf import (
 
 parser = argparse.ArgumentParser(prog="python -m bench.perf")
 parser.add_argument(
-    "suite", choices=["metrics", "knn", "curvature", "category", "casl", "dinomaly", "dictas"]
+    "suite",
+    choices=["metrics", "knn", "curvature", "category", "casl", "dinomaly", "dictas", "ray"],
 )
 parser.add_argument("--output", default="results/perf")
 parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
@@ -38,3 +39,7 @@ if args.suite == "dinomaly":
     dinomaly_perf.main(args.output, args.quick, args.anomalib_budget or 3600.0)
 if args.suite == "dictas":
     dictas_perf.main(args.output, args.quick)
+if args.suite == "ray":
+    from bench.perf import ray_perf
+
+    ray_perf.main(args.output, args.quick)

@@ -1,0 +1,154 @@
+"""Every check that needs a CUDA GPU, in one file that `make gpu-check` runs on a GPU machine.
+
+It imports nothing beyond torch, numpy and bench (no mlflow, no open3d, no scikit-learn), so it
+runs with the bare python of an air-gapped GPU machine. Without a GPU every test is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench.config import BenchConfig, DatasetEntry, DetectorEntry
+from bench.datasets import synthetic_visa
+from bench.metrics import pixel_metrics
+from bench.pointcloud import multiscale_surface_variation
+from bench.registry import create_detector
+from bench.runner import run_benchmark
+from bench.system import seed_everything
+from bench.types import Batch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+#: tiny settings of every registered detector (random weights: no hub on the GPU machine)
+DINOMALY = dict(encoder="vit_small_patch14_reg4_dinov2", weights="random", encoder_depth=2,
+                layers=(0, 1), decoder_depth=2, warmup=3, hard_mining_ramp=4, map_size=None,
+                iterations=12)  # fmt: skip
+DICTAS = dict(backbone="ViT-B-16", weights="random", input_size=64, backbone_depth=2,
+              backbone_width=64, epochs=2, val_fraction=0.2)  # fmt: skip
+CASL = dict(encoder_channels=(8, 8, 16, 16), decoder_channels=(16, 16, 8, 8), layers=(1,) * 8,
+            stem_channels=8, stem_kernel=3, ks=(8, 16), voxel_size=0.05,
+            pretrain_iterations=10, finetune_iterations=10)  # fmt: skip
+#: detectors whose fit involves no random training: CPU and GPU must rank alike
+DETERMINISTIC = {"feature_stats", "knn", "curvature", "grid_curvature"}
+
+
+def test_metrics_gpu_and_cpu_give_the_same_values():
+    rng = np.random.default_rng(4)
+    masks = torch.from_numpy(rng.random((6, 64, 64)) < 0.03)
+    maps = torch.from_numpy(rng.random((6, 64, 64)).astype(np.float32)) + masks * 0.3
+    cpu = pixel_metrics(maps, masks)
+    gpu = pixel_metrics(maps.cuda(), masks)
+    for key, value in cpu.items():
+        assert gpu[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_curvature_torch_path_matches_on_cpu_and_cuda():
+    gen = torch.Generator().manual_seed(0)
+    angles = torch.rand(4000, 2, generator=gen) * torch.tensor([math.pi, 2 * math.pi])
+    sphere = torch.stack(
+        [
+            angles[:, 0].sin() * angles[:, 1].cos(),
+            angles[:, 0].sin() * angles[:, 1].sin(),
+            angles[:, 0].cos(),
+        ],
+        dim=1,
+    )
+    cloud = sphere + 0.002 * torch.randn(4000, 3, generator=gen)
+    cpu = multiscale_surface_variation(cloud, (16, 32, 64))
+    gpu = multiscale_surface_variation(cloud.cuda(), (16, 32, 64)).cpu()
+    assert gpu.shape == cpu.shape
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
+def test_amp_training_on_cuda(ad_root, amp):
+    """A trained detector under each autocast setting: finite losses, a loss that falls, finite
+    maps; the autocast dtype is the one asked for."""
+    from bench.datasets import get_dataset
+    from bench.loading import EpochLoader
+    from bench.training import amp_dtype
+    from bench.types import collate_training
+
+    device = torch.device("cuda")
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    seed_everything(0)
+    train = get_dataset("mvtec_ad").open("weave", "train", str(ad_root), image_size=64)
+    loader = EpochLoader(train, 4, shuffle=True, seed=0, collate_fn=collate_training)
+    det = create_detector("autoencoder", iterations=40, amp=amp)
+    det.to(device)
+    det.fit(loader)
+    losses = [loss for _, loss in det.train_log_]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert amp_dtype(device, amp) == {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                      "off": None}[amp]  # fmt: skip
+    test = get_dataset("mvtec_ad").open("weave", "test", str(ad_root), image_size=64)
+    batch: Batch = next(iter(EpochLoader(test, 4))).to(device)
+    prediction = det.predict(batch)
+    assert torch.isfinite(prediction.anomaly_map.float()).all()
+
+
+def _grid(ad_root, ad3d_root, visa_root, device: str, output) -> BenchConfig:
+    return BenchConfig(
+        name=f"cuda-{device}",
+        device=device,
+        batch_size=4,
+        num_workers=0,
+        output=str(output),
+        detectors=[
+            DetectorEntry("feature_stats", params={"weights": "random"}, datasets=["mvtec_ad"]),
+            DetectorEntry("knn", params={"backbone": "efficientnet_lite0"}, datasets=["mvtec_ad"]),
+            DetectorEntry("autoencoder", params={"iterations": 20}, datasets=["mvtec_ad"]),
+            DetectorEntry("dinomaly", params=DINOMALY, datasets=["mvtec_ad"], scope="unified"),
+            DetectorEntry(
+                "dictas",
+                params=DICTAS,
+                datasets=["mvtec_ad"],
+                train_on={"dataset": "visa", "root": str(visa_root)},
+                shots=1,
+            ),
+            DetectorEntry("curvature", datasets=["mvtec_3d"]),
+            DetectorEntry("grid_curvature", datasets=["mvtec_3d"]),
+            DetectorEntry("casl", params=CASL, datasets=["mvtec_3d"]),
+        ],
+        datasets=[
+            DatasetEntry("mvtec_ad", root=str(ad_root), image_size=64),
+            DatasetEntry("mvtec_3d", root=str(ad3d_root), image_size=None),
+        ],
+    )
+
+
+def test_every_detector_fits_and_predicts_on_cuda(ad_root, ad3d_root, tmp_path):
+    """Every registered detector, through the runner, on the GPU and on the CPU: every job
+    finishes with finite metrics on the GPU; detectors without random training rank alike."""
+    visa = synthetic_visa.generate(tmp_path / "visa", n_train=8, n_test_good=1, n_anomaly=1)
+    runs = {}
+    for device in ("cuda", "cpu"):
+        records, failed = run_benchmark(
+            _grid(ad_root, ad3d_root, visa, device, tmp_path / device), track=False
+        )
+        assert not failed, failed
+        runs[device] = {r["run_name"]: r for r in records}
+    gpu_name = torch.cuda.get_device_name(0)
+    assert runs["cuda"].keys() == runs["cpu"].keys()
+    assert {r["detector_name"] for r in runs["cuda"].values()} == {
+        "feature_stats", "knn", "autoencoder", "dinomaly", "dictas", "curvature",
+        "grid_curvature", "casl",
+    }  # fmt: skip
+    for name, record in runs["cuda"].items():
+        assert record["device"] == gpu_name, name
+        metrics = record["metrics"]["all"]
+        assert math.isfinite(metrics["image_auroc"]), name
+        if record["detector_name"] in DETERMINISTIC:
+            cpu = runs["cpu"][name]["metrics"]["all"]
+            for key in ("image_auroc", "pixel_auroc"):
+                if key in metrics:
+                    assert metrics[key] == pytest.approx(cpu[key], abs=0.02), (name, key)
