@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         dest="ray_address",
         metavar="ADDRESS",
-        help="the Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: a local Ray "
-        "instance using every CPU and GPU of this machine",
+        help="the Ray cluster to join (HOST:PORT, ray://HOST:10001, or auto: the one started on "
+        "this machine); default: a new local Ray instance using every CPU and GPU here",
     )
     ex.add_argument(
         "--gpus-per-job",

@@ -155,7 +155,8 @@ def job_task(ctx: TaskContext, job: Job, *needed: Any) -> dict[str, Any]:
     tracker = attach_tracker(ctx)
     if record is None:
         marker = store.root / RUNNING / f"{job.slug}.json"
-        write_json(marker, {"run_name": job.run_name, "started": time.time(), **worker})
+        write_json(marker, {"run_name": job.run_name, "kind": "job", "started": time.time(),
+                            **worker})  # fmt: skip
         try:
             with job_console(store, job):
                 console.print(f"{job.run_name}: started on {where(worker)}", soft_wrap=True)
@@ -198,9 +199,16 @@ def fit_task(ctx: TaskContext, fit: Fit, *needed: Any) -> dict[str, Any]:
     if isinstance(detector, TrainableDetector):
         detector.log_every = ctx.train_log_every
     logger_for = None if tracker is None else tracker.fit_logger
-    result = fit_or_load(detector, fit, store, device, ctx.num_workers, logger_for)
+    worker = worker_info(device)
+    marker = store.root / RUNNING / f"fit-{fit.hash}.json"
+    write_json(marker, {"run_name": f"fit {fit.name}", "kind": "fit", "started": time.time(),
+                        **worker})  # fmt: skip
+    try:
+        result = fit_or_load(detector, fit, store, device, ctx.num_workers, logger_for)
+    finally:
+        marker.unlink(missing_ok=True)
     return {"fit": fit.name, "computed": result.computed, "seconds": result.seconds,
-            "worker": worker_info(device)}  # fmt: skip
+            "worker": worker}  # fmt: skip
 
 
 # -- on the driver -------------------------------------------------------------------------------
@@ -243,9 +251,9 @@ def connect(cfg: BenchConfig):
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
     env.pop("ADBENCH_PROGRESS", None)
     kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": env}}
-    if cfg.ray_address is None:
+    if cfg.ray_address is None:  # a new instance, even beside a cluster `ray start`ed here
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
-    return ray.init(address=cfg.ray_address, **kwargs), True
+    return ray.init(address=cfg.ray_address or "local", **kwargs), True
 
 
 def gpus_per_job(cfg: BenchConfig, cluster: dict[str, float]) -> float:

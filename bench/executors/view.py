@@ -73,14 +73,19 @@ class ClusterView:
             self._live.update(self.render())
 
     @property
+    def running_jobs(self) -> list[dict[str, Any]]:
+        """The running jobs (the table also shows running shared fits)."""
+        return [m for m in self.running if m.get("kind") != "fit"]
+
+    @property
     def queued(self) -> int:
         left = self.total - self.skipped - self.done - self.failed
-        return max(left - len(self.running), 0)
+        return max(left - len(self.running_jobs), 0)
 
     def render(self) -> Table:
         table = Table(
             title=f"{self.done + self.skipped}/{self.total} done ({self.skipped} before), "
-            f"{len(self.running)} running, {self.failed} failed, {self.queued} queued",
+            f"{len(self.running_jobs)} running, {self.failed} failed, {self.queued} queued",
             title_justify="left",
         )
         for column in ("worker", "device", "job", "running for", "jobs done"):
