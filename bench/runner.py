@@ -235,9 +235,9 @@ def fit_or_load(
 
 
 def log_fit(store: ResultStore, stage: Fit, seconds: float, device: torch.device) -> None:
-    """Appends the computation of ``stage`` to the store's fit log (:data:`FIT_LOG`). One
-    ``write`` of one line in append mode: lines from processes on several machines sharing
-    the results folder do not interleave."""
+    """Appends the computation of ``stage`` to the store's fit log (:data:`FIT_LOG`): one
+    ``write`` of one line in append mode, which local filesystems keep whole between
+    processes (NFS does not promise it: :func:`fit_log` skips a garbled line)."""
     line = json.dumps(
         {
             "name": stage.name,
@@ -261,7 +261,15 @@ def fit_log(store: ResultStore) -> list[dict[str, Any]]:
     path = store.root / FIT_LOG
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def cached_stages(detector: Detector, chain: list[Fit], store: ResultStore) -> list[Fit]:

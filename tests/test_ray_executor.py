@@ -375,11 +375,38 @@ def test_cluster_view_counts_jobs_and_shows_each_worker_and_device(tmp_path, cap
                                                                  "gpus": ["0"]}})  # fmt: skip
         view.finished("knn/x/y/seed0", {"error": "boom", "worker": None})
     err = " ".join(capsys.readouterr().err.split())
-    assert "knn/x/a/seed0: running on gpu1:11 GPU 0 (NVIDIA H100)" in err
+    assert "knn/x/a/seed0: running on gpu1 GPU 0 (NVIDIA H100)" in err
     text = Console(record=True, width=200)
     text.print(view.render())
     shown = text.export_text()
     assert "2/6 done (1 before), 2 running, 1 failed, 1 queued" in shown
-    assert "gpu1:11 GPU 0" in shown and "gpu2:12 GPU 1" in shown and "30 s" in shown
-    row = next(line for line in shown.splitlines() if "gpu1:11" in line)
+    assert "gpu1 GPU 0" in shown and "gpu2 GPU 1" in shown and "30 s" in shown
+    row = next(line for line in shown.splitlines() if "gpu1 GPU 0" in line)
     assert row.split("│")[-2].strip() == "1"  # the one job that worker finished
+
+
+def test_job_requests_follow_the_cluster_and_impossible_ones_are_refused(ad_root, tmp_path):
+    from bench.config import ConfigError
+    from bench.executors.ray_executor import check_device, request
+
+    gpu_nodes = [{"Resources": {"CPU": 16.0, "GPU": 4.0}}, {"Resources": {"CPU": 8.0, "GPU": 2.0}}]
+    cpu_nodes = [{"Resources": {"CPU": 2.0}}]
+    cfg = _grid(ad_root, tmp_path, executor="ray")
+    assert request(cfg, gpu_nodes) == (1.0, 1.0)  # a GPU each by default where there are GPUs
+    assert request(cfg, cpu_nodes) == (0.0, 1.0)
+    cfg.gpus_per_job = 0.25
+    assert request(cfg, gpu_nodes) == (0.25, 1.0)
+    cfg.device = "cpu"
+    assert request(cfg, gpu_nodes) == (0.0, 1.0)
+    for field, value, message in (
+        ("gpus_per_job", 1.5, "a fraction must be at most 1"),
+        ("gpus_per_job", 6, "largest node of the Ray cluster has 4"),
+        ("cpus_per_job", 32, "largest node of the Ray cluster has 16"),
+    ):
+        bad = _grid(ad_root, tmp_path, executor="ray", **{field: value})
+        with pytest.raises(ConfigError, match=message):
+            request(bad, gpu_nodes)
+    with pytest.raises(ConfigError, match="needs GPUs per job"):
+        request(_grid(ad_root, tmp_path, executor="ray", device="cuda"), cpu_nodes)
+    with pytest.raises(ConfigError, match="Ray gives each job its GPU"):
+        check_device(_grid(ad_root, tmp_path, executor="ray", device="cuda:1"))

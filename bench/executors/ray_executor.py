@@ -20,7 +20,6 @@ could not log (e.g. the SQLite store was locked) is logged by the driver.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import time
@@ -42,6 +41,8 @@ from bench.results import ResultStore, write_json
 #: written by the driver into the results folder; a task that cannot read it is on a node
 #: that does not share the folder
 SHARE_MARKER = ".ray-driver"
+#: the names of the tasks (in the Ray dashboard, and in the traceback of a failed one)
+FIT_TASK, JOB_TASK = "adbench-fit", "adbench-job"
 #: one file per job a task is running (worker, device, start): the driver's progress view
 RUNNING = "running"
 #: a job task's console output (warnings, fit messages), one file per job
@@ -71,9 +72,9 @@ class TaskContext:
     num_workers: int
     export_maps: str | None
     train_log_every: int
+    #: this run's id: the share check, and under --force what makes a record this run's own
     token: str
-    #: under --force: a record finished before this time is computed again
-    since: str | None
+    force: bool
     #: (tracking URI, experiment id, parent run id); None: no tracking
     tracking: tuple[str, str, str] | None
 
@@ -109,15 +110,29 @@ def enter(ctx: TaskContext) -> tuple[ResultStore, torch.device]:
             "filesystem every node shares at the same path"
         ) from None
     store = ResultStore(ctx.output, ctx.name)
-    marker = store.root / SHARE_MARKER
-    if not marker.is_file() or marker.read_text() != ctx.token:
+    marker = share_marker(store, ctx.token)
+    if not marker.is_file():
         raise RuntimeError(
-            f"node {host}: the results folder {store.root} is not the driver's (no {SHARE_MARKER} "
+            f"node {host}: the results folder {store.root} is not the driver's (no {marker.name} "
             "written by this run); the Ray executor needs it on a filesystem every node shares "
             "at the same path"
         )
-    cuda = ctx.device == "cuda" and bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-    return store, torch.device("cuda" if cuda else "cpu")
+    if ctx.device != "cuda":
+        return store, torch.device("cpu")
+    if not (ray.get_gpu_ids() and torch.cuda.is_available()):
+        raise RuntimeError(
+            f"node {host}: Ray assigned GPU(s) {ray.get_gpu_ids()} but torch "
+            f"{torch.__version__} sees no CUDA GPU here (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
+    return store, torch.device("cuda")
+
+
+def share_marker(store: ResultStore, token: str) -> Path:
+    """The file this run's driver writes into the results folder: a task that cannot read it
+    is on a node that does not share the folder. One per run, so runs do not disturb
+    each other."""
+    return store.root / f"{SHARE_MARKER}-{token}"
 
 
 def attach_tracker(ctx: TaskContext):
@@ -129,9 +144,9 @@ def attach_tracker(ctx: TaskContext):
 
 
 @contextmanager
-def job_console(store: ResultStore, job: Job):
-    """The task's console output goes to ``logs/<job>.log`` (the driver shows the live view)."""
-    path = store.root / LOGS / f"{job.slug}.log"
+def task_console(store: ResultStore, slug: str):
+    """The task's console output goes to ``logs/<slug>.log`` (the driver shows the live view)."""
+    path = store.root / LOGS / f"{slug}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     before = console.file
     with open(path, "a", encoding="utf-8") as log:
@@ -144,21 +159,41 @@ def job_console(store: ResultStore, job: Job):
 
 def job_task(ctx: TaskContext, job: Job, *needed: Any) -> dict[str, Any]:
     """One job: skips it when a finished record exists (a retry after the record was saved),
-    else runs it; logs its MLflow run. Its own errors are recorded as failed, not raised."""
-    from bench.runner import run_job, short_error
+    else runs it; logs its MLflow run. Every error of its own is returned as the job's
+    failure (traceback under ``failed/``), never raised: Ray retries lost workers only."""
+    from bench.runner import short_error
 
-    store, device = enter(ctx)
-    worker = worker_info(device)
+    worker: dict[str, Any] | None = None
+    store = ResultStore(ctx.output, ctx.name)
+    try:
+        store, device = enter(ctx)
+        worker = worker_info(device)
+        return {"run_name": job.run_name, "record": run_task_job(ctx, job, store, device, worker),
+                "worker": worker}  # fmt: skip
+    except Exception as err:
+        try:
+            path = str(store.save_failure(job, err))
+        except OSError as unwritable:
+            path = f"not written: {unwritable}"
+        return {"run_name": job.run_name, "error": short_error(err), "traceback": path,
+                "worker": worker}  # fmt: skip
+
+
+def run_task_job(
+    ctx: TaskContext, job: Job, store: ResultStore, device: torch.device, worker: dict
+) -> dict[str, Any]:
+    from bench.runner import run_job
+
     record = store.load(job)
-    if record is not None and ctx.since is not None and record.get("finished", "") < ctx.since:
-        record = None  # --force: computed again
+    if record is not None and ctx.force and record.get("ray_run") != ctx.token:
+        record = None  # --force: computed again, unless this run (an earlier attempt) did
     tracker = attach_tracker(ctx)
     if record is None:
         marker = store.root / RUNNING / f"{job.slug}.json"
         write_json(marker, {"run_name": job.run_name, "kind": "job", "started": time.time(),
                             **worker})  # fmt: skip
         try:
-            with job_console(store, job):
+            with task_console(store, job.slug):
                 console.print(f"{job.run_name}: started on {where(worker)}", soft_wrap=True)
                 record = run_job(
                     job,
@@ -169,10 +204,8 @@ def job_task(ctx: TaskContext, job: Job, *needed: Any) -> dict[str, Any]:
                     logger_for=None if tracker is None else tracker.fit_logger,
                     log_every=ctx.train_log_every,
                 )
-        except Exception as err:
-            path = store.save_failure(job, err)
-            return {"run_name": job.run_name, "error": short_error(err), "traceback": str(path),
-                    "worker": worker}  # fmt: skip
+            record["ray_run"] = ctx.token
+            store.save(record)
         finally:
             marker.unlink(missing_ok=True)
     if tracker is not None and not record.get("mlflow_run_id"):
@@ -180,7 +213,7 @@ def job_task(ctx: TaskContext, job: Job, *needed: Any) -> dict[str, Any]:
         if run_id:
             record["mlflow_run_id"] = run_id
             store.save(record)
-    return {"run_name": job.run_name, "record": record, "worker": worker}
+    return record
 
 
 def fit_task(ctx: TaskContext, fit: Fit, *needed: Any) -> dict[str, Any]:
@@ -204,7 +237,11 @@ def fit_task(ctx: TaskContext, fit: Fit, *needed: Any) -> dict[str, Any]:
     write_json(marker, {"run_name": f"fit {fit.name}", "kind": "fit", "started": time.time(),
                         **worker})  # fmt: skip
     try:
-        result = fit_or_load(detector, fit, store, device, ctx.num_workers, logger_for)
+        with task_console(store, f"fit-{fit.hash}"):
+            console.print(f"fit {fit.name}: started on {where(worker)}", soft_wrap=True)
+            result = fit_or_load(detector, fit, store, device, ctx.num_workers, logger_for)
+            for warning in result.warnings:
+                console.print(f"[yellow]  {escape(warning)}[/]")
     finally:
         marker.unlink(missing_ok=True)
     return {"fit": fit.name, "computed": result.computed, "seconds": result.seconds,
@@ -253,43 +290,61 @@ def connect(cfg: BenchConfig):
     kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": env}}
     if cfg.ray_address is None:  # a new instance, even beside a cluster `ray start`ed here
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
-    return ray.init(address=cfg.ray_address or "local", **kwargs), True
+    try:
+        return ray.init(address=cfg.ray_address or "local", **kwargs), True
+    except (ConnectionError, TimeoutError, ValueError) as err:
+        where_ = cfg.ray_address or "a local instance"
+        raise ConfigError(f"cannot start or join the Ray cluster ({where_}): {err}") from err
 
 
-def gpus_per_job(cfg: BenchConfig, cluster: dict[str, float]) -> float:
-    """The GPUs a job requests: the config's, else 1 on a cluster with GPUs (0 on CPU)."""
-    gpus = cluster.get("GPU", 0.0)
+def check_device(cfg: BenchConfig) -> None:
+    """Ray assigns the GPUs: a job's device is "cuda" (the GPU it got) or "cpu"."""
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(
+            f"device {cfg.device!r} with the Ray executor: Ray gives each job its GPU(s), so the "
+            "device is auto, cuda or cpu (choose GPUs with CUDA_VISIBLE_DEVICES on each node, "
+            "or ray start --num-gpus)"
+        )
+
+
+def request(cfg: BenchConfig, nodes: list[dict]) -> tuple[float, float]:
+    """(GPUs, CPUs) each job asks for: the config's, GPUs defaulting to 1 on a cluster with
+    GPUs (0 on CPU). Refused when no single node could ever run a job."""
+    largest = {key: max((n.get("Resources", {}).get(key, 0.0) for n in nodes), default=0.0)
+               for key in ("GPU", "CPU")}  # fmt: skip
     if cfg.device == "cpu":
-        return 0.0
-    if cfg.gpus_per_job is not None:
-        wanted = float(cfg.gpus_per_job)
+        gpus = 0.0
+    elif cfg.gpus_per_job is not None:
+        gpus = float(cfg.gpus_per_job)
     else:
-        wanted = 1.0 if gpus > 0 else 0.0
-    if cfg.device.startswith("cuda") and wanted == 0:
+        gpus = 1.0 if largest["GPU"] > 0 else 0.0
+    cpus = float(cfg.cpus_per_job)
+    if cfg.device == "cuda" and gpus == 0:
         raise ConfigError(
-            f"device {cfg.device!r} with the Ray executor needs GPUs: the cluster has {gpus:g}; "
-            "set gpus_per_job (--gpus-per-job) > 0 or use device auto"
+            f"device 'cuda' with the Ray executor needs GPUs per job: the largest node has "
+            f"{largest['GPU']:g}; set gpus_per_job (--gpus-per-job) > 0 or use device auto"
         )
-    if wanted > gpus:
-        raise ConfigError(
-            f"gpus_per_job {wanted:g}: the Ray cluster has {gpus:g} GPU(s); no job could start"
-        )
-    return wanted
+    if gpus > 1 and gpus != int(gpus):
+        raise ConfigError(f"gpus_per_job {gpus:g}: a fraction must be at most 1 (Ray's rule)")
+    if gpus == 0 and cpus == 0:
+        raise ConfigError("cpus_per_job 0 with no GPU per job would start every job at once")
+    for key, wanted in (("GPU", gpus), ("CPU", cpus)):
+        if wanted > largest[key]:
+            raise ConfigError(
+                f"each job asks for {wanted:g} {key}(s), but the largest node of the Ray cluster "
+                f"has {largest[key]:g}: no job could start"
+            )
+    return gpus, cpus
 
 
 def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
     """Runs every planned job not already finished as Ray tasks; (records, failed run names)."""
     from bench.executors.view import ClusterView
-    from bench.runner import (
-        check_writable,
-        clear_fitted_state,
-        fit_chain,
-        pending_path,
-        report_job,
-    )
+    from bench.runner import check_writable, report_job
     from bench.tracking import Tracker
 
     ray = import_ray()
+    check_device(cfg)
     jobs = plan_jobs(cfg)
     output = Path(cfg.output).resolve()
     store = ResultStore(output, cfg.name)
@@ -298,28 +353,21 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
     check_writable(*folders, *([Path(export)] if export else []))
     done = {} if force else {j.run_name: store.load(j) for j in jobs}
     pending = [j for j in jobs if done.get(j.run_name) is None]
-    since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds") if force else None
-    if force:  # as the local --force: every fit stage and kept prediction of the jobs, anew
-        for stage_dir in {str(store.fit_dir(f)) for j in pending for f in fit_chain(j.fit)}:
-            clear_fitted_state(Path(stage_dir))
-        for job in pending:
-            pending_path(store, job).unlink(missing_ok=True)
     token = uuid.uuid4().hex
-    (store.root / SHARE_MARKER).write_text(token)
     context, connected = connect(cfg)
+    marker = share_marker(store, token)
     try:
-        cluster = ray.cluster_resources()
-        gpus = gpus_per_job(cfg, cluster)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        dashboard = getattr(context, "dashboard_url", None) or None
-        console.print(
-            f"[bold]{cfg.name}[/]: {len(jobs)} job(s), {len(pending)} to run, on a Ray cluster of "
-            f"{len(nodes)} node(s) ({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} "
-            f"GPUs); each job asks for {cfg.cpus_per_job:g} CPU(s), {gpus:g} GPU(s)",
-            soft_wrap=True,
-        )
+        gpus, cpus = request(cfg, nodes)
+        if force:
+            clear_for_force(store, pending)
+        for stale in (store.root / RUNNING).glob("*.json"):
+            stale.unlink(missing_ok=True)  # left by a driver or workers killed earlier
+        marker.write_text(token)
+        announce(cfg, jobs, pending, ray.cluster_resources(), nodes, gpus, cpus)
         if connected:  # a caller's own ray.init shows its dashboard itself
-            console.print(f"Ray dashboard: http://{dashboard}" if dashboard else
+            url = getattr(context, "dashboard_url", None)
+            console.print(f"Ray dashboard: http://{url}" if url else
                           "Ray dashboard: not running (pip install 'ray\\[default]' on the head node)")  # fmt: skip
         tracker = Tracker.from_config(cfg) if track else None
         with tracker if tracker is not None else nullcontext():
@@ -329,34 +377,58 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
                 tracking = (tracker.uri, tracker.experiment_id, tracker.parent_id)
             ctx = TaskContext(
                 str(output), cfg.name, os.getcwd(), "cpu" if gpus == 0 else "cuda",
-                cfg.num_workers, export, cfg.train_log_every, token, since, tracking,
+                cfg.num_workers, export, cfg.train_log_every, token, force, tracking,
             )  # fmt: skip
-            options = {
-                "num_cpus": cfg.cpus_per_job,
-                "num_gpus": gpus,
-                "max_retries": cfg.max_retries,
-                "retry_exceptions": False,
-            }
-            refs = submit(ray, ctx, pending, store, options)
+            options = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": cfg.max_retries,
+                       "retry_exceptions": False}  # fmt: skip
+            refs, fits = submit(ray, ctx, pending, store, options)
             view = ClusterView(len(jobs), len(jobs) - len(pending), store.root / RUNNING)
             records = [r for r in done.values() if r is not None]
             for record in records:
                 track_record(tracker, store, record)
-            failed = collect(ray, refs, store, tracker, view, records, report_job)
+            try:
+                failed = collect(ray, refs, ctx, store, tracker, view, records, report_job)
+            except KeyboardInterrupt:
+                for ref in [*refs, *fits]:
+                    ray.cancel(ref, force=True)
+                raise
             if tracker is not None:
                 tracker.log_summary(records)
     finally:
         if connected:
             ray.shutdown()
-        for marker in (store.root / RUNNING).glob("*.json"):
-            marker.unlink(missing_ok=True)  # left by killed workers
+        marker.unlink(missing_ok=True)
+        for stale in (store.root / RUNNING).glob("*.json"):
+            stale.unlink(missing_ok=True)  # left by killed workers
     return records, failed
 
 
+def clear_for_force(store: ResultStore, pending: list[Job]) -> None:
+    """As the local ``--force``: every fit stage and kept prediction of the jobs, anew."""
+    from bench.runner import clear_fitted_state, fit_chain, pending_path
+
+    for stage_dir in {str(store.fit_dir(f)) for j in pending for f in fit_chain(j.fit)}:
+        clear_fitted_state(Path(stage_dir))
+    for job in pending:
+        pending_path(store, job).unlink(missing_ok=True)
+
+
+def announce(cfg, jobs, pending, cluster: dict, nodes: list, gpus: float, cpus: float) -> None:
+    console.print(
+        f"[bold]{cfg.name}[/]: {len(jobs)} job(s), {len(pending)} to run, on a Ray cluster of "
+        f"{len(nodes)} node(s) ({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} "
+        f"GPUs); each job asks for {cpus:g} CPU(s), {gpus:g} GPU(s)",
+        soft_wrap=True,
+    )
+
+
 def submit(ray, ctx: TaskContext, pending: list[Job], store: ResultStore, options: dict):
-    """A fit task per shared stage (parents first), then a task per job; {ref: job}."""
-    fit_remote = ray.remote(fit_task).options(name="adbench-fit", **options)
-    job_remote = ray.remote(job_task).options(name="adbench-job", **options)
+    """A fit task per shared stage (parents first), then a task per job; ({ref: job}, the fit
+    task refs). A GPU task's worker process serves that one task (``max_calls=1``): CUDA
+    cannot move to the next task's GPU in a process that used another."""
+    max_calls = 1 if options["num_gpus"] > 0 else 0
+    fit_remote = ray.remote(max_calls=max_calls)(fit_task).options(name=FIT_TASK, **options)
+    job_remote = ray.remote(max_calls=max_calls)(job_task).options(name=JOB_TASK, **options)
     shared = shared_stages(pending, store)
     tasks: dict[str, Any] = {}
 
@@ -373,58 +445,59 @@ def submit(ray, ctx: TaskContext, pending: list[Job], store: ResultStore, option
         stage = nearest_shared(job.fit, shared, store)
         needed = [] if stage is None else [fit_ref(stage)]
         refs[job_remote.remote(ctx, job, *needed)] = job
-    return refs
+    return refs, list(tasks.values())
 
 
-def collect(ray, refs: dict, store: ResultStore, tracker, view, records: list, report) -> list:
+def collect(ray, refs: dict, ctx, store: ResultStore, tracker, view, records: list, report):
     """Waits for every job task, showing progress; records and tracks each result once.
     Returns the run names of the failed jobs."""
     failed: list[str] = []
-    try:
-        with view:
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
-                view.refresh()
-                for ref in ready:
-                    job = refs.pop(ref)
-                    out = outcome(ray, ref, job, store)
-                    view.finished(job.run_name, out)
-                    if "record" not in out:
-                        console.print(
-                            f"[red]{escape(job.run_name)} failed: {escape(out['error'])}[/] "
-                            f"(traceback in {out['traceback']})",
-                            soft_wrap=True,
-                        )
-                        failed.append(job.run_name)
-                        continue
-                    record = out["record"]
-                    console.print(f"{escape(job.run_name)} on {where(out['worker'])}:")
-                    report(record)
-                    track_record(tracker, store, record)
-                    records.append(record)
-    except KeyboardInterrupt:
-        for ref in refs:
-            ray.cancel(ref, force=True)
-        raise
+    with view:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
+            view.refresh()
+            for ref in ready:
+                job = refs.pop(ref)
+                out = outcome(ray, ref, job, ctx, store)
+                (store.root / RUNNING / f"{job.slug}.json").unlink(missing_ok=True)
+                view.finished(job.run_name, out)
+                if "record" not in out:
+                    console.print(
+                        f"[red]{escape(job.run_name)} failed: {escape(out['error'])}[/] "
+                        f"(traceback in {out['traceback']})",
+                        soft_wrap=True,
+                    )
+                    failed.append(job.run_name)
+                    continue
+                record = out["record"]
+                console.print(f"{escape(job.run_name)} on {where(out['worker'])}:")
+                report(record)
+                track_record(tracker, store, record)
+                records.append(record)
     return failed
 
 
-def outcome(ray, ref, job: Job, store: ResultStore) -> dict[str, Any]:
-    """A job task's result, or its failure when its worker was lost past the retries or the
-    fit it waited for failed (recorded under ``failed/`` here, since no task could)."""
+def outcome(ray, ref, job: Job, ctx: TaskContext, store: ResultStore) -> dict[str, Any]:
+    """A job task's result. When the task ended in an error (its worker lost past the retries,
+    or the shared fit it waited for failed): the job's record if an attempt saved it before,
+    else its failure, recorded under ``failed/`` here since no task could."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
-            from bench.runner import short_error
+        record = store.load(job)
+        if record is not None and (not ctx.force or record.get("ray_run") == ctx.token):
+            return {"run_name": job.run_name, "record": record, "worker": record.get("worker")}
+        from bench.runner import short_error
 
+        cause = getattr(err, "cause", None)
+        from_fit = f"ray::{FIT_TASK}" in str(err)  # the remote traceback names the task
+        if isinstance(err, ray.exceptions.RayTaskError) and from_fit and cause is not None:
             text = f"its shared fit failed: {short_error(cause)}"
-            error: BaseException = cause
         else:
             text = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
-            error = err
-        path = store.save_failure(job, error)
+        path = store.failure_path(job.run_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(err))  # with the remote traceback
         return {"run_name": job.run_name, "error": text, "traceback": str(path), "worker": None}
 
 
@@ -442,7 +515,7 @@ def where(worker: dict[str, Any] | None) -> str:
     if not worker:
         return "?"
     gpus = f" GPU {','.join(worker['gpus'])}" if worker.get("gpus") else ""
-    return f"{worker['host']} pid {worker['pid']} ({worker['device']}{gpus})"
+    return f"{worker.get('host', '?')} pid {worker.get('pid', '?')} ({worker.get('device', '?')}{gpus})"
 
 
 def warn_sqlite_across_machines(tracker, nodes: list[dict]) -> None:

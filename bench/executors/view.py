@@ -100,5 +100,8 @@ class ClusterView:
 
 
 def worker_name(worker: dict[str, Any]) -> str:
-    gpus = f" GPU {','.join(worker['gpus'])}" if worker.get("gpus") else ""
-    return f"{worker.get('host', '?')}:{worker.get('pid', '?')}{gpus}"
+    """A GPU worker by its host and GPU (each GPU task gets a new process), a CPU one by its
+    host and process."""
+    if worker.get("gpus"):
+        return f"{worker.get('host', '?')} GPU {','.join(worker['gpus'])}"
+    return f"{worker.get('host', '?')}:{worker.get('pid', '?')}"
