@@ -410,3 +410,25 @@ def test_job_requests_follow_the_cluster_and_impossible_ones_are_refused(ad_root
         request(_grid(ad_root, tmp_path, executor="ray", device="cuda"), cpu_nodes)
     with pytest.raises(ConfigError, match="Ray gives each job its GPU"):
         check_device(_grid(ad_root, tmp_path, executor="ray", device="cuda:1"))
+
+
+def test_force_reruns_every_job_and_refits_once_per_fit(cluster, ad_root, tmp_path):
+    out = tmp_path / "out"
+    cfg = BenchConfig(
+        name="grid",
+        detectors=[DetectorEntry("feature_stats", params={"weights": "random"})],
+        datasets=[DatasetEntry("mvtec_ad", root=str(ad_root), image_size=64)],
+    )
+    config = _write_toml(cfg, tmp_path / "force.toml")
+    args = ["--config", str(config), "--output", str(out), "--executor", "ray", "--address",
+            cluster, "--no-tracking"]  # fmt: skip
+    assert _bench(args, tmp_path).returncode == 0
+    store = ResultStore(out, "grid")
+    first = {r["run_name"]: r["ray_run"] for r in store.records()}
+    forced = _bench([*args, "--force"], tmp_path)
+    assert forced.returncode == 0, forced.stderr[-4000:]
+    assert "2 job(s), 2 to run" in " ".join(forced.stderr.split())
+    second = {r["run_name"]: r["ray_run"] for r in store.records()}
+    assert first.keys() == second.keys() and len(set(first.values()) | set(second.values())) == 2
+    hashes = [e["hash"] for e in fit_log(store)]
+    assert len(hashes) == 4 and all(hashes.count(h) == 2 for h in hashes)
