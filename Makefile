@@ -44,9 +44,9 @@ help:
 	@echo "make ui        MLflow UI on the local store (PORT=$(PORT))"
 	@echo "make server    an MLflow tracking server for a team (SQL backend, artifacts under $(RESULTS)/; PORT, MLFLOW_BACKEND_URI)"
 	@echo "make gpu-check on a CUDA machine: every CUDA test and GPU benchmark -> $(RESULTS)/perf/gpu-*.md"
-	@echo "               (no install needed: a python with torch and timm; GPU_PYTHON, GPU_CHECK_ARGS=--quick)"
-	@echo "make gpu-wheels  the pytest wheels gpu-check needs on an air-gapped machine (into wheels/)"
-	@echo "make perf      speed benchmarks (vs anomalib $(ANOMALIB_VERSION); ~60 min on 2 cores), written to $(RESULTS)/perf/"
+	@echo "               (no install: the machine's python with torch, timm, scipy, scikit-learn; GPU_PYTHON, GPU_CHECK_ARGS=--quick)"
+	@echo "make gpu-wheels  what an air-gapped GPU python lacks for gpu-check (pytest, open_clip, matplotlib, weights) into wheels/"
+	@echo "make perf      speed benchmarks (vs anomalib $(ANOMALIB_VERSION); Ray 1 vs 2 workers; ~70 min on 2 cores), written to $(RESULTS)/perf/"
 
 install: $(STAMP)
 
