@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B,H,W] maps, kernel radius 4 sigma, reflect padding."""
+def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of [B,H,W] maps as ``scipy.ndimage.gaussian_filter(map, sigma)``
+    does it (the official PatchCore, PaDiM and DictAS smoothing): kernel radius
+    ``int(truncate * sigma + 0.5)``, mode ``reflect`` (half-sample symmetric: the edge pixel is
+    repeated, and the reflection continues when the radius exceeds the map)."""
     if sigma <= 0:
         return maps
-    radius = max(1, int(math.ceil(4 * sigma)))
-    x = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
     out = maps[:, None]
-    pad_h = min(radius, out.shape[-2] - 1)
-    pad_w = min(radius, out.shape[-1] - 1)
-    out = F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect")
-    out = F.conv2d(out, kernel[radius - pad_w : radius + pad_w + 1].view(1, 1, 1, -1))
-    out = F.pad(out, (0, 0, pad_h, pad_h), mode="reflect")
-    out = F.conv2d(out, kernel[radius - pad_h : radius + pad_h + 1].view(1, 1, -1, 1))
+    out = F.conv2d(_symmetric_pad(out, radius, -1), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(_symmetric_pad(out, radius, -2), kernel.view(1, 1, -1, 1))
     return out[:, 0]
+
+
+def _symmetric_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """``x`` padded by ``radius`` on both ends of ``dim`` with scipy's ``reflect`` rule
+    (torch's own ``reflect`` leaves the edge pixel out, ``replicate`` repeats it only)."""
+    n = x.shape[dim]
+    index = torch.arange(-radius, n + radius, device=x.device) % (2 * n)
+    index = torch.where(index >= n, 2 * n - 1 - index, index)
+    return x.index_select(dim, index)
 
 
 def point_clouds(batch, device: torch.device) -> list[torch.Tensor]:
