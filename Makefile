@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui server gpu-check gpu-wheels perf clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui server gpu-check gpu-wheels perf parity clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -46,6 +46,8 @@ help:
 	@echo "make gpu-check on a CUDA machine: every CUDA test and GPU benchmark -> $(RESULTS)/perf/gpu-*.md"
 	@echo "               (no install: the machine's python with torch, timm, scipy, scikit-learn; GPU_PYTHON, GPU_CHECK_ARGS=--quick)"
 	@echo "make gpu-wheels  what an air-gapped GPU python lacks for gpu-check (pytest, open_clip, matplotlib, weights) into wheels/"
+	@echo "make parity    every method against its official code on shared random weights -> $(RESULTS)/parity/"
+	@echo "               (DINOMALY_REPO, DINOMALY2_REPO, DICTAS_REPO, PATCHCORE_REPO: checkouts; see bench/parity/README.md)"
 	@echo "make perf      speed benchmarks (vs anomalib $(ANOMALIB_VERSION); Ray 1 vs 2 workers; ~70 min on 2 cores), written to $(RESULTS)/perf/"
 
 install: $(STAMP)
@@ -209,6 +211,19 @@ perf: $(PERF_STAMP)
 	$(PERF_VENV)/bin/python -m bench.perf dinomaly --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf dictas --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf ray --output $(RESULTS)/perf
+
+# Each method against its official code (bench/parity/README.md names the repositories and
+# commits): a method runs when its checkout is given; knn compares with anomalib's PatchCore
+# (installed in .venv-perf) and, when PATCHCORE_REPO is set, reads the official PatchCore too.
+parity: $(PERF_STAMP)
+	@status=0; \
+	for pair in dinomaly:DINOMALY_REPO dinomaly2:DINOMALY2_REPO dictas:DICTAS_REPO knn:PATCHCORE_REPO; do \
+	  method=$${pair%%:*}; var=$${pair#*:}; repo=$${!var}; \
+	  if [ -z "$$repo" ] && [ $$method != knn ]; then \
+	    echo "parity $$method: skipped, set $$var to a checkout of the official code"; continue; fi; \
+	  $(PERF_VENV)/bin/python -m bench.parity $$method $${repo:+--official "$$repo"} \
+	    --output $(RESULTS)/parity || status=1; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) $(PERF_VENV) .pytest_cache .ruff_cache
