@@ -168,6 +168,32 @@ def test_clip_tokens_are_the_residual_stream_and_the_image_embedding():
     assert torch.allclose(glob, embedding, atol=1e-5)
 
 
+def test_clip_blocks_use_exact_gelu_whatever_open_clip_builds():
+    """The official DictAS CLIP has nn.GELU() in every block; open_clip 2.24 builds QuickGELU
+    for the openai tag. A QuickGELU model gets exact GELU and then equals one built with it."""
+    import open_clip
+
+    from bench.adapters.dictas.backbone import exact_gelu
+
+    cfg = open_clip.get_model_config("ViT-B-16")
+    cfg["vision_cfg"].update(image_size=32, layers=2, width=64, head_width=32)
+    cfg["text_cfg"].update(layers=1, width=64, heads=1)
+    cfg["embed_dim"] = 64
+    quick = open_clip.CLIP(**{**cfg, "quick_gelu": True}).eval()
+    exact = open_clip.CLIP(**{**cfg, "quick_gelu": False}).eval()
+    exact.load_state_dict(quick.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = quick.encode_image(x)
+        assert exact_gelu(quick) == 2 + 1  # every vision and text block
+        after, want = quick.encode_image(x), exact.encode_image(x)
+    assert (before - want).abs().max() > 1e-4  # the activations really differ
+    assert torch.equal(after, want)
+    source = ClipTokens("ViT-B-16", "random", (1,), 64, depth=2, width=64)
+    acts = [m for m in source.modules() if "GELU" in type(m).__name__]
+    assert acts and all(isinstance(m, torch.nn.GELU) and m.approximate == "none" for m in acts)
+
+
 def test_text_features_are_the_prompt_ensembles():
     source = ClipTokens("ViT-B-16", "random", (1,), 64, depth=1, width=64).eval()
     text = source.text_features("pcb1")

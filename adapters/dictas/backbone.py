@@ -117,6 +117,7 @@ class ClipTokens(TokenSource):
                 cfg["vision_cfg"]["head_width"] = min(64, width)
                 cfg["text_cfg"]["width"], cfg["text_cfg"]["heads"] = width, max(1, width // 64)
                 cfg["embed_dim"] = width
+            cfg["quick_gelu"] = False  # exact GELU, as the official (exact_gelu below too)
             model = open_clip.CLIP(**cfg)
         else:
             if depth is not None or width is not None:
@@ -138,6 +139,7 @@ class ClipTokens(TokenSource):
                     "weights=<path to the checkpoint file> (e.g. OpenAI's ViT-L-14-336px.pt), "
                     f"or backbone='{SUBSTITUTE}' for the offline substitute."
                 ) from err
+        exact_gelu(model)
         self.model, self.name = model, name
         self.tokenizer = open_clip.get_tokenizer(name)
         blocks = model.visual.transformer.layers
@@ -165,6 +167,19 @@ class ClipTokens(TokenSource):
             emb = F.normalize(emb, dim=-1).mean(0)
             states.append(F.normalize(emb, dim=0))
         return torch.stack(states, 1)
+
+
+def exact_gelu(model: nn.Module) -> int:
+    """Replaces every QuickGELU of an open_clip model by exact GELU, in place, and returns how
+    many: the official DictAS CLIP uses ``nn.GELU()`` in every block, while open_clip builds
+    QuickGELU for the ``openai`` tag in some versions (2.24), which moves the tokens by ~0.5%."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child).__name__ == "QuickGELU":
+                setattr(module, name, nn.GELU())
+                swapped += 1
+    return swapped
 
 
 class EncoderTokens(TokenSource):
