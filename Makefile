@@ -200,6 +200,8 @@ $(PERF_STAMP): $(STAMP)
 	@# sparse convolutions compared with CASL's own (bench.perf casl): the CPU wheel (~1.5 MB, plus
 	@# cumm ~2.6 MB and small pure-Python dependencies); forward only on a CPU, see results/perf/casl.md
 	$(PERF_VENV)/bin/pip install --quiet spconv==2.3.8
+	@# the official DictAS code (make parity dictas) imports tabulate, and pkg_resources (gone from setuptools 81)
+	$(PERF_VENV)/bin/pip install --quiet tabulate "setuptools<81"
 	touch $(PERF_STAMP)
 
 perf: $(PERF_STAMP)
