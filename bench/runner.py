@@ -165,6 +165,8 @@ class FitResult:
     fitted_seconds: float | None = None
     warnings: list[str] = field(default_factory=list)
     shared: bool = False
+    #: optimiser steps the training left out (non-finite gradients); None: not trained here
+    skipped_steps: int | None = None
 
 
 def clear_fitted_state(workdir: Path) -> None:
@@ -312,8 +314,12 @@ class LiveFit:
         self.key: tuple[str, str] | None = None
         self.detector: Detector | None = None
 
-    def take(self, fit: Fit) -> Detector | None:
-        return self.detector if self.key == (fit.name, fit.hash) else None
+    def take(self, fit: Fit, params: dict[str, Any]) -> Detector | None:
+        """The kept detector when it holds ``fit`` and was built with ``params`` (entries that
+        differ only in test parameters share a fit, not a detector)."""
+        if self.key != (fit.name, fit.hash) or self.detector.get_params() != params:
+            return None
+        return self.detector
 
     def keep(self, fit: Fit, detector: Detector) -> None:
         self.key, self.detector = (fit.name, fit.hash), detector
@@ -472,6 +478,11 @@ def job_record(
     evaluator = pred.evaluator
     n_test = len(data.test_set)
     warnings = [*fit.warnings, *getattr(data.test_set, "warnings", [])]
+    if fit.skipped_steps:
+        warnings.append(
+            f"{fit.skipped_steps} optimiser steps of the training were skipped: their gradients "
+            "held NaN or inf"
+        )
     return {
         "run_name": job.run_name,
         "config_hash": job.config_hash,
@@ -481,6 +492,7 @@ def job_record(
         "modality": modality,
         "params": job.params,
         "substitutes": get_detector_class(job.detector.name).substitutes(job.params),
+        "transductive": get_detector_class(job.detector.name).transductive(job.params),
         "dataset": job.dataset.name,
         "root": job.root,
         "category": job.category,
@@ -500,6 +512,7 @@ def job_record(
         "n_test": n_test,
         "fit_cached": fit.cached,
         "fit_shared": fit.shared,
+        "skipped_steps": fit.skipped_steps,
         "predictions_resumed": pred.resumed,
         "timings": {
             "fit_seconds": fit.seconds,
@@ -607,7 +620,7 @@ def run_job(
                 clear_fitted_state(store.fit_dir(stage))
         if live is not None:
             live.drop()
-    detector = live.take(job.fit) if live is not None else None
+    detector = live.take(job.fit, job.params) if live is not None else None
     if detector is None:
         if live is not None:
             live.drop()  # the last fit's detector is released before this one is built
@@ -621,6 +634,8 @@ def run_job(
     else:
         fit = FitResult(True, 0.0, PeakMemory(), shared=True)
         fit.fitted_seconds = fitted_seconds(store, job.fit)
+    skipped = getattr(detector, "skipped_steps_", None)
+    fit.skipped_steps = None if skipped is None else len(skipped)
     data = open_data(job, device, num_workers)
 
     modality = job_modality(detector, data.spec)
@@ -747,7 +762,7 @@ def run_benchmark(
     logger_for = None if tracker is None else tracker.fit_logger
     with tracker if tracker is not None else nullcontext():
         for i, job in enumerate(jobs, 1):
-            if live.take(job.fit) is None:
+            if live.take(job.fit, job.params) is None:
                 live.drop()  # kept only for the jobs right after it that share its fit
             record = None if force else store.load(job)
             if record is not None:

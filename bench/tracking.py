@@ -263,6 +263,8 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float]:
     for k, v in {**record["timings"], **record["memory"]}.items():
         if v is not None:
             out[k] = float(v)
+    if record.get("skipped_steps") is not None:  # a trained detector's skipped optimiser steps
+        out["train_skipped_steps"] = float(record["skipped_steps"])
     return out
 
 
@@ -446,6 +448,11 @@ class Tracker:
                 **(
                     {"adbench.substitutes": "; ".join(record["substitutes"])}
                     if record.get("substitutes")
+                    else {}
+                ),
+                **(
+                    {"adbench.transductive": record["transductive"]}
+                    if record.get("transductive")
                     else {}
                 ),
                 **git_state(),

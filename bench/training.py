@@ -8,6 +8,12 @@ exact resume (model, optimiser, scheduler, scaler, RNG states and the position i
 Each step's loss, learning rate and throughput are kept in ``train_metrics_`` and, when the
 runner sets a :class:`bench.trainlog.StepLogger` as ``step_logger``, reported to it while the
 training runs (every ``log_every`` steps).
+
+An optimiser may skip a step whose gradients hold a NaN or inf (Dinomaly2's does): it says so
+with ``skips_nonfinite = True`` and counts the steps it left out in ``skipped_steps``. The loop
+then lets a non-finite loss through to it (otherwise such a loss stops the training), keeps
+the skipped steps in ``skipped_steps_``, names them on the console and reports their running
+count as ``train/skipped_steps``.
 """
 
 from __future__ import annotations
@@ -114,6 +120,8 @@ class TrainableDetector(Detector):
         if len(metrics) != len(self.train_log_):  # restored from a checkpoint of before
             metrics = [full_record(r) for r in self.train_log_]
         self.train_metrics_ = metrics
+        self.skipped_steps_: list[int] = getattr(self, "skipped_steps_", [])
+        skips = bool(getattr(optimizer, "skips_nonfinite", False))
         logger, every = self.step_logger, max(1, int(self.log_every))
         for module in self.modules().values():
             module.train()
@@ -126,7 +134,7 @@ class TrainableDetector(Detector):
                 ctx = torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
                 with ctx:
                     loss = self.training_step(batch, step)
-                if not torch.isfinite(loss):
+                if not skips and not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"{self.registered_name}: loss is {loss.item()} at step {step}"
                     )
@@ -136,8 +144,11 @@ class TrainableDetector(Detector):
                     scaler.unscale_(optimizer)
                     params = [p for m in self.modules().values() for p in m.parameters()]
                     nn.utils.clip_grad_norm_(params, self.grad_clip)
+                skipped_before = getattr(optimizer, "skipped_steps", 0)
                 scaler.step(optimizer)
                 scaler.update()
+                if getattr(optimizer, "skipped_steps", 0) > skipped_before:
+                    self._skipped(step)
                 lr = float(optimizer.param_groups[0]["lr"])  # the lr this step used
                 if scheduler is not None:
                     scheduler.step()
@@ -151,14 +162,14 @@ class TrainableDetector(Detector):
                 bar.advance(1)
                 done = step + 1
                 if logger is not None and (done % every == 0 or done == self.iterations):
-                    logger.log(
-                        step,
-                        {
-                            "train/loss": value,
-                            "train/lr": lr,
-                            "train/images_per_second": images_per_second,
-                        },
-                    )
+                    logged = {
+                        "train/loss": value,
+                        "train/lr": lr,
+                        "train/images_per_second": images_per_second,
+                    }
+                    if skips:
+                        logged["train/skipped_steps"] = len(self.skipped_steps_)
+                    logger.log(step, logged)
                 if self.workdir is not None and (
                     done % self.checkpoint_every == 0 or done == self.iterations
                 ):
@@ -173,6 +184,22 @@ class TrainableDetector(Detector):
             self.after_training(train)
         if logger is not None:
             logger.finish(self.train_metrics_)
+
+    def _skipped(self, step: int) -> None:
+        """Keeps a step the optimiser left out (non-finite gradients); the first few named."""
+        self.skipped_steps_.append(step)
+        shown = 10
+        if len(self.skipped_steps_) <= shown:
+            more = (
+                " (further ones are counted, not named)"
+                if len(self.skipped_steps_) == shown
+                else ""
+            )
+            console.print(
+                f"[yellow]  {self.registered_name}: optimiser step {step} skipped, a gradient "
+                f"holds NaN or inf{more}[/]",
+                soft_wrap=True,
+            )
 
     # -- checkpoints -----------------------------------------------------------------------------
     @property
@@ -192,6 +219,7 @@ class TrainableDetector(Detector):
             "scaler": scaler.state_dict(),
             "train_log": self.train_log_,
             "train_metrics": self.train_metrics_,
+            "skipped_steps": self.skipped_steps_,
             "rng": _rng_state(),
             "training_state": self.training_state(),
         }
@@ -226,6 +254,7 @@ class TrainableDetector(Detector):
         scaler.load_state_dict(blob["scaler"])
         self.train_log_ = [(int(r[0]), float(r[1])) for r in blob["train_log"]]
         self.train_metrics_ = [full_record(r) for r in blob.get("train_metrics", blob["train_log"])]
+        self.skipped_steps_ = [int(s) for s in blob.get("skipped_steps", [])]
         _set_rng_state(blob["rng"])
         self.restore_training_state(blob.get("training_state", {}))
         return int(blob["step"])

@@ -189,6 +189,48 @@ def test_warm_cosine_is_the_official_schedule():
     assert lrs[warmup:] == pytest.approx([base] * (total - warmup))
 
 
+def _gradients(params, seed: int, bad: float | None = None) -> None:
+    """Random gradients; ``bad`` (NaN or inf) put into one element of the second tensor."""
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    if bad is not None:
+        params[1].grad[3] = bad
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_dinomaly2_optimiser_skips_a_step_whose_gradients_are_not_finite(bad):
+    """Dinomaly2's StableAdamW leaves out a step whose gradients hold NaN or inf: weights and
+    optimiser state as before it, the step counted; the next steps are those of a run that
+    never saw it. Dinomaly's (no skipping, as the official v1 code) writes the NaN in."""
+    kw = dict(lr=1e-2, eps=1e-10, weight_decay=1e-4, amsgrad=True)
+    ours, clean = _params(2), _params(2)
+    opt = StableAdamW(ours, skip_nonfinite=True, **kw)
+    reference = StableAdamW(clean, **kw)
+    for seed in (0, 1):
+        for params, o in ((ours, opt), (clean, reference)):
+            _gradients(params, seed)
+            o.step()
+    weights = [p.detach().clone() for p in ours]
+    state = {k: v.clone() for s in opt.state.values() for k, v in s.items() if k != "step"}
+    _gradients(ours, 2, bad)
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(ours, weights))
+    after = {k: v for s in opt.state.values() for k, v in s.items() if k != "step"}
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    assert [s["step"] for s in opt.state.values()] == [2, 2, 2]
+    for seed in (3, 4):  # a normal step is taken and not counted
+        for params, o in ((ours, opt), (clean, reference)):
+            _gradients(params, seed)
+            o.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(ours, clean))
+    _gradients(clean, 2, bad)
+    reference.step()
+    assert not all(torch.isfinite(p).all() for p in clean)
+
+
 # -- decoder -----------------------------------------------------------------------------------
 def test_linear_attention_is_the_normalised_kernel_attention():
     torch.manual_seed(0)
@@ -462,6 +504,62 @@ def test_dinomaly2_options():
     assert all(o.mean(1).abs().max() > 1e-3 for o in output)
 
 
+class NanGradientAt(Dinomaly):
+    """Training step 3's loss is finite but its gradient is NaN (0 x d sqrt(x)/dx at 0 = 0 x
+    inf); the decoder's weights are kept after every step."""
+
+    def training_step(self, batch, step):
+        loss = super().training_step(batch, step)
+        if step == 3:
+            weight = self.decoder_.bottleneck.fc2.weight
+            loss = loss + 0.0 * torch.sqrt(weight * 0.0).sum()
+        return loss
+
+    def after_step(self, step, optimizer):
+        self.kept_ = getattr(self, "kept_", {})
+        self.kept_[step] = {k: v.clone() for k, v in self.decoder_.state_dict().items()}
+
+
+class StepRecorder:
+    """A StepLogger that keeps what the loop reports."""
+
+    def __init__(self) -> None:
+        self.logged: dict[int, dict[str, float]] = {}
+
+    def log(self, step, metrics):
+        self.logged[step] = dict(metrics)
+
+    def flush(self):
+        pass
+
+    def finish(self, train_log):
+        pass
+
+
+def test_dinomaly2_training_skips_and_counts_a_step_with_nan_gradients(capsys):
+    seed_everything(0)
+    det = NanGradientAt(**{**TINY, "variant": "dinomaly2"}, iterations=6)
+    det.step_logger = StepRecorder()
+    det.fit(Batches(_images(8)))
+    assert det.skipped_steps_ == [3]
+    kept = det.kept_
+    assert all(torch.equal(kept[3][k], kept[2][k]) for k in kept[2])  # step 3 changed nothing
+    assert any(not torch.equal(kept[4][k], kept[3][k]) for k in kept[3])  # step 4 did
+    assert all(math.isfinite(v) for _, v in det.train_log_)
+    # the schedule went on through the skipped step (step / warm-up 3, then constant)
+    assert [m[2] for m in det.train_metrics_] == pytest.approx(
+        [2e-3 * s / 3 for s in range(3)] + [2e-3] * 3
+    )
+    logged = det.step_logger.logged
+    assert [logged[s]["train/skipped_steps"] for s in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert "optimiser step 3 skipped" in capsys.readouterr().err
+    # Dinomaly's optimiser takes the step (as the official v1): NaN weights, then a NaN loss
+    seed_everything(0)
+    v1 = NanGradientAt(**TINY, iterations=6)
+    with pytest.raises(FloatingPointError, match="at step 4"):
+        v1.fit(Batches(_images(8)))
+
+
 def test_substitutes_are_named():
     assert Dinomaly.substitutes(Dinomaly().get_params()) == []
     [note] = Dinomaly.substitutes(Dinomaly(encoder="efficientnet_lite0").get_params())
@@ -495,6 +593,7 @@ def test_unified_run_with_the_substitute_writes_one_state_and_names_the_substitu
         assert r["fit_label"] == "unified"
         assert r["substitutes"] and "encoder substitute efficientnet_lite0" in r["substitutes"][0]
         assert 0 <= r["metrics"]["all"]["image_auroc"] <= 1
+        assert r["skipped_steps"] == 0
     board = next(out.glob("dino/**/leaderboard.md")).read_text()
     assert "| dinomaly † | unified |" in board and "## Substitutes" in board
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -506,6 +605,7 @@ def test_unified_run_with_the_substitute_writes_one_state_and_names_the_substitu
     ]
     assert len(jobs) == 2
     assert all("efficientnet_lite0" in r.data.tags["adbench.substitutes"] for r in jobs)
+    assert all(r.data.metrics["train_skipped_steps"] == 0 for r in jobs)
 
 
 # -- Dinomaly2's RGB + depth mode (MVTec 3D-AD) -------------------------------------------

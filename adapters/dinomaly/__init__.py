@@ -204,6 +204,8 @@ class Dinomaly(TrainableDetector):
             eps=self.eps,
             weight_decay=self.weight_decay,
             amsgrad=self.amsgrad,
+            # Dinomaly2's StableAdamW skips a step whose gradients hold NaN or inf (Dinomaly's not)
+            skip_nonfinite=self.variant == "dinomaly2",
         )
         final = None if self.lr_final is None else self.lr_final / self.lr
         dinomaly2 = self.variant == "dinomaly2"

@@ -4,7 +4,8 @@ StableAdamW is written here because no maintained package has the variant the of
 trains with: AdamW with AMSGrad whose step is divided by max(1, RMS(g / denominator) / clip),
 weight decay applied with the undivided lr (torch-optimi's and pytorch-optimizer's StableAdamW
 have no AMSGrad and compute the RMS from the squared gradient over the second moment). The
-update runs on tensor lists (``torch._foreach_*``) and never synchronises with the GPU.
+update runs on tensor lists (``torch._foreach_*``) and never synchronises with the GPU, except
+for the one check per step that ``skip_nonfinite`` asks for.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 class StableAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, optional AMSGrad) with a per-tensor update clipped by the
-    RMS of ``grad / denominator`` (Wortsman et al. 2023, as in the Dinomaly code)."""
+    RMS of ``grad / denominator`` (Wortsman et al. 2023, as in the Dinomaly code).
+
+    ``skip_nonfinite`` (Dinomaly2's optimiser): a step whose gradients hold a NaN or inf changes
+    nothing (weights, moments, step counts) and is counted in ``skipped_steps``, which the
+    training loop reads (:attr:`skips_nonfinite` tells it that a step may be skipped)."""
 
     def __init__(
         self,
@@ -28,6 +33,7 @@ class StableAdamW(torch.optim.Optimizer):
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         clip_threshold: float = 1.0,
+        skip_nonfinite: bool = False,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or clip_threshold <= 0:
             raise ValueError("StableAdamW: lr, eps, weight_decay >= 0 and clip_threshold > 0")
@@ -42,6 +48,15 @@ class StableAdamW(torch.optim.Optimizer):
             clip_threshold=clip_threshold,
         )
         super().__init__(params, defaults)
+        self.skips_nonfinite = skip_nonfinite
+        #: steps left out because a gradient held a NaN or inf (``skip_nonfinite`` only)
+        self.skipped_steps = 0
+
+    def _all_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,6 +64,9 @@ class StableAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skips_nonfinite and not self._all_finite():
+            self.skipped_steps += 1
+            return loss
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
