@@ -294,4 +294,14 @@ def load_config(path_or_name: str | Path) -> BenchConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: invalid TOML: {err}") from err
-    return from_dict(raw, source)
+    cfg = from_dict(raw, source)
+    if not path.is_file():  # a built-in config's reference lists ship beside it
+        for entry in [cfg, *cfg.detectors]:
+            if entry.shot_files:
+                entry.shot_files = [packaged_file(f) for f in entry.shot_files]
+    return cfg
+
+
+def packaged_file(name: str) -> str:
+    """The path of a file shipped with the built-in configs (e.g. shots/dictas/...)."""
+    return str(resources.files("bench.configs").joinpath(name))

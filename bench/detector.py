@@ -49,6 +49,9 @@ class Detector:
     #: whether a later stage's saved state holds only what that stage adds (the runner then
     #: loads every stage's state on top of its parent's); False: each state is complete
     incremental_stages: ClassVar[bool] = False
+    #: constructor arguments that only change scoring (blur, score mixing, test layers):
+    #: left out of the fit's identity, so config entries differing only in them share fits
+    test_params: ClassVar[tuple[str, ...]] = ()
 
     device: torch.device = torch.device("cpu")
     #: folder for checkpoints and caches of this job; set by the runner, None when unused
@@ -80,6 +83,13 @@ class Detector:
         setting (e.g. an offline backbone for hub weights), one sentence each; recorded with
         every result and marked on its leaderboard rows. Empty: the paper's own setting."""
         return []
+
+    @classmethod
+    def transductive(cls, params: dict[str, Any]) -> str | None:
+        """How, under ``params``, image scores depend on the whole test set (``test_scores``),
+        in one sentence recorded with every result and marked on its leaderboard rows; None:
+        each image is scored on its own (inductive)."""
+        return None
 
     @classmethod
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:

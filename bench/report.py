@@ -43,14 +43,26 @@ REPLICATE = ["seed", "draw"]
 
 #: appended to the leaderboard name of a row whose setting has offline substitutes
 SUBSTITUTE_MARK = "†"
+#: appended to the leaderboard name of a row whose image scores use the whole test set
+TRANSDUCTIVE_MARK = "‡"
 
 
-def substitutes_markdown(records: list[dict[str, Any]]) -> str:
-    """One line per detector row with substitutes: what stands in for the paper's setting."""
+def row_name(record: dict[str, Any]) -> str:
+    """The leaderboard name of a record's detector, with its marks."""
+    marks = (SUBSTITUTE_MARK if record.get("substitutes") else "") + (
+        TRANSDUCTIVE_MARK if record.get("transductive") else ""
+    )
+    return f"{record['detector']} {marks}" if marks else record["detector"]
+
+
+def notes_markdown(records: list[dict[str, Any]], key: str) -> str:
+    """One line per leaderboard row whose records carry ``key`` (``substitutes``: what stands
+    in for the paper's setting; ``transductive``: how scores use the test set)."""
     notes: dict[str, list[str]] = {}
     for r in records:
-        for note in r.get("substitutes") or []:
-            row = notes.setdefault(f"{r['detector']} {SUBSTITUTE_MARK}", [])
+        value = r.get(key) or []
+        for note in [value] if isinstance(value, str) else value:
+            row = notes.setdefault(row_name(r), [])
             if note not in row:
                 row.append(note)
     return "\n".join(f"- {name}: {'; '.join(n)}" for name, n in sorted(notes.items()))
@@ -68,8 +80,7 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             k: r[k]
             for k in ("detector", "dataset", "category", "seed", "protocol", "metric_version")
         }
-        if r.get("substitutes"):  # offline stand-ins for the paper's setting: marked on the row
-            row["detector"] = f"{row['detector']} {SUBSTITUTE_MARK}"
+        row["detector"] = row_name(r)  # substitutes and transductive scores: marked on the row
         row["fit"] = r.get("fit_label", "per-category")
         row["fit_hash"] = r.get("fit_hash", "")
         row["draw"] = r.get("draw")
@@ -226,11 +237,17 @@ def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
         + "\n",
         f"## Runs\n\n{_runs_markdown(summary)}\n",
     ]
-    notes = substitutes_markdown(records)
+    notes = notes_markdown(records, "substitutes")
     if notes:
         parts.append(
             f"## Substitutes ({SUBSTITUTE_MARK})\n\nRows marked {SUBSTITUTE_MARK} do not run the "
             f"paper's setting:\n\n{notes}\n"
+        )
+    notes = notes_markdown(records, "transductive")
+    if notes:
+        parts.append(
+            f"## Transductive scores ({TRANSDUCTIVE_MARK})\n\nRows marked {TRANSDUCTIVE_MARK} "
+            f"score each image with the whole test set of its category:\n\n{notes}\n"
         )
     for metric in _present(frame, METRICS):
         table = metric_table(records, metric).dropna(axis=1, how="all")

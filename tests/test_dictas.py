@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow import MlflowClient
 
 from bench.adapters.dictas import DictAS
 from bench.adapters.dictas import lookup as lookup_module
@@ -354,8 +355,9 @@ def test_screw_references_get_rotated_copies():
 
 def test_two_stage_cli_run_trains_once_and_scores_every_draw(tmp_path, ad_root):
     """Generators fitted on a VisA-layout dataset (one first stage, shared by two config
-    entries that differ in k), then 2-shot references of each MVTec AD-layout category over 2
-    draws and 1-shot ones: 6 jobs, one training, records that say so."""
+    entries that differ in k and in a test parameter, the official test mode), then 2-shot
+    references of each MVTec AD-layout category over 2 draws and 1-shot ones: 6 jobs, one
+    training, records (and leaderboard, MLflow) that say so, transductive scores included."""
     visa = synthetic_visa.generate(tmp_path / "visa", n_train=8, n_test_good=1, n_anomaly=1)
     params = ", ".join(f"{k} = {json.dumps(v)}" for k, v in TINY.items())
     (tmp_path / "c.toml").write_text(
@@ -377,7 +379,7 @@ name = "dictas"
 label = "dictas 1-shot"
 train_on = {{ dataset = "visa", root = "{visa}" }}
 shots = 1
-params = {{ {params}, epochs = 2, val_fraction = 0.2 }}
+params = {{ {params}, epochs = 2, val_fraction = 0.2, test_mode = "classification" }}
 """
     )
     out = tmp_path / "out"
@@ -391,8 +393,17 @@ params = {{ {params}, epochs = 2, val_fraction = 0.2 }}
         assert len(r["references"]) == 2
         assert any("random weights" in s for s in r["substitutes"])
         assert all(math.isfinite(r["metrics"]["all"][m]) for m in ("pixel_auroc", "au_pro"))
+        assert "whole test set" in r["transductive"] and r["params"]["sigma"] == 6.0
     one_shot = list((out / "dictas-run" / "jobs").glob("dictas 1-shot__*"))
     assert len(one_shot) == 2
+    assert all(json.loads(p.read_text())["params"]["sigma"] == 2.0 for p in one_shot)
+    board = next(out.glob("dictas-run/**/leaderboard.md")).read_text()
+    assert "| dictas †‡ |" in board and "## Transductive scores (‡)" in board
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("adbench/dictas-run").experiment_id])
+    jobs = [r for r in runs if r.data.tags.get("adbench.kind") == "job"]
+    assert len(jobs) == 6 and all("whole test set" in r.data.tags["adbench.transductive"]
+                                  for r in jobs)  # fmt: skip
     # one training (its checkpoint), shared by both entries, and 7 computed stages: the
     # generators and 6 reference sets (2 categories x 2 draws at k = 2, 2 categories at k = 1)
     assert len(list((out / "dictas-run").rglob(CHECKPOINT_NAME))) == 1
@@ -479,6 +490,21 @@ def test_screw_with_more_than_four_references_scores_every_layer():
     ):
         det.fit_references([_batch(torch.rand(k, 3, 64, 64), category)])
         assert det.scored_layers == want
+        det.test_mode = "classification"  # the official best-classification mode: no screw rule
+        assert det.scored_layers == (2, 4)
+        det.test_mode = "segmentation"
         assert det.predict(_batch(torch.rand(1, 3, 64, 64), category)).anomaly_map.shape == (
             1, 64, 64,
         )  # fmt: skip
+
+
+def test_official_test_modes_set_the_blur_and_leave_training_alone():
+    seg, cls = DictAS(), DictAS(test_mode="classification")
+    assert (seg.sigma, cls.sigma) == (6.0, 2.0)  # the official BESTSEGMENTATION switch
+    assert DictAS(test_mode="classification", sigma=0.0).sigma == 0.0  # VisA's classification
+    assert seg.score_normalisation == "per_category"  # the official (transductive) score
+    assert DictAS.transductive(seg.get_params()) and not DictAS.transductive(
+        DictAS(score_normalisation="none").get_params()
+    )
+    training = {k: v for k, v in seg.get_params().items() if k not in DictAS.test_params}
+    assert training == {k: v for k, v in cls.get_params().items() if k not in DictAS.test_params}

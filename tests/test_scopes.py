@@ -369,6 +369,11 @@ def test_the_plan_refuses_scopes_a_detector_does_not_take(
         ConfigError, match=rf"shot file {listed} line 3: weave/x.png is not a training image"
     ):
         plan_jobs(_cfg(tmp_path, ad_root, recorder, shot_files=[str(listed)]))
+    # a list of more categories than evaluated (the shipped official ones): theirs are left alone
+    listed.write_text("washer/train/good/000.png\ncable/train/good/076.png\n")
+    jobs = plan_jobs(_cfg(tmp_path, ad_root, recorder, shot_files=[str(listed)],
+                          categories=["washer"]))  # fmt: skip
+    assert [j.references for j in jobs] == [("washer/train/good/000.png",)]
 
 
 def test_scope_flags_on_the_command_line(tmp_path, ad_root, visa_root, capsys):

@@ -39,7 +39,10 @@ class DictAS(TrainableDetector):
     and scales, and a sparse lookup: each test token's query is matched against the keys of
     every reference token of the category, sparsemax(q . k / sqrt(C)) weights the values, and
     what cannot be looked up is anomalous: map (1 - cos(query feature, retrieved)) / 2 per
-    layer and scale (1 and 3: 3x3 mean pooling), averaged at 336 px, Gaussian sigma 6.
+    layer and scale (1 and 3: 3x3 mean pooling), averaged at 336 px, Gaussian blur (scipy's).
+    The official test's two modes (``test_mode``): best segmentation (sigma 6; screw with more
+    than 4 references scores every training layer) and best classification (sigma 2; set
+    ``sigma=0`` on VisA, which the official code leaves unblurred in that mode).
 
     Stage 1 (``fit``, the ``train_on`` dataset's normal images): queries get a synthetic
     anomaly with probability 0.3, the reference is an augmented copy of the clean image; loss =
@@ -50,8 +53,9 @@ class DictAS(TrainableDetector):
     the k references of the evaluated category.
 
     Image score: (1 - ``text_score_weight``) x map maximum + ``text_score_weight`` x the CLIP
-    zero-shot anomaly probability (per image; ``score_normalisation="per_category"``: both
-    min-max normalised over the category's test set first, as the official code).
+    zero-shot anomaly probability, both min-max normalised over the category's test set first
+    (``score_normalisation="per_category"``, the official score: transductive, recorded as
+    such); ``"none"`` mixes each image's raw values (inductive).
     ``backbone="efficientnet_lite0"`` is the offline substitute (no text branch);
     ``training_free=True`` the ablation without generators (raw features looked up).
     """
@@ -65,6 +69,11 @@ class DictAS(TrainableDetector):
     #: about 85 MB per category and draw); the runner loads it on top of the first stage
     incremental_stages = True
     REFERENCE_STATE = ("reference_images_", "category_")
+    #: arguments that only change scoring: entries differing in them share their fits
+    test_params = (
+        "test_mode", "sigma", "test_layers", "text_score_weight", "score_normalisation",
+        "rotated_references", "all_layers_categories",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -90,9 +99,10 @@ class DictAS(TrainableDetector):
         text_weight: Annotated[float, Range(ge=0)] = 0.1,
         val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.1,
         val_images: Annotated[int, Range(ge=1)] = 64,
-        sigma: Annotated[float, Range(ge=0)] = 6.0,
+        test_mode: Literal["segmentation", "classification"] = "segmentation",
+        sigma: Annotated[float, Range(ge=0)] | None = None,
         text_score_weight: Annotated[float, Range(ge=0, le=1)] = 0.2,
-        score_normalisation: Literal["none", "per_category"] = "none",
+        score_normalisation: Literal["none", "per_category"] = "per_category",
         rotated_references: tuple[str, ...] = ("screw",),
         all_layers_categories: tuple[str, ...] = ("screw",),
         training_free: bool = False,
@@ -124,6 +134,9 @@ class DictAS(TrainableDetector):
         self.textures = textures
         self.contrastive_weight, self.text_weight = contrastive_weight, text_weight
         self.val_fraction, self.val_images = val_fraction, val_images
+        self.test_mode = test_mode
+        if sigma is None:  # the official modes: best segmentation 6, best classification 2
+            sigma = 6.0 if test_mode == "segmentation" else 2.0
         self.sigma, self.text_score_weight = sigma, text_score_weight
         self.score_normalisation = score_normalisation
         self.rotated_references = tuple(rotated_references)
@@ -140,6 +153,16 @@ class DictAS(TrainableDetector):
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         """Weights, layers and test layers as used (they depend on the backbone)."""
         return cls(**params).get_params()
+
+    @classmethod
+    def transductive(cls, params: dict[str, Any]) -> str | None:
+        if params.get("score_normalisation", "per_category") != "per_category":
+            return None
+        return (
+            "image scores min-max normalised over the category's whole test set before the "
+            "map and text terms are mixed (the official DictAS score; score_normalisation="
+            "'none' is the inductive option)"
+        )
 
     @classmethod
     def substitutes(cls, params: dict[str, Any]) -> list[str]:
@@ -408,14 +431,11 @@ class DictAS(TrainableDetector):
 
     @property
     def scored_layers(self) -> tuple[int, ...]:
-        """The test layers; every training layer for ``all_layers_categories`` with more than
-        4 references (the official screw setting)."""
+        """The test layers; in the best-segmentation mode, every training layer for
+        ``all_layers_categories`` with more than 4 references (the official screw setting)."""
         many = len(self.reference_images_) > 4
-        return (
-            self.layers
-            if many and self.category_ in self.all_layers_categories
-            else (self.test_layers)
-        )
+        screw = self.test_mode == "segmentation" and self.category_ in self.all_layers_categories
+        return self.layers if many and screw else self.test_layers
 
     def _dictionary_entries(self) -> list[list[tuple]]:
         if self._entries is None:
