@@ -235,22 +235,29 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
         )
         assert (job.params["iterations"], job.params["encoder"]) == (10000, unified["encoder"])
 
-    # DictAS as published: trained on VisA for MVTec AD and on MVTec AD for VisA, 4-shot
-    jobs = {j.run_name: j for j in plan_jobs(load_config("dictas-mvtec"))}
-    assert sorted(jobs) == [
-        f"dictas/mvtec_ad/washer/from-visa-4shot-d{d}/seed222" for d in range(3)
-    ]
-    for job in jobs.values():
-        assert (job.image_size, job.batch_size, job.params["backbone"]) == (336, 24, "ViT-L-14-336")
-        assert (job.params["weights"], job.params["test_layers"]) == ("openai", [6, 12])
-        assert job.fit.parent.parts[0].dataset == "visa" and job.params["epochs"] == 30
-    assert len({j.fit.parent.hash for j in jobs.values()}) == 1  # one training, three draws
-    big_visa = synthetic_visa.generate(tmp_path / "v6", n_train=6, n_test_good=1, n_anomaly=1)
-    monkeypatch.setenv("VISA_ROOT", str(big_visa))  # 4 references in 3 different draws
-    jobs = plan_jobs(load_config("dictas-visa"))
-    assert len(jobs) == 3 * len(synthetic_visa.CATEGORIES)
-    assert {j.fit.parent.parts[0].dataset for j in jobs} == {"mvtec_ad"}
-    assert all(j.params["test_layers"] == [6, 12, 18, 24] for j in jobs)
+    # DictAS as published: trained on VisA for MVTec AD and on MVTec AD for VisA, the official
+    # 4-shot lists (their own test: test_dictas_shots.py), in both official test modes; with
+    # seeded draws instead of the lists on the generated data
+    for name, train_on, layers, sigma in (("dictas-mvtec", "visa", [6, 12], None),
+                                          ("dictas-visa", "mvtec_ad", [6, 12, 18, 24], 0.0)):
+        cfg = load_config(name)
+        entries = [(d.label, d.shots, Path(d.shot_files[0]).name) for d in cfg.detectors]
+        assert entries == [("dictas", 4, "4-shot.txt"), ("dictas classification", 4, "4-shot.txt")]
+        assert cfg.detectors[1].params.get("sigma") == sigma
+        for d in cfg.detectors:
+            d.shot_files, d.shot_draws = None, 3
+        monkeypatch.setenv("VISA_ROOT", str(synthetic_visa.generate(
+            tmp_path / f"v6-{name}", n_train=6, n_test_good=1, n_anomaly=1)))  # fmt: skip
+        jobs = plan_jobs(cfg)
+        assert len({j.fit.parent.hash for j in jobs}) == 1  # one training: both modes, 3 draws
+        assert {j.params["test_mode"] for j in jobs} == {"segmentation", "classification"}
+        for job in jobs:
+            assert (job.image_size, job.batch_size, job.params["backbone"]) == (
+                336, 24, "ViT-L-14-336",
+            )  # fmt: skip
+            assert (job.params["weights"], job.params["test_layers"]) == ("openai", layers)
+            assert job.fit.parent.parts[0].dataset == train_on and job.params["epochs"] == 30
+            assert job.params["score_normalisation"] == "per_category"
 
     # Dinomaly2's RGB + depth mode: the official dinomaly_mvtec3d.py on MVTec 3D-AD
     [job] = plan_jobs(load_config("dinomaly2-mvtec3d"))
