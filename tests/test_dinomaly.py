@@ -683,13 +683,25 @@ def test_fill_grows_one_pixel_per_pass_into_a_hole():
         assert torch.allclose(filled_z[filled], torch.tensor(2.0))
 
 
-def test_hot_colours_match_opencv_colormap_hot():
-    cv2 = pytest.importorskip("cv2")
-    levels = np.arange(256, dtype=np.uint8)
-    expected = cv2.applyColorMap(levels[:, None], cv2.COLORMAP_HOT)[:, 0, ::-1].astype(int)
-    ours = (hot_colours(torch.from_numpy(levels).float()) * 255).round().int().numpy()
-    assert np.abs(ours - expected).max() <= 2
-    assert (ours[0] == 0).all() and (ours[255] == 255).all()
+#: cv2.applyColorMap(level, COLORMAP_HOT) as RGB (OpenCV 5.1.0), around each ramp's ends
+HOT_LEVELS = {
+    0: [0, 0, 0], 1: [2, 0, 0], 2: [5, 0, 0], 25: [62, 0, 0], 101: [252, 0, 0],
+    102: [253, 2, 0], 103: [254, 4, 0], 104: [254, 6, 0], 203: [255, 252, 2],
+    204: [255, 253, 5], 205: [255, 254, 8], 206: [255, 255, 11], 253: [255, 255, 245],
+    254: [255, 255, 250], 255: [255, 255, 255],
+}  # fmt: skip
+
+
+def test_hot_colours_are_opencv_colormap_hot():
+    levels = torch.tensor(list(HOT_LEVELS), dtype=torch.float32)
+    ours = hot_colours(levels) * 255
+    assert torch.equal(ours, ours.round())  # whole 8-bit levels, as ToTensor makes them
+    assert ours.int().tolist() == list(HOT_LEVELS.values())
+    cv2 = pytest.importorskip("cv2")  # every level, where OpenCV is installed
+    grey = np.arange(256, dtype=np.uint8)
+    expected = cv2.applyColorMap(grey[:, None], cv2.COLORMAP_HOT)[:, 0, ::-1].astype(np.float32)
+    ours = hot_colours(torch.from_numpy(grey).float()).numpy()
+    assert np.array_equal(ours, expected / np.float32(255))
 
 
 def test_rgb_is_blacked_out_where_no_depth_remains():

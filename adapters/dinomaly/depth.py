@@ -4,7 +4,7 @@ The official preparation (``preprocess_mvtec3d_2.py`` and the RGB-D dataset of t
 code) fills the gaps of the z map with three passes of a 3 x 3 mean over the non-empty
 neighbours, min-max normalises the filled map over its non-empty pixels, maps depth d to
 1 - 0.8 d (near = bright; empty pixels 0), quantises to 8 bits (truncation) and applies
-OpenCV's "hot" colour map; RGB pixels that stay empty are set to 0. Here the same steps run
+OpenCV's "hot" colour map (rebuilt here exactly, :func:`hot_table`); RGB pixels that stay empty are set to 0. Here the same steps run
 batched in torch on the loader's grid, on any device.
 """
 
@@ -55,14 +55,35 @@ def _depth_grey(z: torch.Tensor, valid: torch.Tensor, passes: int):
     return grey, filled
 
 
+def hot_table() -> torch.Tensor:
+    """OpenCV's COLORMAP_HOT as RGB in [0, 1], [256, 3], built as OpenCV builds it: a 64-entry
+    table (red x / 0.4, green (x - 0.4) / 0.4, blue (x - 0.8) / 0.2, each clipped to [0, 1],
+    at x = k / 63) linearly interpolated in float32 at 256 levels (both grids ``x0 + i *
+    step``), times 255 rounded half to even. Equal to ``cv2.applyColorMap`` level for level
+    (a test checks it): OpenCV is not a dependency of the detector."""
+    f32 = torch.float32
+
+    def grid(n: int) -> torch.Tensor:
+        return torch.arange(n, dtype=f32) * torch.tensor(1 / (n - 1), dtype=f32)
+
+    k = torch.arange(64, dtype=torch.float64) / 63
+    ramps = ((0.0, 0.4), (0.4, 0.4), (0.8, 0.2))
+    table = torch.stack([((k - a) / w).clamp(0, 1) for a, w in ramps], 1).to(f32)
+    x, xi = grid(64), grid(256)
+    low = (torch.searchsorted(x, xi) - 1).clamp(0, 62)
+    high = low + 1
+    step = (xi - x[low])[:, None] * (table[high] - table[low]) / (x[high] - x[low])[:, None]
+    return torch.round((table[low] + step) * 255) / 255
+
+
+_HOT = hot_table()
+
+
 def hot_colours(grey: torch.Tensor) -> torch.Tensor:
-    """OpenCV's COLORMAP_HOT for 8-bit grey levels [...], as RGB in [0, 1] [..., 3]: red rises
-    over the first 40% of the range, green over the next 40%, blue over the last 20%. The ramps'
-    ends are fitted to OpenCV's table, which this follows within two of 255 levels (a test
-    checks it against cv2): OpenCV is not a dependency of the detector."""
-    x = grey / 255
-    ramps = [(0.0, 0.401), (0.3985, 0.801), (0.798, 0.999)]
-    return torch.stack([((x - a) / (b - a)).clamp(0, 1) for a, b in ramps], -1)
+    """OpenCV's COLORMAP_HOT of 8-bit grey levels [...] (integer-valued floats), as RGB in
+    [0, 1] [..., 3] (:func:`hot_table`)."""
+    table = _HOT.to(grey.device)
+    return table[grey.clamp(0, 255).long()]
 
 
 def rgb_and_depth(
