@@ -1,19 +1,30 @@
-"""The knn detector: exact greedy coreset, bounded nearest-neighbour search, PatchCore's image
-score, and real pretrained features on a subset of MVTec AD bottle."""
+"""The knn detector: PatchCore's patch embedding, its coreset (projection, virtual start points,
+exact greedy k-center), bounded nearest-neighbour search, squared patch scores, maps and image
+scores, and real pretrained features on a subset of MVTec AD bottle."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
+import torch.nn.functional as F
 
-from bench.adapters.knn.coreset import greedy_coreset, greedy_coreset_plain, random_projection
+from bench.adapters.knn.aggregation import patch_embedding
+from bench.adapters.knn.coreset import (
+    coreset_projection,
+    greedy_coreset,
+    greedy_coreset_plain,
+    random_projection,
+    start_distances,
+)
 from bench.adapters.knn.neighbours import nearest
 from bench.backbones import WeightsNotFoundError
 from bench.datasets.mvtec_ad import MVTecAD
 from bench.loading import EpochLoader
 from bench.metrics import auroc, pixel_metrics
 from bench.registry import create_detector
+from bench.types import Batch
 
 
 def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -23,11 +34,17 @@ def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
     return centres[which] + torch.randn(n, dim, generator=gen) * torch.rand(n, 1, generator=gen)
 
 
-def k_center_reference(points: torch.Tensor, n: int, start: int) -> list[int]:
+def k_center_reference(
+    points: torch.Tensor, n: int, start: int = 0, starts: list[int] | None = None
+) -> list[int]:
     """Textbook greedy k-center, written here in NumPy (float64): each pick is the point
-    farthest from every point picked so far."""
+    farthest from every point picked so far; with ``starts``, every point's distance starts at
+    its mean distance to those points and the first pick is the farthest on that measure."""
     x = points.double().numpy()
     nearest_pick = np.full(len(x), np.inf)
+    if starts is not None:
+        nearest_pick = np.stack([np.sqrt(((x - x[s]) ** 2).sum(1)) for s in starts]).mean(0)
+        start = int(nearest_pick.argmax())
     picks = [start]
     while len(picks) < n:
         d = np.sqrt(((x - x[picks[-1]]) ** 2).sum(1))
@@ -45,6 +62,82 @@ def test_pruned_greedy_coreset_makes_the_plain_algorithms_choices(seed):
     small = points[:700]  # few points: greedy_coreset runs the plain loop
     assert greedy_coreset(small, 80, start=5).tolist() == k_center_reference(small, 80, 5)
     assert greedy_coreset_plain(small, 80, 5).tolist() == k_center_reference(small, 80, 5)
+
+
+@pytest.mark.parametrize("total", [6000, 700])  # the pruned search, and the plain loop
+def test_greedy_coreset_from_virtual_start_points(total):
+    """PatchCore's sampler: the 10 start points are not picks, they set every point's initial
+    distance (its mean distance to them)."""
+    points = _clustered(total, 16, 4)[:total]
+    starts = [3, 50, 99, 400, 7, 512, 64, 1, 2, 600]
+    initial = start_distances(points, torch.tensor(starts))
+    expected = k_center_reference(points, 300, starts=starts)
+    assert greedy_coreset(points, 300, block=32, initial=initial).tolist() == expected
+    assert greedy_coreset_plain(points, 300, initial=initial).tolist() == expected
+    assert not set(starts) <= set(expected)  # the start points are not taken along
+
+
+def test_coreset_projection_is_a_seeded_bias_free_linear_layer():
+    """The official sampler projects with a fresh torch.nn.Linear(D, 128, bias=False)."""
+    x = torch.randn(40, 300, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(11)
+    layer = torch.nn.Linear(300, 128, bias=False)
+    assert torch.allclose(coreset_projection(x, 128, seed=11), layer(x), atol=1e-6)
+    assert torch.equal(coreset_projection(x, 300, seed=11), x)  # only the same size is kept
+
+
+def _adaptive_pool(v: np.ndarray, size: int) -> np.ndarray:
+    """Adaptive average pooling of the last axis, by its definition: bin i averages the
+    elements floor(i L / size) .. ceil((i + 1) L / size) - 1."""
+    n = v.shape[-1]
+    return np.stack(
+        [v[..., (i * n) // size : -((-(i + 1) * n) // size)].mean(-1) for i in range(size)], -1
+    )
+
+
+def _embedding_reference(maps: list[torch.Tensor], pretrain: int, target: int) -> np.ndarray:
+    """PatchCore's embedding [B, h, w, target] as its paper and code define it, in NumPy: each
+    position's zero-padded 3x3 neighbourhood flattened (channel, row, column) and pooled to
+    ``pretrain``, the coarser stage resized bilinearly (torch) to the finest grid, the stages
+    concatenated and pooled to ``target``."""
+    h, w = maps[0].shape[-2:]
+    stages = []
+    for m in maps:
+        x = np.pad(m.double().numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)))
+        b, c, hh, ww = m.shape
+        patches = np.stack(
+            [x[:, :, dy : dy + hh, dx : dx + ww] for dy in range(3) for dx in range(3)], 2
+        )  # [B, C, 9, h, w]
+        flat = patches.transpose(0, 3, 4, 1, 2).reshape(b, hh, ww, c * 9)
+        pooled = torch.from_numpy(_adaptive_pool(flat, pretrain)).permute(0, 3, 1, 2)
+        resized = F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False)
+        stages.append(resized.permute(0, 2, 3, 1).numpy())
+    return _adaptive_pool(np.concatenate(stages, -1), target)
+
+
+@pytest.mark.parametrize(("channels", "pretrain", "target"), [((5, 7), 16, 12), ((3, 8), 64, 40)])
+def test_patch_embedding_follows_the_definition(channels, pretrain, target):
+    gen = torch.Generator().manual_seed(6)
+    maps = [torch.randn(2, channels[0], 6, 5, generator=gen)]
+    maps.append(torch.randn(2, channels[1], 3, 3, generator=gen))
+    ours = patch_embedding(maps, pretrain, target).permute(0, 2, 3, 1).double().numpy()
+    assert np.allclose(ours, _embedding_reference(maps, pretrain, target), atol=1e-5)
+
+
+def test_patch_embedding_of_wide_resnet_stages():
+    """With layer2 (512) and layer3 (1024) and 1024 -> 1024, each output is a layer-2
+    channel's 3x3 sum with its centre counted twice / 10, or the 3x3 mean of a pair of layer-3
+    channels (then resized bilinearly)."""
+    gen = torch.Generator().manual_seed(7)
+    l2, l3 = torch.randn(1, 512, 4, 4, generator=gen), torch.randn(1, 1024, 2, 2, generator=gen)
+    ours = patch_embedding([l2, l3], 1024, 1024)[0].double()
+    box = torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    x2 = l2[0, :, None].double()
+    sums = F.conv2d(x2, box, padding=1)[:, 0] + x2[:, 0]
+    assert torch.allclose(ours[:512], sums / 10, atol=1e-5)
+    pairs = F.conv2d(l3[0, :, None].double(), box, padding=1)[:, 0].view(512, 2, 2, 2).mean(1) / 9
+    resized = F.interpolate(pairs[None], size=(4, 4), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(ours[512:], resized, atol=1e-5)
 
 
 def test_greedy_coreset_covers_like_k_center():
@@ -73,6 +166,45 @@ def test_chunked_nearest_neighbour_equals_brute_force(max_pairs):
     full = torch.cdist(queries.double(), bank.double())
     assert torch.equal(idx, full.argmin(1))
     assert torch.allclose(dist.double(), full.min(1).values, atol=1e-4)
+
+
+def test_nearest_squared_distance_is_exact_where_the_expansion_cancels():
+    """Long features, short distances: |q|^2 - 2 q.b + |b|^2 loses the distance to float32
+    cancellation; the nearest entry's |q - b|^2 is recomputed and stays exact."""
+    gen = torch.Generator().manual_seed(8)
+    bank = 30 + torch.randn(200, 64, generator=gen)
+    queries = bank[:50] + 0.01 * torch.randn(50, 64, generator=gen)
+    dist, idx = nearest(queries, bank, squared=True)
+    exact = ((queries.double() - bank.double()[idx]) ** 2).sum(1)
+    assert torch.equal(idx, torch.cdist(queries.double(), bank.double()).argmin(1))
+    assert torch.allclose(dist.double(), exact, rtol=1e-5, atol=0)
+    assert torch.allclose(nearest(queries, bank)[0].double(), exact.sqrt(), rtol=1e-5, atol=0)
+
+
+def test_predict_scores_as_the_official_patchcore():
+    """Patch score: squared distance to the nearest bank entry; map: those scores resized
+    bilinearly and smoothed as scipy's gaussian_filter; image score: the largest patch score."""
+    det = create_detector(
+        "knn",
+        backbone="efficientnet_lite0",
+        weights="random",
+        pretrain_embed_dim=32,
+        embed_dim=24,
+        coreset_ratio=0.5,
+        discover_types=False,
+    )
+    gen = torch.Generator().manual_seed(9)
+    det.fit([Batch(label=torch.zeros(2), image=torch.rand(2, 3, 64, 64, generator=gen))])
+    assert det.bank_.shape == (int(0.5 * 2 * 8 * 8), 24)
+    image = torch.rand(2, 3, 64, 64, generator=gen)
+    pred = det.predict(Batch(label=torch.zeros(2), image=image))
+    f = det.embed(image).double()
+    d = torch.cdist(f.permute(0, 2, 3, 1).reshape(-1, 24), det.bank_.double()).min(1).values
+    patch = (d**2).view(2, 8, 8)
+    assert torch.allclose(pred.score.double(), patch.flatten(1).amax(1), rtol=1e-5)
+    up = F.interpolate(patch[:, None], size=64, mode="bilinear", align_corners=False)[:, 0]
+    blurred = np.stack([scipy.ndimage.gaussian_filter(m, 4.0) for m in up.numpy()])
+    assert np.allclose(pred.anomaly_map.numpy(), blurred, rtol=1e-5, atol=1e-6 * blurred.max())
 
 
 def test_reweighted_image_score_follows_patchcore():
@@ -108,7 +240,7 @@ def test_knn_on_real_bottle_subset(bottle):
     ][::4]
     det = create_detector("knn", backbone="efficientnet_lite0")
     det.fit(EpochLoader(train, 8))
-    assert det.bank_.shape == (round(0.1 * 40 * 28 * 28), 152)
+    assert det.bank_.shape == (round(0.1 * 40 * 28 * 28), 1024)
     scores, labels, maps, masks = [], [], [], []
     for batch in EpochLoader(test, 8):
         pred = det.predict(batch)

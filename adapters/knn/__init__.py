@@ -14,8 +14,9 @@ from bench.params import Range
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
-from ..common import gaussian_blur, image_score, patch_features
-from .coreset import greedy_coreset, random_projection
+from ..common import gaussian_blur, image_score
+from .aggregation import patch_embedding
+from .coreset import coreset_projection, greedy_coreset, random_projection, start_distances
 from .neighbours import nearest
 
 #: PatchCore's backbone (ImageNet weights from the hub)
@@ -24,22 +25,28 @@ PAPER_BACKBONE = "wide_resnet50_2"
 
 @register_detector("knn")
 class KNNPatchDistance(Detector):
-    """PatchCore-style kNN scoring: the anomaly of a patch is its distance to the nearest patch
-    of a greedy-coreset memory bank built from the training images.
+    """PatchCore's kNN scoring, as the official code computes it: the anomaly of a patch is its
+    squared distance to the nearest patch of a greedy-coreset memory bank of training patches.
 
-    Features: the backbone stages ``layers``, each averaged over 3x3 neighbourhoods, the coarser
-    upsampled to the finer and concatenated, then channel-pooled to ``embed_dim`` (only when
-    wider) and optionally randomly projected to ``projection_dim``. ``coreset_ratio`` of the
-    training patches are kept by greedy k-center on a ``coreset_projection``-dimensional random
-    projection. The map is upsampled to the input and smoothed (Gaussian ``sigma``); the image
-    score is the map's maximum, or PatchCore's neighbourhood-reweighted maximum patch distance
-    (``reweight=True``, ``num_neighbors`` bank entries).
+    Features (``aggregation.patch_embedding``): for each backbone stage of ``layers``, every
+    position's 3x3 neighbourhood pooled to ``pretrain_embed_dim`` values, the coarser stage
+    upsampled to the finer, both pooled together to ``embed_dim``; optionally randomly projected
+    to ``projection_dim`` (not in PatchCore). ``coreset_ratio`` of the training patches are kept
+    by greedy k-center on a ``coreset_projection``-dimensional linear projection, every point
+    starting at its mean distance to ``coreset_starts`` random points. Patch score: the squared
+    L2 distance to the nearest bank entry (``squared=False``: the L2 distance, as the paper's text
+    and anomalib). The map is the patch scores upsampled bilinearly to the input and smoothed
+    (Gaussian ``sigma``); the image score is the largest patch score (``score="max"``), the mean
+    of the top 1% of the map (``"topk"``), or with ``reweight=True`` the largest patch score
+    times the paper's neighbourhood weight over ``num_neighbors`` bank entries (eq. 7, as
+    anomalib computes it; not in the official code).
 
     ``discover_types``: after scoring, cluster the defective test images into anomaly types
     (``bench.discovery``): ``n_types`` clusters, None = as many as defect folders, 0 = estimated.
     """
 
     modality = "image"
+    resampling = "pil-bilinear"  # PatchCore's loader: torchvision Resize on PIL images
     #: its fit uses whatever images it is given: every scope applies
     scopes = FIT_SCOPES
 
@@ -48,10 +55,13 @@ class KNNPatchDistance(Detector):
         backbone: str = PAPER_BACKBONE,
         weights: str = "pretrained",
         layers: tuple[int, ...] = (2, 3),  # timm out_indices (negative: from the end)
+        pretrain_embed_dim: Annotated[int, Range(ge=1)] = 1024,
         embed_dim: Annotated[int, Range(ge=1)] | None = 1024,
         projection_dim: Annotated[int, Range(ge=1)] | None = None,
         coreset_ratio: Annotated[float, Range(gt=0, le=1)] = 0.1,
         coreset_projection: Annotated[int, Range(ge=1)] | None = 128,
+        coreset_starts: Annotated[int, Range(ge=1)] = 10,
+        squared: bool = True,
         sigma: Annotated[float, Range(ge=0)] = 4.0,
         score: Literal["max", "topk"] = "max",
         reweight: bool = False,
@@ -64,8 +74,10 @@ class KNNPatchDistance(Detector):
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         self.backbone, self.weights, self.layers = backbone, weights, tuple(layers)
-        self.embed_dim, self.projection_dim = embed_dim, projection_dim
+        self.pretrain_embed_dim, self.embed_dim = pretrain_embed_dim, embed_dim
+        self.projection_dim = projection_dim
         self.coreset_ratio, self.coreset_projection = coreset_ratio, coreset_projection
+        self.coreset_starts, self.squared = coreset_starts, squared
         self.sigma, self.score, self.reweight = sigma, score, reweight
         self.num_neighbors, self.max_pairs, self.seed = num_neighbors, max_pairs, seed
         self.discover_types, self.n_types = discover_types, n_types
@@ -86,14 +98,13 @@ class KNNPatchDistance(Detector):
     @torch.no_grad()
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """Patch features [B, C, h, w] of images [B, 3, H, W] in [0, 1]."""
-        f = patch_features(self.extractor_, normalize(image))
-        b, c, h, w = f.shape
-        if self.embed_dim is not None and c > self.embed_dim:
-            f = F.adaptive_avg_pool1d(f.permute(0, 2, 3, 1).reshape(-1, 1, c), self.embed_dim)
-            f = f.reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
+        maps = self.extractor_(normalize(image))
+        f = patch_embedding(maps, self.pretrain_embed_dim, self.embed_dim)
         if self.projection_dim is not None:
-            flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-            flat = random_projection(flat, self.projection_dim, self.seed + 1)
+            b, c, h, w = f.shape
+            flat = random_projection(
+                f.permute(0, 2, 3, 1).reshape(-1, c), self.projection_dim, self.seed + 1
+            )
             f = flat.reshape(b, h, w, -1).permute(0, 3, 1, 2)
         return f.contiguous()
 
@@ -109,31 +120,43 @@ class KNNPatchDistance(Detector):
         patches = torch.cat(bank)
         n = max(1, int(self.coreset_ratio * patches.shape[0]))  # as PatchCore and anomalib
         if n < patches.shape[0]:
-            points = random_projection(patches, self.coreset_projection, self.seed)
             gen = torch.Generator().manual_seed(self.seed)
-            start = int(torch.randint(patches.shape[0], (1,), generator=gen))
-            patches = patches[greedy_coreset(points, n, start, seed=self.seed).to(self.device)]
+            starts = torch.randperm(patches.shape[0], generator=gen)[: self.coreset_starts]
+            patches = patches[self.coreset(patches, n, starts).to(patches.device)]
         self.bank_ = patches.contiguous()
         self.n_train_patches_ = torch.tensor(sum(len(b) for b in bank))
 
+    def coreset(self, patches: torch.Tensor, n: int, starts: torch.Tensor) -> torch.Tensor:
+        """Indices of the ``n`` patches PatchCore's sampler keeps: greedy k-center on the
+        coreset projection, every point starting at its mean distance to the ``starts``."""
+        points = coreset_projection(patches, self.coreset_projection, self.seed)
+        initial = start_distances(points, starts.to(points.device)).cpu()
+        return greedy_coreset(points, n, seed=self.seed, initial=initial)
+
     # -- predict -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def patch_scores(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(patch scores [B, h, w], nearest bank entries [B, h*w], patch features [B, h*w, C])
+        of images [B, 3, H, W] in [0, 1]."""
+        f = self.embed(image)
+        b, c, h, w = f.shape
+        queries = f.permute(0, 2, 3, 1).reshape(-1, c).float()
+        with torch.autocast(self.device.type, enabled=False):  # |q|^2 - 2 q.b + |b|^2 in fp32
+            dist, nn_idx = nearest(queries, self.bank_.float(), self.max_pairs, self.squared)
+        return dist.view(b, h, w), nn_idx.view(b, -1), queries.view(b, h * w, c)
+
     @torch.no_grad()
     def predict(self, batch: Batch) -> Prediction:
         image = batch.image.to(self.device)
-        f = self.embed(image)
-        b, _, h, w = f.shape
-        queries = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float()
-        with torch.autocast(self.device.type, enabled=False):  # |q|^2 - 2 q.b + |b|^2 in fp32
-            dist, nn_idx = nearest(queries, self.bank_.float(), self.max_pairs)
-        patch = dist.view(b, h, w)
+        patch, nn_idx, queries = self.patch_scores(image)
         maps = F.interpolate(
             patch[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False
         )[:, 0]
         maps = gaussian_blur(maps, self.sigma)
         if self.reweight:
-            score = self._reweighted(
-                queries.view(b, h * w, -1), dist.view(b, -1), nn_idx.view(b, -1)
-            )
+            score = self._reweighted(queries, patch.flatten(1), nn_idx)
+        elif self.score == "max":  # the official image score: before upsampling and blur
+            score = patch.flatten(1).amax(1)
         else:
             score = image_score(maps, self.score)
         return Prediction(score=score, anomaly_map=maps)
@@ -151,13 +174,14 @@ class KNNPatchDistance(Detector):
             out.append((f * weight).sum((2, 3)) / weight.sum((2, 3)))
         return torch.cat(out)
 
-    def _reweighted(self, queries, dist, nn_idx) -> torch.Tensor:
-        """PatchCore's image score: the largest patch distance s*, scaled by
-        1 - softmax weight of its nearest bank entry m* among m*'s ``num_neighbors`` nearest
-        bank entries (a patch far from a sparse part of the bank counts less)."""
-        top = dist.argmax(1)
-        rows = torch.arange(dist.shape[0], device=dist.device)
-        s_star, m_star = dist[rows, top], self.bank_[nn_idx[rows, top]]
+    def _reweighted(self, queries, scores, nn_idx) -> torch.Tensor:
+        """PatchCore's reweighted image score (paper eq. 7, as anomalib computes it): the
+        largest patch score s*, scaled by 1 - the softmax weight of its nearest bank entry m*
+        among m*'s ``num_neighbors`` nearest bank entries, over L2 distances to the patch (a
+        patch far from a sparse part of the bank counts less)."""
+        top = scores.argmax(1)
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        s_star, m_star = scores[rows, top], self.bank_[nn_idx[rows, top]]
         q_star = queries[rows, top]
         k = min(self.num_neighbors, self.bank_.shape[0])
         neighbours = torch.cdist(m_star, self.bank_).topk(k, largest=False).indices

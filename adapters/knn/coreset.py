@@ -8,6 +8,12 @@ at most ``block`` points) with a centre and a radius, and a new pick c can only 
 block b closer if ``|c - centre_b| - radius_b < max_{x in b} d(x)`` (triangle inequality); the
 other blocks are left as they are. Every distance that is computed is an exact Euclidean
 distance, so the picks are those of the plain algorithm (up to exact ties).
+
+PatchCore's own sampler (the official ``ApproximateGreedyCoresetSampler``, used for the paper's
+results) projects the features with a bias-free ``torch.nn.Linear`` (:func:`coreset_projection`)
+and does not start from a picked point: every point starts at its mean distance to 10 random
+points (:func:`start_distances`), so the first pick is the point farthest from them on average and
+those start points stay as virtual centres; ``greedy_coreset(..., initial=...)`` does the same.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 # A block is skipped only when its lower bound exceeds its largest current distance by this
 # relative margin, so rounding in the bound can never skip a block the plain algorithm updates.
@@ -31,11 +38,42 @@ def random_projection(features: torch.Tensor, dim: int | None, seed: int) -> tor
     return features.float() @ matrix.to(features.device)
 
 
-def greedy_coreset_plain(points: torch.Tensor, n: int, start: int) -> torch.Tensor:
-    """The textbook greedy k-center: ``n`` indices, the first being ``start`` (reference)."""
-    min_dist = torch.full((points.shape[0],), math.inf, device=points.device)
+def coreset_projection(features: torch.Tensor, dim: int | None, seed: int) -> torch.Tensor:
+    """PatchCore's coreset projection to ``dim`` dimensions: a bias-free linear map with
+    ``torch.nn.Linear``'s default initialisation, U(-1/sqrt(D), 1/sqrt(D)) (the same numbers as
+    ``nn.Linear(D, dim, bias=False)`` built right after ``torch.manual_seed(seed)``). As the
+    official sampler, only ``dim`` equal to the feature size (or None) keeps the features."""
+    d = features.shape[1]
+    if dim is None or dim == d:
+        return features.float()
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.empty(dim, d).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d), generator=gen)
+    return F.linear(features.float(), weight.to(features.device))
+
+
+def start_distances(points: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Each point's mean Euclidean distance to the ``starts`` points: PatchCore's initial
+    coreset distances (the start points are virtual centres, not picks)."""
+    return torch.cat([torch.cdist(part, points[starts]).mean(1) for part in points.split(65536)])
+
+
+def _first(n: int, start: int, initial: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+    """(first pick, initial distances [n]): ``start`` and +inf, or ``initial``'s farthest point."""
+    if initial is None:
+        return start, torch.full((n,), math.inf)
+    if initial.shape != (n,):
+        raise ValueError(f"initial distances must have shape ({n},), got {tuple(initial.shape)}")
+    return int(initial.argmax()), initial.float()
+
+
+def greedy_coreset_plain(
+    points: torch.Tensor, n: int, start: int = 0, initial: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The textbook greedy k-center: ``n`` indices, the first being ``start``, or with
+    ``initial`` distances the point where they are largest (reference)."""
+    idx, min_dist = _first(points.shape[0], start, initial)
+    min_dist = min_dist.to(points.device).clone()
     picks = torch.empty(n, dtype=torch.long)
-    idx = start
     for i in range(n):
         picks[i] = idx
         dist = (points - points[idx]).pow_(2).sum(1).sqrt_()
@@ -89,18 +127,29 @@ class _Blocks:
 
 
 def greedy_coreset(
-    points: torch.Tensor, n: int, start: int = 0, block: int = 128, seed: int = 0
+    points: torch.Tensor,
+    n: int,
+    start: int = 0,
+    block: int = 128,
+    seed: int = 0,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Indices of ``n`` points chosen by greedy k-center, the first being ``start``; the same
-    choices as :func:`greedy_coreset_plain` with far fewer distance evaluations."""
+    """Indices of ``n`` points chosen by greedy k-center, the first being ``start``, or, given
+    ``initial`` distances [N] (e.g. :func:`start_distances`), the point where they are largest,
+    every point's distance starting there; the same choices as :func:`greedy_coreset_plain`
+    with far fewer distance evaluations."""
     total = points.shape[0]
     if not 0 < n <= total:
         raise ValueError(f"coreset size must be in 1..{total}, got {n}")
     if total <= 8 * block or points.device.type != "cpu":
-        return greedy_coreset_plain(points, n, start)  # on a GPU, the plain loop is fast
+        return greedy_coreset_plain(points, n, start, initial)  # on a GPU, the plain loop is fast
+    idx, first_dist = _first(total, start, initial)
     b = _Blocks(points.float(), block, seed)
+    if initial is not None:
+        valid = b.index >= 0
+        b.dist = torch.where(valid, first_dist[b.index.clamp_min(0)], -math.inf)
+        b.block_max = b.dist.amax(1)
     picks = torch.empty(n, dtype=torch.long)
-    idx = start
     for i in range(n):
         picks[i] = idx
         centre = points[idx].float()
