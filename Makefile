@@ -202,6 +202,8 @@ $(PERF_STAMP): $(STAMP)
 	$(PERF_VENV)/bin/pip install --quiet spconv==2.3.8
 	@# the official DictAS code (make parity dictas) imports tabulate, and pkg_resources (gone from setuptools 81)
 	$(PERF_VENV)/bin/pip install --quiet tabulate "setuptools<81"
+	@# the official PatchCore (make parity knn) searches its memory bank with faiss's IndexFlatL2
+	$(PERF_VENV)/bin/pip install --quiet faiss-cpu
 	touch $(PERF_STAMP)
 
 perf: $(PERF_STAMP)

@@ -42,7 +42,6 @@ def _extra_mb(fn) -> tuple[float, float, object]:
 
 def run_ours(root: str, category: str) -> dict:
     from bench.adapters.knn import KNNPatchDistance
-    from bench.adapters.knn.coreset import greedy_coreset, random_projection
     from bench.adapters.knn.neighbours import nearest
 
     total_start = time.perf_counter()
@@ -57,7 +56,8 @@ def run_ours(root: str, category: str) -> dict:
     n_train = sum(len(b) for b in train)
     n = max(1, int(RATIO * len(patches)))
     start = time.perf_counter()
-    picks = greedy_coreset(random_projection(patches, 128, 0), n, start=0)
+    starts = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:10]
+    picks = det.coreset(patches, n, starts)  # as det.fit: projection, start points, k-center
     coreset_seconds = time.perf_counter() - start
     det.bank_ = patches[picks].contiguous()
 
