@@ -16,6 +16,7 @@ from bench.config import (
     load_config,
     validate,
 )
+from bench.datasets.common import RESAMPLINGS
 
 
 def _csv(text: str) -> list[str]:
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="centre crop after resizing, for every dataset and detector (int, [h,w] or none); "
         "only the crop is scored",
     )
+    run.add_argument(
+        "--resampling",
+        choices=RESAMPLINGS,
+        help="how every detector's images are resized (default: each detector's official one)",
+    )
     run.add_argument("--protocol", choices=["official", "fast"])
     run.add_argument("--output", help="results folder (default: results)")
     run.add_argument(
@@ -264,6 +270,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if value is not None:
             for entry in (*cfg.datasets, *cfg.detectors):
                 setattr(entry, flag, value)
+    if args.resampling is not None:
+        for det in cfg.detectors:
+            det.resampling = args.resampling
     for attr in (
         "name",
         "seeds",

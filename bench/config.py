@@ -14,6 +14,8 @@ params = { sigma = 4.0 }    # overrides of the paper defaults
 datasets = ["builtin_ad"]   # optional: default = every dataset that feeds its modality
 image_size = 256            # optional: the detector's own input size (default: the dataset's)
 crop_size = 224             # optional: its own centre crop ("none": no crop)
+resampling = "tensor"       # optional: how images are resized (default: the detector's official
+                            # one; tensor | pil-bilinear | pil-bicubic, see bench.datasets.common)
 batch_size = 16             # optional: its own batch size (default: the top-level one)
 
 [[datasets]]
@@ -57,6 +59,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from bench.datasets.common import RESAMPLINGS
 from bench.metrics import PROTOCOLS
 
 
@@ -74,6 +77,9 @@ class DetectorEntry:
     #: crop_size "none" = no crop
     image_size: int | list[int] | str | None = None
     crop_size: int | list[int] | str | None = None
+    #: how the loaders resize its images (bench.datasets.common.RESAMPLINGS); None: the
+    #: detector's own (``Detector.resampling``, its official code's)
+    resampling: str | None = None
     #: its own batch size for training and testing (None: the benchmark's)
     batch_size: int | None = None
     #: fit scope overrides for this detector (None: the benchmark's own, see BenchConfig)
@@ -198,6 +204,11 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
             raise ConfigError(
                 f"{source}: detector {det.display!r} batch_size must be a positive integer, "
                 f"got {det.batch_size!r}"
+            )
+        if det.resampling is not None and det.resampling not in RESAMPLINGS:
+            raise ConfigError(
+                f"{source}: detector {det.display!r} resampling must be one of {RESAMPLINGS} "
+                f"(or left out for the detector's own), got {det.resampling!r}"
             )
     for entry in (*cfg.detectors, *cfg.datasets):
         kind = "detector" if isinstance(entry, DetectorEntry) else "dataset"

@@ -37,6 +37,10 @@ class Detector:
     """
 
     modality: ClassVar[str] = "image"
+    #: how the loaders resize its RGB inputs (bench.datasets.common.RESAMPLINGS): the official
+    #: code's own where it has one ("pil-bilinear" for torchvision's Resize on PIL images), else
+    #: "tensor"; a config entry's ``resampling`` overrides it
+    resampling: ClassVar[str] = "tensor"
     #: further inputs it scores, e.g. ("points",) for unorganised clouds (see bench.types)
     also_accepts: ClassVar[tuple[str, ...]] = ()
     registered_name: ClassVar[str] = ""

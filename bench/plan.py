@@ -135,6 +135,8 @@ class Fit:
             "batch_size": self.batch_size,
             "harness_version": __version__,
             "train_data": self.data,
+            # named only when not "tensor": fits from before the choice keep their hashes
+            **({"resampling": self.resampling} if self.resampling != "tensor" else {}),
         }
         if self.legacy:
             part = self.parts[0]
@@ -152,6 +154,11 @@ class Fit:
             "parts": [p.describe() for p in self.parts],
             **({"parent": self.parent.hash} if self.parent is not None else {}),
         }
+
+    @property
+    def resampling(self) -> str:
+        """How its images are resized: the entry's own, else the detector's (official) one."""
+        return self.detector.resampling or get_detector_class(self.detector.name).resampling
 
     @property
     def hash(self) -> str:

@@ -111,10 +111,17 @@ class JobData:
     test: EpochLoader
 
 
+def input_options(image_size, crop_size, resampling: str) -> dict[str, Any]:
+    """A loader's input options; ``resampling`` only when not the loaders' default ("tensor"),
+    so that loaders without RGB images to resize (point clouds) need not take it."""
+    opts = {"image_size": image_size, "crop_size": crop_size}
+    return opts if resampling == "tensor" else {**opts, "resampling": resampling}
+
+
 def open_data(job: Job, device: torch.device, num_workers: int) -> JobData:
     """The evaluated category's test split (the training data belongs to the fit)."""
     spec = get_dataset(job.dataset.name)
-    opts = {"image_size": job.image_size, "crop_size": job.crop_size, **job.dataset.options}
+    opts = {**input_options(job.image_size, job.crop_size, job.fit.resampling), **job.dataset.options}
     test_set = spec.open(job.category, "test", job.root, **opts)
     pin = device.type == "cuda"
     test = EpochLoader(test_set, job.batch_size, num_workers=num_workers, pin_memory=pin)
@@ -127,7 +134,7 @@ def open_fit_data(
     """The training images of one fit (every part, pooled) and their batches."""
     sets = []
     for part in fit.parts:
-        opts = {"image_size": fit.image_size, "crop_size": fit.crop_size}
+        opts = input_options(fit.image_size, fit.crop_size, fit.resampling)
         split = get_dataset(part.dataset).open(
             part.category, "train", part.root, **opts, **json.loads(part.options)
         )
@@ -500,6 +507,7 @@ def job_record(
         **scope_fields(job),
         "image_size": job.image_size,
         "crop_size": job.crop_size,
+        "resampling": job.fit.resampling,
         "batch_size": job.batch_size,
         "protocol": evaluator.protocol_label,
         "metric_version": METRIC_VERSION,

@@ -465,6 +465,7 @@ class Tracker:
             rid = run.info.run_id
             params = {f"detector.{k}": str(v)[:500] for k, v in record["params"].items()}
             params.update({k: str(record[k]) for k in ("detector", *JOB_FIELDS)})
+            params["resampling"] = record.get("resampling", "tensor")  # none before the choice
             params.update(scope_params(record))
             fit_run = self.fit_run_of(record)
             if fit_run is not None:
@@ -505,6 +506,7 @@ class Tracker:
         self.client.log_text(rid, per_defect_table(record).to_csv(index=False), "per_defect.csv")
         keys = (*JOB_FIELDS, "params", "root", "metric_version", "config_hash")
         resolved = {k: record[k] for k in keys}
+        resolved["resampling"] = record.get("resampling", "tensor")
         for key in ("fit_label", "scope", "fit", "draw", "references", "references_root"):
             if key in record:
                 resolved[key] = record[key]
@@ -552,6 +554,7 @@ class Tracker:
                     "seed": str(fit.seed),
                     "batch_size": str(fit.batch_size),
                     "image_size": str(fit.image_size),
+                    "resampling": fit.resampling,
                     "train_categories": ",".join(f"{p.dataset}/{p.category}" for p in fit.parts)[
                         :500
                     ],

@@ -92,6 +92,31 @@ def input_geometry(
     return size, box, roi
 
 
+#: how a loader resizes a decoded 8-bit RGB image (a detector's ``resampling``): "tensor" =
+#: antialiased bilinear on the float image (torch); "pil-bilinear" / "pil-bicubic" = PIL's resize of
+#: the uint8 image with that filter (its own antialiasing, uint8 output), as torchvision's Resize
+#: does on a PIL image in the official Dinomaly, PatchCore and DictAS loaders
+RESAMPLINGS = ("tensor", "pil-bilinear", "pil-bicubic")
+_PIL_FILTERS = {"pil-bilinear": Image.Resampling.BILINEAR, "pil-bicubic": Image.Resampling.BICUBIC}
+
+
+def check_resampling(resampling: str) -> str:
+    if resampling not in RESAMPLINGS:
+        raise ValueError(f"resampling must be one of {RESAMPLINGS}, got {resampling!r}")
+    return resampling
+
+
+def resize_rgb(raw: torch.Tensor, size: tuple[int, int], box, resampling: str) -> torch.Tensor:
+    """uint8 [3,H,W] -> float [3,h,w] in [0,1]: resized to ``size`` by ``resampling`` (one of
+    ``RESAMPLINGS``), then ``box`` cropped."""
+    if check_resampling(resampling) == "tensor" or tuple(raw.shape[-2:]) == size:
+        return resize_crop(raw.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
+    image = Image.fromarray(raw.permute(1, 2, 0).numpy())
+    image = image.resize((size[1], size[0]), _PIL_FILTERS[resampling])
+    resized = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return resize_crop(resized.float() / 255.0, size, box, "bilinear")  # crops only
+
+
 def resize_crop(x: torch.Tensor, size: tuple[int, int], box, mode: str) -> torch.Tensor:
     """Resizes [C,H,W] to ``size`` (bilinear with antialias, or nearest) and crops ``box``."""
     if tuple(x.shape[-2:]) != size:
@@ -115,14 +140,22 @@ class CategoryDataset(Dataset):
     gt_key = "gt_path"
 
     def __init__(
-        self, root, category: str, split: str = "train", image_size=256, crop_size=None
+        self,
+        root,
+        category: str,
+        split: str = "train",
+        image_size=256,
+        crop_size=None,
+        resampling: str = "tensor",
     ) -> None:
+        """``resampling``: how RGB images are resized (one of ``RESAMPLINGS``)."""
         if split not in self.splits:
             raise ValueError(
                 f"{type(self).__name__} split must be one of {self.splits}, got {split!r}"
             )
         self.root, self.category, self.split = Path(root), category, split
         self.image_size, self.crop_size = image_size, crop_size
+        self.resampling = check_resampling(resampling)
         #: problems found while indexing that do not stop a run (shown and recorded per job)
         self.warnings: list[str] = []
         self.items = self._index()
@@ -156,8 +189,8 @@ class CategoryDataset(Dataset):
 
 
 class ImageCategoryDataset(CategoryDataset):
-    """A category of RGB images: ``image`` float [3,h,w] in [0,1] (resized, optionally
-    centre-cropped) with the target of :meth:`CategoryDataset.target`."""
+    """A category of RGB images: ``image`` float [3,h,w] in [0,1] (resized by ``resampling``,
+    optionally centre-cropped) with the target of :meth:`CategoryDataset.target`."""
 
     def native_size(self, item: dict[str, Any]) -> tuple[int, int]:
         """(H, W) of an item's image, read from the file header only."""
@@ -169,5 +202,5 @@ class ImageCategoryDataset(CategoryDataset):
         raw = read_rgb(item["path"])
         native = (raw.shape[1], raw.shape[2])
         size, box, roi = input_geometry(native, self.image_size, self.crop_size)
-        image = resize_crop(raw.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
+        image = resize_rgb(raw, size, box, self.resampling)
         return {"image": image, **self.target(item, native, roi)}

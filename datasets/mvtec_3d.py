@@ -19,6 +19,7 @@ from .common import (
     input_geometry,
     read_rgb,
     resize_crop,
+    resize_rgb,
     scan_categories,
 )
 from .preprocess_3d import Preprocess3D, cached_valid_mask
@@ -74,9 +75,17 @@ class MVTec3D(CategoryDataset):
     splits = SPLITS
 
     def __init__(
-        self, root, category, split="train", image_size=224, crop_size=None, preprocess=None
+        self,
+        root,
+        category,
+        split="train",
+        image_size=224,
+        crop_size=None,
+        preprocess=None,
+        resampling: str = "tensor",
     ) -> None:
-        super().__init__(root, category, split, image_size, crop_size)
+        """``resampling`` resizes the RGB image (xyz and the valid mask: nearest)."""
+        super().__init__(root, category, split, image_size, crop_size, resampling)
         self.preprocess = Preprocess3D.from_option(preprocess)
 
     def _index(self) -> list[dict[str, Any]]:
@@ -133,7 +142,7 @@ class MVTec3D(CategoryDataset):
             xyz = xyz * valid
         xyz = resize_crop(xyz, size, box, "nearest")
         valid = resize_crop(valid[None], size, box, "nearest")[0].bool()
-        rgb = resize_crop(rgb.float() / 255.0, size, box, "bilinear").clamp_(0, 1)
+        rgb = resize_rgb(rgb, size, box, self.resampling)
         return {
             "xyz": xyz,
             "valid": valid,

@@ -165,3 +165,37 @@ def test_real_bottle_category(bottle):
     sample = test[bad]
     assert sample["mask"].shape == (900, 900) and sample["mask"].any() and sample["label"] == 1
     assert sample["image"].shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize(
+    "resampling, pil_filter",
+    [("pil-bilinear", Image.Resampling.BILINEAR), ("pil-bicubic", Image.Resampling.BICUBIC)],
+)
+def test_pil_resampling_is_pils_own_resize_of_the_8bit_image(ad_root, resampling, pil_filter):
+    """The official loaders' input (torchvision Resize on a PIL image, then the centre crop):
+    PIL's resize of the decoded uint8 image, exactly; the default tensor resize differs."""
+    kwargs = {"image_size": (80, 72), "crop_size": (64, 60)}  # not square: (h, w) order matters
+    pil = MVTecAD(ad_root, "washer", "test", resampling=resampling, **kwargs)
+    tensor = MVTecAD(ad_root, "washer", "test", **kwargs)
+    index = len(pil) - 1
+    with Image.open(pil.items[index]["path"]) as img:
+        resized = np.asarray(img.convert("RGB").resize((72, 80), pil_filter))
+    expected = torch.from_numpy(resized[8:72, 6:66].copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(pil[index]["image"], expected)
+    assert not torch.equal(tensor[index]["image"], expected)
+    assert pil[index]["roi"].tolist() == tensor[index]["roi"].tolist()
+    assert torch.equal(pil[index]["mask"], tensor[index]["mask"])  # masks stay at native size
+
+
+def test_mvtec_3d_resamples_only_the_rgb_image(ad3d_root):
+    dataset = MVTec3D(ad3d_root, "dome", "test", image_size=48, resampling="pil-bilinear")
+    pil, tensor = dataset[0], MVTec3D(ad3d_root, "dome", "test", image_size=48)[0]
+    with Image.open(dataset.items[0]["rgb_path"]) as img:
+        rgb = np.asarray(img.convert("RGB").resize((48, 48), Image.Resampling.BILINEAR))
+    assert torch.equal(pil["rgb"], torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255)
+    assert torch.equal(pil["xyz"], tensor["xyz"]) and torch.equal(pil["valid"], tensor["valid"])
+
+
+def test_an_unknown_resampling_is_refused_by_name(ad_root):
+    with pytest.raises(ValueError, match=r"resampling must be one of .*got 'lanczos'"):
+        MVTecAD(ad_root, "washer", "test", resampling="lanczos")

@@ -236,6 +236,47 @@ def test_a_detector_entry_sets_its_own_input_geometry():
     assert jobs["knn"].config_hash != jobs["knn-full"].config_hash
 
 
+def test_resampling_is_each_detectors_official_one_and_enters_the_fit_hash():
+    """knn (PatchCore's loader: torchvision Resize on PIL images) resizes with PIL by default,
+    feature_stats (no official loader) with torch; an entry's own choice changes the fit."""
+    from bench.config import from_dict
+
+    raw = {
+        "detectors": [
+            {"name": "knn"},
+            {"name": "knn", "label": "knn-tensor", "resampling": "tensor"},
+            {"name": "feature_stats"},
+            {"name": "feature_stats", "label": "fs-bicubic", "resampling": "pil-bicubic"},
+        ],
+        "datasets": [{"name": "builtin_ad", "image_size": 64}],
+        "categories": ["weave"],
+    }
+    fits = {j.detector.display: j.fit for j in plan_jobs(from_dict(raw))}
+    chosen = {label: fit.resampling for label, fit in fits.items()}
+    assert chosen == {
+        "knn": "pil-bilinear",
+        "knn-tensor": "tensor",
+        "feature_stats": "tensor",
+        "fs-bicubic": "pil-bicubic",
+    }
+    assert fits["knn"].hash != fits["knn-tensor"].hash
+    assert fits["feature_stats"].hash != fits["fs-bicubic"].hash
+    assert fits["knn"].config()["resampling"] == "pil-bilinear"
+    assert "resampling" not in fits["feature_stats"].config()  # hashes from before the choice
+
+
+def test_a_resampling_override_is_checked_by_name():
+    from bench.config import from_dict
+
+    raw = {"detectors": [{"name": "knn", "resampling": "lanczos"}], "datasets": ["builtin_ad"]}
+    with pytest.raises(
+        ConfigError,
+        match=r"detector 'knn' resampling must be one of \('tensor', 'pil-bilinear', "
+        r"'pil-bicubic'\) \(or left out for the detector's own\), got 'lanczos'",
+    ):
+        from_dict(raw)
+
+
 def test_knn_job_records_and_logs_anomaly_type_discovery(tmp_path, ad_root):
     """The runner keeps the defective images, clusters them after scoring, and the numbers go
     to the result file and to MLflow's flat metrics."""
@@ -256,6 +297,7 @@ def test_knn_job_records_and_logs_anomaly_type_discovery(tmp_path, ad_root):
     records, failed = run_benchmark(cfg, track=False)
     assert not failed
     record = records[0]
+    assert record["resampling"] == "pil-bilinear"  # knn's official input
     found = record["discovery"]
     test_defects = sorted({p.name for p in (ad_root / "weave" / "test").iterdir()} - {"good"})
     assert found["n_images"] == 3 * len(test_defects)

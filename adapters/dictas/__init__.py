@@ -61,6 +61,7 @@ class DictAS(TrainableDetector):
     """
 
     modality = "image"
+    resampling = "pil-bicubic"  # the official loader: PIL bicubic Resize to the input size
     scopes = ("train_on", "shots")
     reference_stage = True
     #: the official code runs in float32; ``amp="bf16"`` puts only the frozen backbone in bf16

@@ -58,6 +58,7 @@ class Dinomaly(TrainableDetector):
     """
 
     modality = "image"
+    resampling = "pil-bilinear"  # the official loader: torchvision Resize on PIL images
     also_accepts = ("rgb+point_cloud",)
     #: learns from whatever normal images it is given: the paper's unified setting is a scope
     scopes = FIT_SCOPES
