@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bench.adapters.common import gaussian_blur
 from bench.adapters.dictas import DictAS
@@ -56,6 +57,8 @@ from .dictas_data import (
 )  # fmt: skip
 from .dictas_official import Official, official_dictas
 
+#: the run's files: the shared CLIP, the official model config, our stage 1, its checkpoint
+Paths = dict[str, Path]
 LAYERS = (6, 12, 18, 24)
 #: (dataset, official test mode): the layer choice (MVTec AD: 6 and 12) and the blur differ
 RUNS = (
@@ -141,7 +144,9 @@ def _run(report: Report, off: Official, tmp: Path) -> None:
         _test_run(report, off, clip, data, paths, dataset, mode, tmp)
 
 
-def _official_tokens(off: Official, clip, images: torch.Tensor) -> tuple[list, torch.Tensor]:
+def _official_tokens(
+    off: Official, clip: nn.Module, images: torch.Tensor
+) -> tuple[list, torch.Tensor]:
     """The official CLIP's patch tokens of ``LAYERS`` (its ``norm_patch`` drops the class
     token) and global embedding."""
     with torch.no_grad():
@@ -149,7 +154,9 @@ def _official_tokens(off: Official, clip, images: torch.Tensor) -> tuple[list, t
     return [off.utils.norm_patch(t, True) for t in tokens], glob
 
 
-def _backbone(report: Report, off: Official, clip, det: DictAS, data: list[Category]) -> None:
+def _backbone(
+    report: Report, off: Official, clip: nn.Module, det: DictAS, data: list[Category]
+) -> None:
     images = torch.cat([data[0].images, data[1].references])
     theirs, glob = _official_tokens(off, clip, images)
     with torch.no_grad():
@@ -171,7 +178,9 @@ def _backbone(report: Report, off: Official, clip, det: DictAS, data: list[Categ
 ZERO_GRADIENT = ("key.mlp.norm.bias", "fuse.compress.bias")
 
 
-def _training(report: Report, off: Official, det: DictAS, batch: TrainingBatch, paths) -> None:
+def _training(
+    report: Report, off: Official, det: DictAS, batch: TrainingBatch, paths: Paths
+) -> None:
     """One step on both sides from the same weights: losses, gradients, Adam's settings."""
     losses, grads, adam = _our_step(det, batch, paths["checkpoint"].with_name("start.pth"))
     theirs, their_grads, their_adam = _their_step(off, batch, paths)
@@ -196,12 +205,12 @@ def _training(report: Report, off: Official, det: DictAS, batch: TrainingBatch, 
     report.add("Adam's settings (lr, betas, eps, weight decay)", adam, their_adam)
 
 
-def _adam(optimizer) -> list[float]:
+def _adam(optimizer: torch.optim.Optimizer) -> list[float]:
     group = optimizer.param_groups[0]
     return [group["lr"], *group["betas"], group["eps"], group["weight_decay"]]
 
 
-def _our_step(det: DictAS, batch: TrainingBatch, start: Path):
+def _our_step(det: DictAS, batch: TrainingBatch, start: Path) -> tuple[dict, dict, list]:
     """Our ``fit`` for one step on ``batch``: its losses, the weights it started from (saved
     to ``start`` for the official side), the gradients and Adam's settings."""
     losses: dict[str, torch.Tensor] = {}
@@ -227,7 +236,7 @@ def _our_step(det: DictAS, batch: TrainingBatch, start: Path):
     return losses, {names[i]: g for i, (_, g) in step.items()}, _adam(optimizer)
 
 
-def _their_step(off: Official, batch: TrainingBatch, paths):
+def _their_step(off: Official, batch: TrainingBatch, paths: Paths) -> tuple[list, dict, list]:
     """The official ``train(args)`` for one epoch of that one batch, from the same weights."""
     args = Namespace(
         save_path="train", features_list=list(LAYERS), config_path=str(paths["config"]),
@@ -244,14 +253,14 @@ def _their_step(off: Official, batch: TrainingBatch, paths):
     return off.captured["train_losses"], grads, _adam(optimizer)
 
 
-def _worst(quantity: str, pairs) -> Check:
+def _worst(quantity: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Check:
     """One row for several tensors: the largest absolute and relative difference of any (each
     tensor relative to its own largest official value)."""
     checks = [compare(quantity, a, b) for a, b in pairs]
     return Check(quantity, max(c.max_abs for c in checks), max(c.max_rel for c in checks))
 
 
-def _lookup(report: Report, off: Official, clip, det: DictAS, cat: Category) -> None:
+def _lookup(report: Report, off: Official, clip: nn.Module, det: DictAS, cat: Category) -> None:
     """Generators, sparsemax and retrieval on one test image against the category's references
     (the test-time dictionary: every reference token in one sequence), block 6."""
     theirs = off.dictas.MyDictionary(_config(det), Namespace(scale_list=[1, 3]))
@@ -308,7 +317,7 @@ def _test_params(dataset: str, mode: str) -> dict:
     return params
 
 
-def _test_args(dataset: str, mode: str, paths) -> Namespace:
+def _test_args(dataset: str, mode: str, paths: Paths) -> Namespace:
     """``test.py``'s arguments (its defaults, our paths; ``BESTSEGMENTATION`` then sets the
     layers, scales and sigma of the mode)."""
     return Namespace(
@@ -320,8 +329,10 @@ def _test_args(dataset: str, mode: str, paths) -> Namespace:
     )  # fmt: skip
 
 
-def _test_run(report: Report, off: Official, clip, data, paths, dataset: str, mode: str,
-              tmp: Path) -> None:  # fmt: skip
+def _test_run(
+    report: Report, off: Official, clip: nn.Module, data: list[Category], paths: Paths,
+    dataset: str, mode: str, tmp: Path,
+) -> None:  # fmt: skip
     """The official ``test(args)`` on the test set, and ours with the same setting."""
     label = f"{dataset}, {mode}"
     args = _test_args(dataset, mode, paths)
@@ -362,7 +373,9 @@ def _test_run(report: Report, off: Official, clip, data, paths, dataset: str, mo
         _layer_maps(report, theirs["layer_maps"], clip, paths, data[0])
 
 
-def _layer_maps(report: Report, layer_maps: list, clip, paths, cat: Category) -> None:
+def _layer_maps(
+    report: Report, layer_maps: list, clip: nn.Module, paths: Paths, cat: Category
+) -> None:
     """Each block and scale alone. Ours: a detector with that one test layer and scale; the
     official: its ``MyDictionary`` test outputs in ``test(args)``, at the token grid, upsampled
     here as ``test.py`` upsamples them (bilinear, align_corners) before averaging."""
