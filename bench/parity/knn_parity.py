@@ -178,7 +178,7 @@ def _official_scores(model, ours: KNNPatchDistance, test: torch.Tensor, report: 
     exact = ((features.astype(np.float64) - bank[nns[:, 0]]) ** 2).sum(1)
     report.add("patch scores (squared L2), ours vs float64", patch.flatten(), exact)
     explained = _rounding(
-        "faiss IndexFlatL2", "official common.py:48 and 80", scores, patch.flatten(), exact
+        "faiss IndexFlatL2", "src/patchcore/common.py:48 and 80", scores, patch.flatten(), exact
     )
     report.add(
         "patch scores (squared L2), ours vs faiss", patch.flatten(), scores, explained=explained
@@ -206,7 +206,9 @@ def _official_scores(model, ours: KNNPatchDistance, test: torch.Tensor, report: 
         model.patch_maker.score(patch.reshape(b, -1).numpy()),
     )
     image_scores, end_maps = model._predict(x_test)
-    inherited = "the faiss rounding of the patch scores (two rows up)"
+    inherited = (
+        "the faiss rounding of the patch scores (row 'patch scores (squared L2), ours vs faiss')"
+    )
     report.add(
         "map after the blur, end to end (official _predict)",
         pred.anomaly_map,
@@ -281,7 +283,11 @@ def _anomalib(reference, train, test, ours: KNNPatchDistance, report: Report) ->
     exact = np.sqrt(((flat.double() - ours.bank_.double()[nn_idx.flatten()]) ** 2).sum(1).numpy())
     report.add("patch scores (L2; ours with squared=False) vs float64", patch.flatten(), exact)
     explained = _rounding(
-        "anomalib's euclidean_dist", "torch_model.py:313-319", scores, patch.flatten(), exact
+        "anomalib's euclidean_dist",
+        "models/image/patchcore/torch_model.py:313-319",
+        scores,
+        patch.flatten(),
+        exact,
     )
     report.add(
         "patch scores (L2; ours with squared=False) vs anomalib",
@@ -303,18 +309,18 @@ def _anomalib(reference, train, test, ours: KNNPatchDistance, report: Report) ->
         "map upsampled (before the blur)",
         upsampled,
         nearest_up,
-        explained="anomalib upsamples by nearest neighbour (anomaly_map.py:82, "
+        explained="anomalib upsamples by nearest neighbour (patchcore/anomaly_map.py:82, "
         "F.interpolate's default mode), ours bilinearly as the official code "
-        "(common.py:199-201)",
+        "(src/patchcore/common.py:199-201)",
     )
     report.add(
         f"Gaussian blur (sigma {SIGMA}) of one map",
         gaussian_blur(upsampled, SIGMA),
         blurred,
         explained="the same 33-tap kernel (2 * int(4 sigma + 0.5) + 1, "
-        "anomaly_map.py:58), but kornia pads with torch's reflect, which leaves the edge "
+        "patchcore/anomaly_map.py:58), but kornia pads with torch's reflect, which leaves the edge "
         "pixel out (components/filters/blur.py:131); ours pads as scipy's reflect, which "
-        "repeats it, as the official gaussian_filter (common.py:206)",
+        "repeats it, as the official gaussian_filter (src/patchcore/common.py:206)",
     )
     r = 4 * SIGMA
     report.add(
@@ -323,7 +329,7 @@ def _anomalib(reference, train, test, ours: KNNPatchDistance, report: Report) ->
         blurred[:, r:-r, r:-r],
     )
     report.add(
-        "map after upsampling and blur",
+        "map after upsampling and blur (same patch scores)",
         pred.anomaly_map,
         theirs,
         explained="the upsampling and blur rows above",
@@ -386,26 +392,30 @@ def _jl_note(n: int) -> str:
 
     dims = {k: SparseRandomProjection._johnson_lindenstrauss_min_dim(k, 0.9) for k in (n, 214016)}
     return (
-        "anomalib's coreset projection is a sparse random projection to the Johnson-Lindenstrauss "
-        f"bound for eps 0.9 (k_center_greedy.py:58): {dims[n]} dimensions for this bank of {n} "
-        f"patches, {dims[214016]} for MVTec AD bottle's 214,016; the official code projects to 128"
+        "anomalib's coreset projection is a sparse random projection to the "
+        "Johnson-Lindenstrauss bound for eps 0.9 (sampling/k_center_greedy.py:58): "
+        f"{dims[n]} dimensions for this bank of {n} patches, {dims[214016]} for MVTec AD "
+        "bottle's 214,016; the official code projects to 128"
     )
 
 
 NOTES = [
     "our fit draws the 10 coreset start points with a torch generator seeded with `seed`, the "
-    "official sampler with NumPy's global generator (sampler.py:143); the table gives both the "
-    "same start points",
+    "official sampler with NumPy's global generator (src/patchcore/sampler.py:143); the table "
+    "gives both the same start points",
     "the official code has no neighbourhood reweighting: its image score is the largest patch "
-    "score (patchcore.py:218, PatchMaker.score); its patch score is the mean squared L2 distance "
-    "to the anomaly_scorer_num_nn nearest entries (common.py:349), 1 in the paper's runs "
-    "(sample_training.sh), which knn does",
+    "score (src/patchcore/patchcore.py:218, PatchMaker.score); its patch score is the mean "
+    "squared L2 distance to the anomaly_scorer_num_nn nearest entries "
+    "(src/patchcore/common.py:349), 1 in the paper's runs (sample_training.sh); knn's defaults "
+    "do the same (1 nearest entry, no reweighting)",
     "anomalib differs from the official code in: embedding (the 1536-d 3x3 channel means of its "
-    "row above, without the official adaptive average pooling to 1024, common.py:145-183), "
-    "coreset (one random start kept in the coreset, k_center_greedy.py:132-139, instead of 10 "
-    "virtual start points; sparse projection), patch score (L2 instead of squared L2), image "
-    "score (reweighted with 9 neighbours by default, torch_model.py:419-442), map (nearest "
+    "row above, without the official adaptive average pooling to 1024, "
+    "src/patchcore/common.py:145-183), coreset (one random start kept in the coreset, "
+    "models/components/sampling/k_center_greedy.py:132-139, instead of 10 virtual start points; "
+    "a sparse projection), patch score (L2 instead of squared L2), image score (reweighted with "
+    "9 neighbours by default, models/image/patchcore/torch_model.py:419-442), map (nearest "
     "upsampling, torch-reflect padding in the blur), input (Resize((256, 256)) of tensors with "
-    "antialiasing, lightning_model.py:218-224, instead of PIL's Resize(256) and CenterCrop(224), "
-    "datasets/mvtec.py:75-78); the inputs here are the same tensors for all three",
+    "antialiasing, models/image/patchcore/lightning_model.py:218-224, instead of PIL's "
+    "Resize(256) and CenterCrop(224), src/patchcore/datasets/mvtec.py:75-78); the inputs here are "
+    "the same tensors for all three",
 ]
