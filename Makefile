@@ -202,6 +202,9 @@ $(PERF_STAMP): $(STAMP)
 	$(PERF_VENV)/bin/pip install --quiet spconv==2.3.8
 	@# the official DictAS code (make parity dictas) imports tabulate, and pkg_resources (gone from setuptools 81)
 	$(PERF_VENV)/bin/pip install --quiet tabulate "setuptools<81"
+	@# the official Dinomaly code (make parity dinomaly / dinomaly2) imports colorama (its
+	@# optimizers package) and natsort (Dinomaly2's dataset.py)
+	$(PERF_VENV)/bin/pip install --quiet colorama natsort
 	@# the official PatchCore (make parity knn) searches its memory bank with faiss's IndexFlatL2
 	$(PERF_VENV)/bin/pip install --quiet faiss-cpu
 	touch $(PERF_STAMP)

@@ -12,6 +12,11 @@ def mining_fraction(step: int, final: float = 0.9, ramp: int = 1000) -> float:
     return min(final * step / ramp, final) if ramp > 0 else final
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it is: the loss and maps never run in bf16 / fp16."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def global_cosine_hard_mining(
     encoder: list[torch.Tensor], decoder: list[torch.Tensor], p: float, factor: float
 ) -> torch.Tensor:
@@ -21,7 +26,7 @@ def global_cosine_hard_mining(
     by ``factor`` (the official ``global_cosine_hm_percent``). Maps are [B, C, h, w]."""
     total = torch.zeros((), device=decoder[0].device)
     for target, output in zip(encoder, decoder):
-        target, output = target.detach().float(), output.float()
+        target, output = at_least_float32(target.detach()), at_least_float32(output)
         with torch.no_grad():
             distance = 1 - F.cosine_similarity(target, output, dim=1)  # [B, h, w]
             k = int(distance.numel() * (1 - p))
@@ -50,7 +55,7 @@ def anomaly_maps(
     ``kernel`` Gaussian with zero padding (the official evaluation). Returns [B, H, W]."""
     maps = [
         F.interpolate(
-            (1 - F.cosine_similarity(a.float(), b.float(), dim=1))[:, None],
+            (1 - F.cosine_similarity(at_least_float32(a), at_least_float32(b), dim=1))[:, None],
             size=input_size,
             mode="bilinear",
             align_corners=True,
@@ -61,7 +66,8 @@ def anomaly_maps(
     if map_size is not None and tuple(map_size) != tuple(input_size):
         out = F.interpolate(out, size=map_size, mode="bilinear", align_corners=False)
     if kernel > 1 and sigma > 0:
-        out = F.conv2d(out, gaussian_kernel(kernel, sigma, out.device), padding=kernel // 2)
+        weights = gaussian_kernel(kernel, sigma, out.device).to(out.dtype)
+        out = F.conv2d(out, weights, padding=kernel // 2)
     return out[:, 0]
 
 
