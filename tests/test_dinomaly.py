@@ -369,6 +369,18 @@ def test_vit_tokens_match_timm_at_native_size_and_dinov2_when_resized():
 
     timm_default = resample_abs_pos_embed(vit.pos_embed, (28, 28), (37, 37), num_prefix_tokens=0)
     assert (positions - timm_default).abs().max() > 1e-3
+    # anomalib 2.7 turns timm's antialiasing off; the embeddings still differ, as timm passes
+    # the target size where DINOv2 passes the factor (28 + 0.1) / 37, by which torch places the
+    # samples: with the factor recomputed from the output size, DINOv2's call gives timm's
+    plain = resample_abs_pos_embed(
+        vit.pos_embed, (28, 28), (37, 37), num_prefix_tokens=0, antialias=False
+    )
+    assert (positions - plain).abs().max() > 1e-3
+    square = vit.pos_embed.reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    recomputed = F.interpolate(
+        square, scale_factor=(28.1 / 37,) * 2, mode="bicubic", recompute_scale_factor=True
+    )
+    torch.testing.assert_close(recomputed.permute(0, 2, 3, 1).reshape(plain.shape), plain)
     out, grid = enc(torch.randn(1, 3, 392, 392))
     assert grid == (28, 28) and out[0].shape == (1, 5 + 28 * 28, 384)
 

@@ -52,7 +52,8 @@ class ViTEncoder(nn.Module):
     """A timm ViT at its pretrained resolution, with DINOv2's own position-embedding
     interpolation at run time (bicubic, ``scale_factor`` = (grid + 0.1) / native grid, no
     antialias), which is what the official Dinomaly encoder does; timm's own resampling
-    (``dynamic_img_size``) uses antialias and a target size and gives other embeddings."""
+    (``dynamic_img_size``) antialiases by default and, without it too, interpolates to a target
+    size, which places the samples elsewhere: other embeddings."""
 
     substitute = False
     interpolate_offset = 0.1
