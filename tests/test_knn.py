@@ -77,6 +77,22 @@ def test_greedy_coreset_from_virtual_start_points(total):
     assert not set(starts) <= set(expected)  # the start points are not taken along
 
 
+def test_unclustered_points_switch_to_the_plain_loop_with_the_same_picks(monkeypatch):
+    """Points without cluster structure (high-dimensional noise): the bound skips few blocks,
+    so after the probe picks the search continues as the plain loop, choosing the same points
+    (a spy counts the plain picks, so the switch really happened)."""
+    from bench.adapters.knn import coreset
+
+    points = torch.randn(4000, 64, generator=torch.Generator().manual_seed(2))
+    initial = start_distances(points, torch.arange(10))
+    expected = k_center_reference(points, 200, starts=list(range(10)))
+    calls = []
+    plain = coreset._plain_picks
+    monkeypatch.setattr(coreset, "_plain_picks", lambda p, n, *a: calls.append(n) or plain(p, n, *a))
+    assert coreset.greedy_coreset(points, 200, block=32, initial=initial).tolist() == expected
+    assert calls == [200 - coreset._PROBE]
+
+
 def test_coreset_projection_is_a_seeded_bias_free_linear_layer():
     """The official sampler projects with a fresh torch.nn.Linear(D, 128, bias=False)."""
     x = torch.randn(40, 300, generator=torch.Generator().manual_seed(1))

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 # A block is skipped only when its lower bound exceeds its largest current distance by this
 # relative margin, so rounding in the bound can never skip a block the plain algorithm updates.
 _MARGIN = 1e-4
+# After _PROBE picks, blocks give way to the plain loop when more than _DENSE of them were
+# touched per pick: updating most blocks costs more than one pass over every point.
+_PROBE, _DENSE = 64, 0.25
 
 
 def random_projection(features: torch.Tensor, dim: int | None, seed: int) -> torch.Tensor:
@@ -72,7 +75,11 @@ def greedy_coreset_plain(
     """The textbook greedy k-center: ``n`` indices, the first being ``start``, or with
     ``initial`` distances the point where they are largest (reference)."""
     idx, min_dist = _first(points.shape[0], start, initial)
-    min_dist = min_dist.to(points.device).clone()
+    return _plain_picks(points, n, idx, min_dist.to(points.device).clone())
+
+
+def _plain_picks(points: torch.Tensor, n: int, idx: int, min_dist: torch.Tensor) -> torch.Tensor:
+    """``n`` greedy picks from ``idx`` on, every point's distance so far in ``min_dist``."""
     picks = torch.empty(n, dtype=torch.long)
     for i in range(n):
         picks[i] = idx
@@ -150,11 +157,21 @@ def greedy_coreset(
         b.dist = torch.where(valid, first_dist[b.index.clamp_min(0)], -math.inf)
         b.block_max = b.dist.amax(1)
     picks = torch.empty(n, dtype=torch.long)
+    touched_blocks = 0
     for i in range(n):
+        if i == _PROBE and touched_blocks > _DENSE * _PROBE * len(b.centres):
+            # the bound skips too little (features without cluster structure): the plain loop
+            # is faster from here on, with the same distances and hence the same picks
+            min_dist = torch.empty(total, dtype=b.dist.dtype)
+            valid = b.index >= 0
+            min_dist[b.index[valid]] = b.dist[valid]
+            picks[i:] = _plain_picks(points.float(), n - i, idx, min_dist)
+            return picks
         picks[i] = idx
         centre = points[idx].float()
         gap = (b.centres - centre).pow(2).sum(1).sqrt() - b.radius
         touched = torch.nonzero(gap * (1 - _MARGIN) <= b.block_max).reshape(-1)
+        touched_blocks += len(touched)
         dist = (b.points.index_select(0, touched) - centre).pow_(2).sum(-1).sqrt_()
         dist = torch.minimum(b.dist.index_select(0, touched), dist)
         b.dist.index_copy_(0, touched, dist)
