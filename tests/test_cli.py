@@ -110,6 +110,7 @@ def test_mlflow_store_mirrors_the_results(finished):
         for key in ("image_auroc", "pixel_auroc", "au_pro"):
             assert run.data.metrics[key] == pytest.approx(record["metrics"]["all"][key], abs=1e-12)
         assert run.data.params["dataset"] == record["dataset"]
+        assert run.data.params["resampling"] == record["resampling"] == "tensor"
         assert run.data.tags["config_hash"] == record["config_hash"]
         assert run.data.tags["data_fingerprint"] == record["data_fingerprint"] != "unknown"
         assert run.data.tags["version.timm"] == record["versions"]["timm"]
