@@ -320,7 +320,10 @@ def test_pretraining_reduces_the_reconstruction_loss():
     seed_everything(0)
     # without rotation: with the random rotations 25 steps only reach the loss of predicting
     # the centroid (the net sees occupancy, never coordinates)
-    det = CASL(**TINY, pretrain_iterations=25, finetune_iterations=1, lr=3e-3, rotate="none")
+    det = CASL(
+        **TINY, pretrain_iterations=25, finetune_iterations=1, lr=3e-3, rotate="none",
+        lr_schedule="constant", density_jitter=0.0,
+    )  # fmt: skip
     train = _train_batches()
     det.fit(train)
     losses = [v for _, v in det.train_log_]
@@ -449,8 +452,10 @@ def test_subsampled_cloud_takes_nearest_scored_values(fitted):
     assert n > 1000 and scores.shape == (n,)
     # the documented fixed subsample, scored alone by the network
     keep = torch.randperm(n, generator=torch.Generator().manual_seed(_TEST_SEED))[:400]
-    p, curv, _ = prepared_inputs(cloud[keep], fitted.ks, fitted.knn)
-    coords, point_voxel = voxelize([p], fitted.voxel_size)
+    p, curv, _ = prepared_inputs(
+        cloud[keep], fitted.ks, fitted.knn, spacing=fitted.spacing_
+    )  # neighbour counts at the training clouds' spacing
+    coords, point_voxel = voxelize([p], fitted.voxel_size_)
     with torch.no_grad():
         _, logits = fitted.net_(coords, point_voxel, curv)
     kept_scores = logits[:, 1] - logits[:, 0]
@@ -475,10 +480,10 @@ def test_training_step_runs_under_autocast():
         encoder_channels=(8, 8, 16, 16), decoder_channels=(16, 16, 8, 8), layers=(1,) * 8,
         stem_channels=8, stem_kernel=3, pretrain_iterations=1, finetune_iterations=1,
     )  # fmt: skip
-    det.build(None)
-    det.net_.train()
     clouds = [torch.from_numpy(_shape(np.random.default_rng(i), 800)).float() for i in (0, 1)]
     batch = Batch(label=torch.zeros(2, dtype=torch.long), points=clouds)
+    det.build(batch)
+    det.net_.train()
     for step in (0, 1):  # pretraining, fine-tuning
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.isfinite(det.training_step(batch, step))

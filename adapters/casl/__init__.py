@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -16,10 +17,18 @@ from bench.types import Batch, Prediction
 from ..common import gaussian_blur, grid_maps, point_clouds
 from .network import CASLNet
 from .sparse import voxelize
-from .synthesis import prepared_inputs
+from .synthesis import median_spacing, normalise, prepared_inputs
 
 #: the fixed seed of the subsample a test cloud larger than ``max_points`` is scored on
 _TEST_SEED = 0
+_Parts = Annotated[int, Range(ge=2)]
+#: PO3AD's voxel edge on clouds normalised to radius 1 (its clouds hold many points per voxel)
+PAPER_VOXEL = 0.03
+#: ``voxel_size="auto"``: the voxel edge in median nearest-neighbour distances, at least
+AUTO_SPACINGS = 5.0
+#: ``voxel_size="auto"``: at most this edge, so a cloud spans 32 voxels and the U-Net's
+#: coarsest level (16 voxels wide) still holds several per cloud
+AUTO_MAX_VOXEL = 1 / 16
 
 
 @register_detector("casl")
@@ -27,15 +36,20 @@ class CASL(TrainableDetector):
     """Curvature-prompted masked reconstruction, then a per-point anomaly head (CASL).
 
     Each cloud is normalised (centroid at 0, farthest point at 1), voxelised at ``voxel_size``
-    and described per point by its surface variation at the ``ks`` neighbourhood sizes (the
-    ``curvature`` detector's quantity). The sparse U-Net (:class:`CASLNet`, MinkUNet34C widths
-    by default) sees only the voxels' occupancy and the curvature prompts, never coordinates.
+    ("auto": PO3AD's 0.03, coarser for clouds too sparse for it) and described per point by its
+    surface variation at the ``ks`` neighbourhood sizes (the ``curvature`` detector's quantity;
+    ``neighbourhoods="density"`` counts them at the training clouds' point spacing, so a sparser
+    or denser cloud gets neighbourhoods of the same area). The sparse U-Net (:class:`CASLNet`,
+    MinkUNet34C widths by default) sees only the voxels' occupancy and the curvature prompts,
+    never coordinates.
 
-    Training, one run of ``pretrain_iterations + finetune_iterations`` optimiser steps (Adam):
-    first L1 + L2 reconstruction of every point's xyz on the normal clouds; then cross-entropy of
-    the binary head on clouds that each carry one PO3AD pseudo-anomaly (``patch_parts``,
-    ``displacement``). Training clouds are randomly rotated (``rotate="xyz"``, PO3AD's
-    augmentation). Point score = log(p_anomalous / p_normal); object score = mean of the top
+    Training, one run of ``pretrain_iterations + finetune_iterations`` optimiser steps (Adam
+    without weight decay, PO3AD's cosine schedule per phase): first L1 + L2 reconstruction of
+    every point's xyz on the normal clouds; then cross-entropy of the binary head on clouds that
+    each carry one PO3AD pseudo-anomaly (``patch_parts``, ``displacement``). Training clouds are
+    randomly rotated (``rotate="xyz"``, PO3AD's augmentation), thinned to 1 - U(0,
+    ``density_jitter``) of their points and, with probability ``partial_views``, cut to a
+    partial view. Point score = log(p_anomalous / p_normal); object score = mean of the top
     ``top_fraction`` of point scores. Organised clouds: scores go back to the grid (invalid points
     at the image's lowest score) and are smoothed (Gaussian ``sigma`` pixels). Clouds of more than
     ``max_points`` points are scored on a fixed random subsample of that size (training on a
@@ -50,7 +64,7 @@ class CASL(TrainableDetector):
 
     def __init__(
         self,
-        voxel_size: Annotated[float, Range(gt=0)] = 0.03,
+        voxel_size: Annotated[float, Range(gt=0)] | Literal["auto"] = "auto",
         ks: tuple[Annotated[int, Range(ge=3)], ...] = (16, 32, 64),
         encoder_channels: tuple[Annotated[int, Range(ge=1)], ...] = (32, 64, 128, 256),
         decoder_channels: tuple[Annotated[int, Range(ge=1)], ...] = (256, 128, 96, 96),
@@ -60,10 +74,14 @@ class CASL(TrainableDetector):
         pretrain_iterations: Annotated[int, Range(ge=0)] = 4000,
         finetune_iterations: Annotated[int, Range(ge=1)] = 4000,
         lr: Annotated[float, Range(gt=0)] = 1e-3,
-        weight_decay: Annotated[float, Range(ge=0)] = 1e-4,
-        patch_parts: Annotated[int, Range(ge=2)] = 64,
+        weight_decay: Annotated[float, Range(ge=0)] = 0.0,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        patch_parts: _Parts | tuple[_Parts, ...] = (8, 64),
         displacement: tuple[Annotated[float, Range(ge=0)], ...] = (0.06, 0.12),
         rotate: Literal["xyz", "none"] = "xyz",
+        partial_views: Annotated[float, Range(ge=0, le=1)] = 0.0,
+        density_jitter: Annotated[float, Range(ge=0, lt=1)] = 0.5,
+        neighbourhoods: Literal["density", "count"] = "density",
         max_points: Annotated[int, Range(ge=16)] = 40000,
         top_fraction: Annotated[float, Range(gt=0, le=1)] = 0.01,
         sigma: Annotated[float, Range(ge=0)] = 4.0,
@@ -74,6 +92,10 @@ class CASL(TrainableDetector):
     ) -> None:
         if len(displacement) != 2 or displacement[0] > displacement[1]:
             raise ValueError(f"displacement must be (low, high), got {displacement!r}")
+        if isinstance(patch_parts, (tuple, list)):
+            if len(patch_parts) != 2 or patch_parts[0] > patch_parts[1]:
+                raise ValueError(f"patch_parts must be an int or (low, high), got {patch_parts!r}")
+            patch_parts = tuple(patch_parts)
         self.voxel_size, self.ks = voxel_size, tuple(ks)
         self.encoder_channels, self.decoder_channels = (
             tuple(encoder_channels),
@@ -89,9 +111,11 @@ class CASL(TrainableDetector):
             finetune_iterations,
         )
         self.iterations = pretrain_iterations + finetune_iterations
-        self.lr, self.weight_decay = lr, weight_decay
+        self.lr, self.weight_decay, self.lr_schedule = lr, weight_decay, lr_schedule
         self.patch_parts, self.displacement = patch_parts, tuple(displacement)
         self.rotate, self.max_points, self.top_fraction = rotate, max_points, top_fraction
+        self.partial_views, self.density_jitter = partial_views, density_jitter
+        self.neighbourhoods = neighbourhoods
         self.sigma, self.knn = sigma, knn
         self.amp, self.grad_clip, self.checkpoint_every = amp, grad_clip, checkpoint_every
 
@@ -101,8 +125,35 @@ class CASL(TrainableDetector):
             return None
         return torch.randperm(n, generator=generator)[: self.max_points].to(self.device)
 
+    def _spacing(self, example: Batch) -> float | None:
+        """Median nearest-neighbour distance of the example's normalised, subsampled clouds."""
+        generator = torch.Generator().manual_seed(_TEST_SEED)
+        spacings = []
+        for points in point_clouds(example, self.device):
+            if len(points) >= 2:
+                keep = self._subsample(len(points), generator)
+                p = normalise((points if keep is None else points[keep]).float())
+                spacings.append(median_spacing(p, self.knn))
+        return float(torch.tensor(spacings).median()) if spacings else None
+
+    def _voxel_size(self, spacing: float | None) -> float:
+        """``voxel_size``, or for "auto" PO3AD's 0.03 unless the clouds are too sparse for it:
+        ``AUTO_SPACINGS`` median nearest-neighbour distances of the training clouds (so that an
+        occupied voxel holds a few points), at most ``AUTO_MAX_VOXEL``."""
+        if self.voxel_size != "auto":
+            return float(self.voxel_size)
+        if spacing is None:
+            return PAPER_VOXEL
+        return min(max(PAPER_VOXEL, AUTO_SPACINGS * spacing), AUTO_MAX_VOXEL)
+
+    def _reference_spacing(self) -> float | None:
+        """The spacing the ``ks`` are counted at (None: plain counts)."""
+        return getattr(self, "spacing_", None) if self.neighbourhoods == "density" else None
+
     # -- training ----------------------------------------------------------------------------
     def build(self, example: Batch) -> None:
+        self.spacing_ = self._spacing(example)
+        self.voxel_size_ = self._voxel_size(self.spacing_)
         self.net_ = CASLNet(
             len(self.ks),
             self.encoder_channels,
@@ -114,7 +165,10 @@ class CASL(TrainableDetector):
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return opt, None
+        if self.lr_schedule == "constant":
+            return opt, None
+        phases = (self.pretrain_iterations, self.finetune_iterations)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: po3ad_lr_factor(s, *phases))
 
     def training_step(self, batch: Batch, step: int) -> torch.Tensor:
         finetune = step >= self.pretrain_iterations
@@ -126,8 +180,14 @@ class CASL(TrainableDetector):
                 if not len(points):
                     continue  # a scan without valid points teaches nothing
                 keep = self._subsample(len(points), generator)
+                if keep is None:
+                    keep = torch.arange(len(points), device=self.device)
+                if self.density_jitter:  # a sparser scan: keep 1 - U(0, jitter) of the points
+                    fraction = 1 - self.density_jitter * float(torch.rand((), generator=generator))
+                    order = torch.randperm(len(keep), generator=generator).to(self.device)
+                    keep = keep[order[: max(3, round(len(keep) * fraction))]]
                 p, curv, lab = prepared_inputs(
-                    points if keep is None else points[keep],
+                    points[keep],
                     self.ks,
                     self.knn,
                     generator,
@@ -135,13 +195,15 @@ class CASL(TrainableDetector):
                     synthesize_anomaly=finetune,
                     parts=self.patch_parts,
                     magnitude=self.displacement,
+                    partial=self.partial_views,
+                    spacing=self._reference_spacing(),
                 )
                 clouds.append(p)
                 features.append(curv)
                 labels.append(lab)
             if not clouds:
                 raise ValueError("casl: a training batch holds no valid points")
-            coords, point_voxel = voxelize(clouds, self.voxel_size)
+            coords, point_voxel = voxelize(clouds, self.voxel_size_)
         xyz, logits = self.net_(coords, point_voxel, torch.cat(features))
         if finetune:
             return F.cross_entropy(logits.float(), torch.cat(labels))
@@ -163,12 +225,15 @@ class CASL(TrainableDetector):
             # a fixed subsample per cloud, whatever else is in the batch
             keep = self._subsample(len(points), torch.Generator().manual_seed(_TEST_SEED))
             p, curv, _ = prepared_inputs(
-                points if keep is None else points[keep], self.ks, self.knn
+                points if keep is None else points[keep],
+                self.ks,
+                self.knn,
+                spacing=self._reference_spacing(),
             )
             prepared.append(p)
             features.append(curv)
             kept.append(keep)
-        coords, point_voxel = voxelize(prepared, self.voxel_size)
+        coords, point_voxel = voxelize(prepared, self.voxel_size_)
         _, logits = self.net_(coords, point_voxel, torch.cat(features))
         scores = (logits[:, 1] - logits[:, 0]).float().split([len(p) for p in prepared])
         for i, keep, score in zip(scored, kept, scores):
@@ -192,6 +257,18 @@ class CASL(TrainableDetector):
             return Prediction(score=objects, point_scores=scores)
         maps = grid_maps(scores, batch.valid.to(self.device))
         return Prediction(score=objects, anomaly_map=gaussian_blur(maps, self.sigma))
+
+
+def po3ad_lr_factor(step: int, pretrain: int, finetune: int) -> float:
+    """PO3AD's schedule as a factor of the base learning rate, per phase (pretraining, then
+    fine-tuning): constant for the first 1% of the phase's steps (PO3AD: 10 of 1,001 epochs),
+    then cosine down to 1e-3 of the base (PO3AD: 1e-3 to 1e-6)."""
+    start, length = (0, pretrain) if step < pretrain else (pretrain, finetune)
+    hold = length // 100
+    t = (step - start - hold) / max(1, length - hold)
+    if t <= 0:
+        return 1.0
+    return 1e-3 + 0.5 * (1 - 1e-3) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def _nearest(points: torch.Tensor, reference: torch.Tensor, method: str) -> torch.Tensor:

@@ -53,13 +53,13 @@ def synthesize(
     points: torch.Tensor,
     normals: torch.Tensor,
     generator: torch.Generator,
-    parts: int = 64,
+    parts: int | tuple[int, int] = 64,
     magnitude: tuple[float, float] = (0.06, 0.12),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pseudo-anomaly (PO3AD's normal-guided synthesis) on a normalised cloud [N, 3].
 
     A random centre point and its N // ``parts`` nearest points form the patch (a sphere crop by
-    point count); each patch point moves along its normal by m * ramp * sign with m uniform in
+    point count; ``parts`` = (low, high) draws it log-uniformly in that range per patch); each patch point moves along its normal by m * ramp * sign with m uniform in
     ``magnitude``, sign +-1 for the whole patch and ramp = 1 - d / d_max min-max scaled to
     [0, 1] (1 at the centre, 0 at the farthest patch point). Normals are oriented to agree with
     the centre's normal, so the patch bulges or sinks as one smooth surface (PO3AD moves along
@@ -67,7 +67,12 @@ def synthesize(
     the patch).
     """
     n = len(points)
-    size = max(1, n // parts)
+    if isinstance(parts, tuple):
+        lo, hi = parts
+        u = float(torch.rand((), generator=generator))
+        size = max(1, int(n / math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
+    else:
+        size = max(1, n // parts)
     centre = int(torch.randint(n, (), generator=generator))
     distance = (points - points[centre]).norm(dim=1)
     patch = distance.topk(size, largest=False).indices
@@ -87,6 +92,30 @@ def synthesize(
     return moved, labels
 
 
+def median_spacing(points: torch.Tensor, knn: str = "auto") -> float:
+    """Median distance from each point to its nearest other point."""
+    nearest = knn_indices(points, 2, knn)[:, 1]
+    return float((points - points[nearest]).norm(dim=1).median())
+
+
+def density_scaled(
+    ks: tuple[int, ...], points: torch.Tensor, reference: float, knn: str = "auto"
+) -> tuple[int, ...]:
+    """``ks`` counted at point spacing ``reference``, rescaled to this cloud's spacing so that
+    each neighbourhood covers the same area: k * (reference / spacing)^2, within [3, 4k]."""
+    ratio = (reference / max(median_spacing(points, knn), 1e-12)) ** 2
+    return tuple(min(max(3, round(k * ratio)), 4 * k, len(points)) for k in ks)
+
+
+def partial_view(points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The points on one side of a random plane, 50-95% of them: a scan that saw part of the
+    object (Real3D-AD's test clouds are single views, its training templates complete)."""
+    direction = torch.randn(3, generator=generator, dtype=torch.float64)
+    along = points.double() @ (direction / direction.norm()).to(points.device)
+    keep = 0.5 + 0.45 * float(torch.rand((), generator=generator))
+    return points[along <= torch.quantile(along, keep)]
+
+
 def prepared_inputs(
     points: torch.Tensor,
     ks: tuple[int, ...],
@@ -94,19 +123,27 @@ def prepared_inputs(
     generator: torch.Generator | None = None,
     rotate: bool = False,
     synthesize_anomaly: bool = False,
-    parts: int = 64,
+    parts: int | tuple[int, int] = 64,
     magnitude: tuple[float, float] = (0.06, 0.12),
     normal_k: int = 16,
+    partial: float = 0.0,
+    spacing: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A cloud as the network sees it: normalised (optionally rotated, optionally with one
-    pseudo-anomaly), its curvature features and its point labels (all 0 without synthesis)."""
+    """A cloud as the network sees it: normalised (optionally rotated, with probability
+    ``partial`` cut to a partial view, optionally with one pseudo-anomaly), its curvature
+    features and its point labels (all 0 without synthesis). With ``spacing``, the ``ks`` are
+    neighbour counts at that point spacing, rescaled to the cloud's own (:func:`density_scaled`)."""
     # full precision even inside the fit's autocast (kNN distances, covariances, rotation)
     with torch.autocast(points.device.type, enabled=False):
         p = normalise(points.float())
         if rotate:
             assert generator is not None
             p = p @ random_rotation(generator).to(p.device).T
+        if partial and float(torch.rand((), generator=generator)) < partial:
+            p = normalise(partial_view(p, generator))
         labels = torch.zeros(len(p), dtype=torch.long, device=p.device)
+        if spacing is not None and len(p) >= 3:
+            ks = density_scaled(ks, p, spacing, knn)
         k = min(max(ks), len(p))
         neighbours = knn_indices(p, k, knn) if len(p) >= 3 else None
         if synthesize_anomaly and len(p) >= 3:

@@ -274,11 +274,12 @@ class _PrepTimer:
 def _end_to_end(kwargs: dict, clouds: list[torch.Tensor], device: str, steps: int) -> dict:
     torch.manual_seed(0)
     det = CASL(**kwargs)
-    det.build(None)
     det.to(device)
-    optimizer, _ = det.configure_optimizers()
     points = [c.to(device) for c in clouds]
     batch = Batch(label=torch.zeros(len(points), dtype=torch.long), points=points)
+    det.build(batch)
+    det.to(device)
+    optimizer, _ = det.configure_optimizers()
     dtype = amp_dtype(torch.device(device), det.amp)
     n = sum(len(c) for c in clouds)
     row: dict = {
