@@ -144,7 +144,7 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     """`default` on the built-in data (its cache filled with tiny generated sets), `bench-2d`,
     `bench-3d` and `bench-points` on the roots their environment variables name."""
     from bench.config import builtin_configs, load_config
-    from bench.datasets.builtin import GENERATOR_VERSION
+    from bench.datasets.builtin import generated_root
     from bench.plan import plan_jobs
 
     assert {"default", "bench-2d", "bench-3d", "bench-points"} <= set(builtin_configs())
@@ -153,7 +153,7 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     visa = synthetic_visa.generate(tmp_path / "visa", n_train=2, n_test_good=1, n_anomaly=1)
     monkeypatch.setenv("ADBENCH_CACHE", str(tmp_path))
     for kind, root in (("ad", tiny_ad), ("3d", tiny_3d), ("points", tiny_points), ("visa", visa)):
-        (tmp_path / f"builtin_{kind}_v{GENERATOR_VERSION}").symlink_to(root)
+        generated_root(kind).symlink_to(root)
     monkeypatch.setenv("MVTEC_AD_ROOT", str(tiny_ad))
     monkeypatch.setenv("MVTEC_3D_ROOT", str(tiny_3d))
     monkeypatch.setenv("REAL3D_AD_ROOT", str(tiny_points))
@@ -189,7 +189,7 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     assert (dino.image_size, dino.crop_size, dino.batch_size) == (160, None, 8)
     assert cfg.batch_size == 8
     casl = jobs["casl-cpu/builtin_points/ellipsoid/seed0"].params  # the CPU schedule
-    assert (casl["pretrain_iterations"], casl["finetune_iterations"]) == (25, 100)
+    assert (casl["pretrain_iterations"], casl["finetune_iterations"]) == (25, 300)
     assert jobs["autoencoder/builtin_ad/washer/seed0"].params["iterations"] == 300
     assert jobs["knn/builtin_ad/washer/seed0"].params["backbone"] == "efficientnet_lite0"
     knn = jobs["knn/builtin_ad/washer/seed0"]
