@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide bench-2d bench-3d bench-points bench-visa report test lint format ui server gpu-check gpu-wheels perf parity clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide casl-curve bench-2d bench-3d bench-points bench-visa report test lint format ui server gpu-check gpu-wheels perf parity clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -38,6 +38,7 @@ help:
 	@echo "make bench-protocols  knn under every fit scope (per category, unified, from VisA, k-shot)"
 	@echo "               on MVTec AD at MVTEC_AD_ROOT and the built-in data"
 	@echo "make bench-casl-wide  curvature vs casl on generated compact and wide smooth 3D defects"
+	@echo "make casl-curve  casl's learning curve next to curvature (built-in clouds, held-out vase; ~1 h on 2 cores)"
 	@echo "make report    rebuild the leaderboard of results/default"
 	@echo "make test      run the test suite"
 	@echo "make lint      ruff"
@@ -131,6 +132,10 @@ bench-casl-wide: $(STAMP)
 	  defects=s.DEFECTS + s.WIDE_DEFECTS)" $(WIDE_ROOT)/real3d
 	$(BIN)/bench run --config casl-wide --root mvtec_3d=$(WIDE_ROOT)/mvtec_3d \
 	  --root real3d_ad=$(WIDE_ROOT)/real3d --output $(RESULTS) $(ARGS)
+
+# resumable: finished runs are kept in $(RESULTS)/casl/casl_curve.jsonl
+casl-curve: $(STAMP)
+	$(BIN)/python -m bench.perf casl-curve --output $(RESULTS)/casl
 
 report: $(STAMP)
 	$(BIN)/bench report --output $(RESULTS)

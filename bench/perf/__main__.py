@@ -13,7 +13,17 @@ from bench.perf import (
 parser = argparse.ArgumentParser(prog="python -m bench.perf")
 parser.add_argument(
     "suite",
-    choices=["metrics", "knn", "curvature", "category", "casl", "dinomaly", "dictas", "ray"],
+    choices=[
+        "metrics",
+        "knn",
+        "curvature",
+        "category",
+        "casl",
+        "casl-curve",
+        "dinomaly",
+        "dictas",
+        "ray",
+    ],
 )
 parser.add_argument("--output", default="results/perf")
 parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
@@ -35,6 +45,10 @@ if args.suite == "category":
     category_perf.main(args.output, args.quick)
 if args.suite == "casl":
     casl_perf.main(args.output, args.quick)
+if args.suite == "casl-curve":
+    from bench.perf import casl_curve
+
+    casl_curve.main(args.output, args.quick)
 if args.suite == "dinomaly":
     dinomaly_perf.main(args.output, args.quick, args.anomalib_budget or 3600.0)
 if args.suite == "dictas":
