@@ -72,6 +72,7 @@ PLAN = {
         ("small", 25, 300, 0),
         ("medium", 25, 300, 0),
         ("small", 25, 1000, 0, "before issue 25"),
+        ("small", 25, 3000, 0),
     ],
 }
 BATCH = 4
@@ -232,8 +233,28 @@ def markdown(results: list[dict]) -> str:
         rows.sort(key=lambda r: (order[r["width"] or "curvature"], r.get("variant", ""),
                                  r["pretrain"], r["finetune"], r["seed"]))  # fmt: skip
         lines += [_row(r, kinds) for r in rows]
-        lines.append("")
+        lines += ["", *_seed_summary(rows, kinds), ""]
     return "\n".join(lines)
+
+
+def _seed_summary(rows: list[dict], kinds: list[str]) -> list[str]:
+    """Mean [min, max] over the seeds of every setting run with more than one."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["detector"] == "casl":
+            key = (r["width"], r["pretrain"], r["finetune"], r.get("variant", ""))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (width, pretrain, finetune, variant), runs in groups.items():
+        if len(runs) < 2:
+            continue
+        cells = []
+        for metric in ("object", "point", *[f"point/{k}" for k in kinds]):
+            values = [r[metric] for r in runs]
+            cells.append(f"{metric} {np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]")
+        name = f"casl {width}{', ' + variant if variant else ''}, {pretrain} + {finetune} steps"
+        out.append(f"- {name}, {len(runs)} seeds, mean [min, max]: " + "; ".join(cells))
+    return out
 
 
 def main(output: str | Path, quick: bool = False, workers: int = 2) -> None:
