@@ -337,14 +337,16 @@ def test_pretraining_reduces_the_reconstruction_loss():
 
 class CrashInFinetune(CASL):
     def training_step(self, batch, step):
-        if step == self.pretrain_iterations + 1:
+        if step == self.pretrain_iterations + 2:
             raise KeyboardInterrupt("simulated interruption")
         return super().training_step(batch, step)
 
 
 def test_interrupted_finetuning_resumes_to_identical_weights(tmp_path):
+    """Interrupted mid fine-tuning (phases of unequal length, so a scheduler restarted from
+    step 0 would give other learning rates than the restored one)."""
     params = dict(
-        **TINY, pretrain_iterations=3, finetune_iterations=3, checkpoint_every=3, max_points=900
+        **TINY, pretrain_iterations=3, finetune_iterations=5, checkpoint_every=2, max_points=900
     )
     seed_everything(0)
     straight = CASL(**params)
@@ -357,21 +359,21 @@ def test_interrupted_finetuning_resumes_to_identical_weights(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         crashed.fit(_train_batches((1000, 1100)))
     ckpt = torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)
-    assert ckpt["step"] == 3  # the end of pretraining
-    assert [s for s, _ in ckpt["train_log"]] == [0, 1, 2]
+    assert ckpt["step"] == 4  # one step into fine-tuning
+    assert [s for s, _ in ckpt["train_log"]] == [0, 1, 2, 3]
 
     seed_everything(1234)  # the checkpoint restores the RNG: the global seed must not matter
     resumed = CASL(**params)
     resumed.workdir = tmp_path / "resumed"
     resumed.fit(_train_batches((1000, 1100)))
 
-    assert [s for s, _ in resumed.train_log_] == list(range(6))
+    assert [s for s, _ in resumed.train_log_] == list(range(8))
     assert resumed.train_log_ == straight.train_log_
     a, b = straight.net_.state_dict(), resumed.net_.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)["step"] == 6
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)["step"] == 8
 
 
 # -- scoring ---------------------------------------------------------------------------------------

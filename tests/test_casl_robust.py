@@ -208,7 +208,7 @@ def trained() -> CASL:
     """A tiny CASL trained briefly on four ellipsoids of 1,500 points (about 40 s on one core)."""
     seed_everything(0)
     det = CASL(**{**TINY, "ks": (16, 32, 64)}, pretrain_iterations=5, finetune_iterations=150,
-               max_points=N_POINTS)  # fmt: skip
+               max_points=4 * N_POINTS)  # fmt: skip
     train = [_ellipsoid(i, N_POINTS) for i in range(4)]
     det.fit([Batch(label=torch.zeros(4, dtype=torch.long), points=train)])
     return det
@@ -240,12 +240,12 @@ def test_unaligned_clouds_in_other_units(trained, plain):
 
 @pytest.mark.parametrize("factor", [0.5, 3.0])
 def test_other_point_counts(trained, factor):
-    """Half and three times the training clouds' points (sparser scans are rescaled to the
-    training spacing; denser ones are subsampled to ``max_points``). With fixed neighbour
-    counts and no density jitter in training, half the points scored 0.45."""
+    """Half and three times the training clouds' points, scored whole: the neighbour counts
+    follow the spacing both ways. With fixed neighbour counts and no density jitter in
+    training, half the points scored 0.45."""
     rng = np.random.default_rng(2)
     clouds = [_bulged(rng, int(N_POINTS * factor)) for _ in range(12)]
-    assert _point_auroc(trained, clouds) > FLOOR  # measured 0.80 and 0.76
+    assert _point_auroc(trained, clouds) > FLOOR  # measured 0.80 and 0.72
 
 
 def test_partial_views(trained, plain):

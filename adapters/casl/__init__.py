@@ -126,7 +126,8 @@ class CASL(TrainableDetector):
         return torch.randperm(n, generator=generator)[: self.max_points].to(self.device)
 
     def _spacing(self, example: Batch) -> float | None:
-        """Median nearest-neighbour distance of the example's normalised, subsampled clouds."""
+        """Median nearest-neighbour distance of the example's (the first training batch's)
+        normalised, subsampled clouds."""
         generator = torch.Generator().manual_seed(_TEST_SEED)
         spacings = []
         for points in point_clouds(example, self.device):
@@ -163,7 +164,7 @@ class CASL(TrainableDetector):
             self.stem_kernel,
         )
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, object]:
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.lr_schedule == "constant":
             return opt, None

@@ -132,7 +132,8 @@ def prepared_inputs(
     """A cloud as the network sees it: normalised (optionally rotated, with probability
     ``partial`` cut to a partial view, optionally with one pseudo-anomaly), its curvature
     features and its point labels (all 0 without synthesis). With ``spacing``, the ``ks`` are
-    neighbour counts at that point spacing, rescaled to the cloud's own (:func:`density_scaled`)."""
+    neighbour counts at that point spacing, rescaled to the cloud's own
+    (:func:`density_scaled`)."""
     # full precision even inside the fit's autocast (kNN distances, covariances, rotation)
     with torch.autocast(points.device.type, enabled=False):
         p = normalise(points.float())

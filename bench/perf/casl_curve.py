@@ -6,7 +6,8 @@ wide bulges and sinks) and a held-out vase (:mod:`bench.perf.casl_shapes`, a sha
 that no test uses). Every point of the curve is its own training run (the learning-rate
 schedule depends on the run's length), seeded; runs go two at a time, one torch thread each.
 Finished runs are kept in ``<output>/casl_curve.jsonl`` and skipped when the command is run
-again, so an interrupted curve resumes where it stopped.
+again, so an interrupted curve resumes where it stopped (after a change to the detector, delete
+that file: its keys name the runs, not the code).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def builtin_clouds() -> tuple[list[np.ndarray], list[tuple[str, np.ndarray, np.n
     return train, test
 
 
-def _data(name: str):
+def _data(name: str) -> tuple[list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray]]]:
     if name == "ellipsoid":
         return builtin_clouds()
     from bench.perf.casl_shapes import dataset
@@ -115,7 +116,7 @@ def _data(name: str):
 
 
 # -- one run -------------------------------------------------------------------------------------
-def _batches(clouds: list[np.ndarray]):
+def _batches(clouds: list[np.ndarray]) -> list:
     from bench.types import Batch
 
     return [
