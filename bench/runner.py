@@ -121,7 +121,10 @@ def input_options(image_size, crop_size, resampling: str) -> dict[str, Any]:
 def open_data(job: Job, device: torch.device, num_workers: int) -> JobData:
     """The evaluated category's test split (the training data belongs to the fit)."""
     spec = get_dataset(job.dataset.name)
-    opts = {**input_options(job.image_size, job.crop_size, job.fit.resampling), **job.dataset.options}
+    opts = {
+        **input_options(job.image_size, job.crop_size, job.fit.resampling),
+        **job.dataset.options,
+    }
     test_set = spec.open(job.category, "test", job.root, **opts)
     pin = device.type == "cuda"
     test = EpochLoader(test_set, job.batch_size, num_workers=num_workers, pin_memory=pin)

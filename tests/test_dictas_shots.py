@@ -24,7 +24,9 @@ VISA = ["candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "mac
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
 def test_shipped_lists_hold_k_training_images_of_every_category(k):
-    mvtec = [line for _, line in read_shot_file(packaged_file(f"shots/dictas/mvtec_ad/{k}-shot.txt"))]
+    mvtec = [
+        line for _, line in read_shot_file(packaged_file(f"shots/dictas/mvtec_ad/{k}-shot.txt"))
+    ]
     assert Counter(p.split("/")[0] for p in mvtec) == {c: k for c in MVTEC}
     for path in mvtec:
         category, split, good, name = path.split("/")

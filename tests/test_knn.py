@@ -88,7 +88,9 @@ def test_unclustered_points_switch_to_the_plain_loop_with_the_same_picks(monkeyp
     expected = k_center_reference(points, 200, starts=list(range(10)))
     calls = []
     plain = coreset._plain_picks
-    monkeypatch.setattr(coreset, "_plain_picks", lambda p, n, *a: calls.append(n) or plain(p, n, *a))
+    monkeypatch.setattr(
+        coreset, "_plain_picks", lambda p, n, *a: calls.append(n) or plain(p, n, *a)
+    )
     assert coreset.greedy_coreset(points, 200, block=32, initial=initial).tolist() == expected
     assert calls == [200 - coreset._PROBE]
 

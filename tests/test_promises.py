@@ -238,8 +238,10 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     # DictAS as published: trained on VisA for MVTec AD and on MVTec AD for VisA, the official
     # 4-shot lists (their own test: test_dictas_shots.py), in both official test modes; with
     # seeded draws instead of the lists on the generated data
-    for name, train_on, layers, sigma in (("dictas-mvtec", "visa", [6, 12], None),
-                                          ("dictas-visa", "mvtec_ad", [6, 12, 18, 24], 0.0)):
+    for name, train_on, layers, sigma in (
+        ("dictas-mvtec", "visa", [6, 12], None),
+        ("dictas-visa", "mvtec_ad", [6, 12, 18, 24], 0.0),
+    ):
         cfg = load_config(name)
         entries = [(d.label, d.shots, Path(d.shot_files[0]).name) for d in cfg.detectors]
         assert entries == [("dictas", 4, "4-shot.txt"), ("dictas classification", 4, "4-shot.txt")]
