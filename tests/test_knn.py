@@ -4,6 +4,8 @@ scores, and real pretrained features on a subset of MVTec AD bottle."""
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -159,13 +161,32 @@ def test_patch_embedding_of_wide_resnet_stages():
 
 
 def test_greedy_coreset_covers_like_k_center():
-    """Greedy k-center is a 2-approximation: its covering radius is at most twice that of any
-    other subset of the same size, in particular a random one."""
+    """Greedy k-center's certificate: with covering radius r (the largest distance from any
+    point to its nearest pick), the k picks and the point at distance r are pairwise at least r
+    apart (each pick was the farthest when taken, and those distances never grow). Any k
+    centres leave two of these k + 1 points with one centre, so no k points cover with a
+    radius under r / 2: greedy is within twice the optimum. A subset that is not greedy's
+    fails the certificate; on small clouds the optimum is found by trying every subset."""
     points = _clustered(4000, 8, 3)
-    picks = greedy_coreset(points, 200, block=32)
-    radius = torch.cdist(points, points[picks]).min(1).values.max()
+    picks = greedy_coreset(points, 200, start=0, block=32)
+    assert picks.tolist() == k_center_reference(points, 200, start=0)
+    x = points.double()
+    mode = "donot_use_mm_for_euclid_dist"
+    to_picks = torch.cdist(x, x[picks], compute_mode=mode).min(1).values
+    radius, farthest = float(to_picks.max()), int(to_picks.argmax())
+    assert farthest == k_center_reference(points, 201, start=0)[-1]  # greedy's next pick
+    witnesses = torch.cat([picks, torch.tensor([farthest])])
+    assert float(torch.pdist(x[witnesses]).min()) >= radius * (1 - 1e-12)
     other = torch.randperm(4000, generator=torch.Generator().manual_seed(0))[:200]
-    assert radius <= 2 * torch.cdist(points, points[other]).min(1).values.max()
+    other_to = torch.cdist(x, x[other], compute_mode=mode).min(1).values
+    other_witnesses = torch.cat([other, other_to.argmax()[None]])
+    assert float(torch.pdist(x[other_witnesses]).min()) < float(other_to.max())
+    for seed in range(4):  # the optimum of small clouds by brute force: r <= 2 OPT
+        small = _clustered(14, 2, seed).double()
+        d = torch.cdist(small, small, compute_mode=mode)
+        best = min(float(d[:, list(c)].min(1).values.max()) for c in combinations(range(14), 3))
+        greedy = float(d[:, greedy_coreset(small.float(), 3, start=seed)].min(1).values.max())
+        assert best <= greedy <= 2 * best
 
 
 def test_random_projection_keeps_distances_roughly():
