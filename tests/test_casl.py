@@ -477,18 +477,28 @@ def test_subsampled_cloud_takes_nearest_scored_values(fitted):
 
 def test_training_step_runs_under_autocast():
     """The fit runs training_step under autocast on GPUs (bf16 here on the CPU): the geometry
-    (rotation, kNN, covariance eigenvalues, which have no bf16 kernel) must stay float32."""
+    (rotation, kNN, covariance eigenvalues, which have no bf16 kernel) must stay float32. The
+    same step (same seed: same synthesis) without autocast is the reference: the bf16 loss
+    differs from it (autocast did act) by no more than bf16 rounding, 1% (measured 0.06%)."""
     det = CASL(
         encoder_channels=(8, 8, 16, 16), decoder_channels=(16, 16, 8, 8), layers=(1,) * 8,
         stem_channels=8, stem_kernel=3, pretrain_iterations=1, finetune_iterations=1,
     )  # fmt: skip
     clouds = [torch.from_numpy(_shape(np.random.default_rng(i), 800)).float() for i in (0, 1)]
     batch = Batch(label=torch.zeros(2, dtype=torch.long), points=clouds)
+    torch.manual_seed(0)
     det.build(batch)
     det.net_.train()
     for step in (0, 1):  # pretraining, fine-tuning
+        torch.manual_seed(5)
+        full = float(det.training_step(batch, step))
+        torch.manual_seed(5)
+        assert float(det.training_step(batch, step)) == full  # the reference is reproducible
+        torch.manual_seed(5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.isfinite(det.training_step(batch, step))
+            loss = det.training_step(batch, step)
+        assert loss.dtype == torch.float32 and loss.requires_grad
+        assert float(loss) != full and float(loss) == pytest.approx(full, rel=1e-2)
 
 
 def test_prepared_inputs_stay_float32_under_autocast():
