@@ -13,6 +13,10 @@ import pytest
 from bench.datasets import synthetic_3d, synthetic_ad
 
 REPO = Path(__file__).resolve().parents[1]
+# the tests' shared reference implementations (tests/reference_metrics.py) import as
+# `from reference_metrics import ...`: pytest's importlib mode puts no test folder on sys.path
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
 BOTTLE = (
     Path(os.environ.get("MVTEC_AD_ROOT", REPO.parent / "shared" / "data" / "mvtec_ad")) / "bottle"
 )

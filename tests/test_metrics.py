@@ -1,9 +1,9 @@
-"""Metrics against scikit-learn and an independent per-threshold AU-PRO written here."""
+"""Metrics against scikit-learn and the independent per-threshold AU-PRO of
+tests/reference_metrics.py."""
 
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import numpy as np
 import pytest
@@ -11,84 +11,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from reference_metrics import au_pro as reference_au_pro
+from reference_metrics import f1_max as reference_f1_max
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from bench.evaluation import Evaluator
 from bench.metrics import au_pro, auroc, average_precision, f1_max, pixel_metrics, trapezoid_to
 from bench.types import Batch, Prediction
-
-
-def regions_8(mask: np.ndarray) -> list[list[tuple[int, int]]]:
-    """8-connected components by breadth-first search (independent of scipy)."""
-    seen = np.zeros_like(mask, dtype=bool)
-    out = []
-    for r, c in zip(*np.nonzero(mask)):
-        if seen[r, c]:
-            continue
-        comp, queue = [], deque([(r, c)])
-        seen[r, c] = True
-        while queue:
-            y, x = queue.popleft()
-            comp.append((y, x))
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    v, u = y + dy, x + dx
-                    if (
-                        0 <= v < mask.shape[0]
-                        and 0 <= u < mask.shape[1]
-                        and mask[v, u]
-                        and not seen[v, u]
-                    ):
-                        seen[v, u] = True
-                        queue.append((v, u))
-        out.append(comp)
-    return out
-
-
-def reference_au_pro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
-    """The definition, threshold by threshold: every distinct score, (0,0) first."""
-    regions = [(i, comp) for i, m in enumerate(masks) for comp in regions_8(m)]
-    ok = maps[~masks]
-    points = [(0.0, 0.0)]
-    for t in sorted(set(maps.ravel().tolist()), reverse=True):
-        fpr = float(np.mean(ok >= t))
-        pro = float(np.mean([np.mean([maps[i][p] >= t for p in comp]) for i, comp in regions]))
-        points.append((fpr, pro))
-    area = 0.0
-    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
-        if x1 <= limit:
-            area += 0.5 * (y0 + y1) * (x1 - x0)
-        elif x0 < limit:
-            y_lim = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
-            area += 0.5 * (y0 + y_lim) * (limit - x0)
-    return area / limit
-
-
-def sorted_au_pro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
-    """The official script's algorithm in NumPy (float64), for maps too large for
-    :func:`reference_au_pro`: regions labelled by SciPy (8-connected), every pixel sorted, one
-    curve point per distinct score."""
-    from scipy import ndimage
-
-    labels = np.zeros(masks.shape, dtype=np.int64)
-    regions = 0
-    for i, m in enumerate(masks):
-        lab, count = ndimage.label(m, structure=np.ones((3, 3), dtype=bool))
-        labels[i] = np.where(lab > 0, lab + regions, 0)
-        regions += count
-    flat, lab = maps.ravel().astype(np.float64), labels.ravel()
-    ok = lab == 0
-    sizes = np.bincount(lab)
-    fp_step = np.where(ok, 1.0 / ok.sum(), 0.0)
-    pro_step = np.where(ok, 0.0, 1.0 / (regions * sizes[lab]))
-    order = np.argsort(flat, kind="stable")[::-1]
-    last_of_tie = np.append(np.diff(flat[order]) != 0, True)
-    fpr = np.clip(np.r_[0.0, np.cumsum(fp_step[order])[last_of_tie]], 0, 1)
-    pro = np.clip(np.r_[0.0, np.cumsum(pro_step[order])[last_of_tie]], 0, 1)
-    i = np.searchsorted(fpr, limit)  # first point beyond the limit (fpr[i - 1] < limit)
-    pro_at_limit = pro[i - 1] + (pro[i] - pro[i - 1]) * (limit - fpr[i - 1]) / (fpr[i] - fpr[i - 1])
-    x, y = np.r_[fpr[:i], limit], np.r_[pro[:i], pro_at_limit]
-    return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)) / limit)
 
 
 def t(x) -> torch.Tensor:
@@ -104,8 +33,7 @@ def test_auroc_ap_f1_match_sklearn_on_random_scores_with_ties(seed):
     assert average_precision(t(scores), t(labels)) == pytest.approx(
         average_precision_score(labels, scores), abs=1e-12
     )
-    p, r, _ = precision_recall_curve(labels, scores)
-    f1 = np.max(np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0))
+    f1 = reference_f1_max(labels, scores)
     assert f1_max(t(scores), t(labels)) == pytest.approx(f1, abs=1e-12)
 
 
@@ -320,7 +248,7 @@ def test_undefined_metrics_are_nan_with_a_warning_naming_the_category():
 
 
 @pytest.mark.parametrize("quantised", [False, True])
-def test_binned_path_matches_sklearn_and_the_official_algorithm_at_scale(quantised):
+def test_binned_path_matches_sklearn_and_the_definition_at_scale(quantised):
     """Thousands of distinct defective scores: the binned event counting is in use."""
     from bench.perf.metrics_perf import make_category
 
@@ -332,7 +260,8 @@ def test_binned_path_matches_sklearn_and_the_official_algorithm_at_scale(quantis
     assert torch.unique(maps[masks]).numel() > (50 if quantised else 1000)
     assert result["pixel_auroc"] == pytest.approx(roc_auc_score(flat_m, flat_s), abs=1e-10)
     assert result["pixel_ap"] == pytest.approx(average_precision_score(flat_m, flat_s), abs=1e-10)
-    assert result["au_pro"] == pytest.approx(sorted_au_pro(maps.numpy(), masks.numpy()), abs=1e-10)
+    expected = reference_au_pro(maps.numpy(), masks.numpy())
+    assert result["au_pro"] == pytest.approx(expected, abs=1e-10)
 
 
 def test_fast_protocol_scores_at_a_fixed_size_and_says_so():

@@ -15,8 +15,8 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from reference_metrics import au_pro, f1_max
+from sklearn.metrics import roc_auc_score
 
 from bench.cli import main
 from bench.datasets import synthetic_3d, synthetic_ad, synthetic_real3d
@@ -106,37 +106,6 @@ def read_export(maps: Path, root: Path, category: str = "washer") -> pd.DataFram
         ground_truth(root, category, r.defect, r.id, r.map.shape) for r in table.itertuples()
     ]
     return table
-
-
-def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
-    p, r, _ = precision_recall_curve(labels, scores)
-    return float(np.max(np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0)))
-
-
-def au_pro(maps: np.ndarray, masks: np.ndarray, limit: float) -> float:
-    """AU-PRO by its definition: every distinct score a threshold; FPR over all defect-free
-    pixels, PRO the mean covered fraction of the 8-connected regions; (0,0) first; trapezoid up
-    to ``limit`` with PRO interpolated there; divided by ``limit``."""
-    regions = []
-    for m, s in zip(masks, maps):
-        labels, count = ndimage.label(m, structure=np.ones((3, 3)))
-        regions += [np.sort(s[labels == k]) for k in range(1, count + 1)]
-    negatives = np.sort(maps[~masks])
-    thresholds = np.unique(maps)[::-1]
-
-    def share_at_or_above(sorted_values):
-        return 1 - np.searchsorted(sorted_values, thresholds, side="left") / len(sorted_values)
-
-    fpr = np.r_[0.0, share_at_or_above(negatives)]
-    pro = np.r_[0.0, np.mean([share_at_or_above(r) for r in regions], axis=0)]
-    inside = fpr <= limit
-    x, y = fpr[inside], pro[inside]
-    area = np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x))
-    if x[-1] < limit:
-        j = np.argmax(~inside)  # the first point beyond the limit
-        y_limit = pro[j - 1] + (pro[j] - pro[j - 1]) * (limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
-        area += 0.5 * (y[-1] + y_limit) * (limit - x[-1])
-    return float(area / limit)
 
 
 # -- the built-in configs ----------------------------------------------------------------------
