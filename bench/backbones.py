@@ -18,12 +18,14 @@ import timm
 import torch
 from torch import nn
 
+from bench.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsNotFoundError(FileNotFoundError):
-    pass
+class WeightsNotFoundError(ConfigError, FileNotFoundError):
+    """Pretrained weights that are neither at the configured path nor reachable."""
 
 
 def packaged_efficientnet_lite0() -> Path:

@@ -10,13 +10,13 @@ from typing import Any
 
 from bench.config import (
     BenchConfig,
-    ConfigError,
     DatasetEntry,
     DetectorEntry,
     load_config,
     validate,
 )
 from bench.datasets.common import RESAMPLINGS
+from bench.errors import USER_ERRORS, ConfigError, DataError
 
 
 def _csv(text: str) -> list[str]:
@@ -483,7 +483,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     store = ResultStore(args.output, args.name)
     records = store.records()  # read once: one warning a file
     if not records:
-        raise FileNotFoundError(f"no finished jobs under {store.root / 'jobs'}; nothing to sync")
+        raise DataError(f"no finished jobs under {store.root / 'jobs'}; nothing to sync")
     cfg = BenchConfig(
         name=args.name,
         output=args.output,
@@ -530,22 +530,45 @@ def cmd_links(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {
+    "list": cmd_list,
+    "run": cmd_run,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "sync": cmd_sync,
+    "links": cmd_links,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user's mistake (:data:`bench.errors.USER_ERRORS`) is one line and
+    exit code 2; anything else is a bug: its traceback is printed and kept in a log file."""
     args = build_parser().parse_args(argv)
     try:
-        commands = {
-            "list": cmd_list,
-            "run": cmd_run,
-            "evaluate": cmd_evaluate,
-            "report": cmd_report,
-            "sync": cmd_sync,
-            "links": cmd_links,
-        }
-        return commands[args.command](args)
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         hint = "; re-run the same command to resume" if args.command == "run" else ""
         print(f"bench: interrupted{hint}", file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+    except USER_ERRORS as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        log = crash_log(err)
+        print(
+            f"bench: internal error (a bug, not a mistake in your setup; the traceback is above "
+            f"and in {log})",
+            file=sys.stderr,
+        )
+        raise
+
+
+def crash_log(err: BaseException) -> Path:
+    """Writes the full traceback of an unexpected error to a file in the temp folder."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="bench-crash-", suffix=".txt")
+    with open(fd, "w", encoding="utf-8") as log:
+        log.write("".join(traceback.format_exception(err)))
+    return Path(path)

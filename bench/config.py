@@ -60,11 +60,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.datasets.common import RESAMPLINGS
+from bench.errors import ConfigError
 from bench.metrics import PROTOCOLS
+from bench.scopes import check_scope_fields
 
-
-class ConfigError(ValueError):
-    pass
+__all__ = ["BenchConfig", "ConfigError", "DatasetEntry", "DetectorEntry", "load_config"]
 
 
 @dataclass
@@ -220,8 +220,6 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
             f"{source}: train_log_every must be a positive integer, got {cfg.train_log_every!r}"
         )
     check_executor(cfg, source)
-    from bench.scopes import check_scope_fields
-
     check_scope_fields(cfg, f"{source}:")
     for det in cfg.detectors:
         check_scope_fields(det, f"{source}: detector {det.display!r}")

@@ -19,10 +19,12 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
+from bench.errors import ConfigError
+
 __all__ = ["Annotated", "Literal", "ParamError", "Range", "check_params", "describe"]
 
 
-class ParamError(ValueError):
+class ParamError(ConfigError):
     """A detector parameter does not fit its declared type or range."""
 
 

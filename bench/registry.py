@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from bench.detector import Detector
+from bench.errors import ConfigError
 from bench.types import MODALITIES
 
 ENTRY_POINT_GROUP = "adbench.detectors"
@@ -43,7 +44,7 @@ class DetectorInfo:
         return doc.splitlines()[0] if doc else ""
 
 
-class UnknownDetectorError(KeyError):
+class UnknownDetectorError(ConfigError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.datasets import MVTec3D, MVTecAD, PointCloudSet, mvtec_3d, mvtec_ad, real3d
+from bench.errors import ConfigError, DataError
 from bench.evaluation import CROP_FILE, Evaluator, PointEvaluator, export_path
 from bench.types import Batch, Prediction
 
@@ -55,9 +56,9 @@ def read_point_scores(path: Path, n: int) -> torch.Tensor:
     try:
         values = np.loadtxt(path, dtype=np.float64, ndmin=1)
     except ValueError as err:
-        raise ValueError(f"cannot read point scores {path}: {err}") from err
+        raise DataError(f"cannot read point scores {path}: {err}") from err
     if values.ndim != 1 or len(values) != n:
-        raise ValueError(
+        raise DataError(
             f"point scores {path} hold {values.size} values, expected one per line for each of "
             f"the cloud's {n} points"
         )
@@ -69,10 +70,10 @@ def read_map(path: Path) -> torch.Tensor:
     try:
         array = tifffile.imread(path)
     except Exception as err:
-        raise ValueError(f"cannot read anomaly map {path}: {err}") from err
+        raise DataError(f"cannot read anomaly map {path}: {err}") from err
     array = np.squeeze(array)
     if array.ndim != 2:
-        raise ValueError(f"anomaly map {path} has shape {array.shape}, expected a 2-D map")
+        raise DataError(f"anomaly map {path} has shape {array.shape}, expected a 2-D map")
     _check_finite(array, path, "anomaly map")
     return torch.from_numpy(array.astype(np.float32))
 
@@ -80,7 +81,7 @@ def read_map(path: Path) -> torch.Tensor:
 def _check_finite(values: np.ndarray, path: Path, what: str) -> None:
     bad = int(np.count_nonzero(~np.isfinite(values)))
     if bad:
-        raise ValueError(
+        raise DataError(
             f"{what} {path} has NaN or infinite values ({bad} of {values.size}); expected finite scores"
         )
 
@@ -93,7 +94,7 @@ def read_scores(paths: list[str | Path]) -> dict[Key, tuple[float, str]]:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
         missing = [c for c in SCORE_COLUMNS if c not in frame.columns]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"scores file {path} lacks column(s) {missing}; expected {list(SCORE_COLUMNS)}"
             )
         for line, row in enumerate(frame[list(SCORE_COLUMNS)].itertuples(index=False), start=2):
@@ -101,7 +102,7 @@ def read_scores(paths: list[str | Path]) -> dict[Key, tuple[float, str]]:
                 continue  # a blank line
             key, where = (row.category, row.defect, row.id), f"scores file {path}, line {line}"
             if key in scores:
-                raise ValueError(
+                raise DataError(
                     f"{where}: row ({', '.join(key)}) repeats the one at {scores[key][1]}; "
                     "expected one row per test image"
                 )
@@ -115,7 +116,7 @@ def _score(raw: str, where: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise ValueError(f"{where}: score {raw!r} is not a finite number")
+        raise DataError(f"{where}: score {raw!r} is not a finite number")
     return value
 
 
@@ -130,7 +131,7 @@ def _check_known(
     every category)."""
     for key, (_, where) in scores.items():
         if key not in known and key[0] not in others:
-            raise ValueError(
+            raise DataError(
                 f"scores file {where}: row ({', '.join(key)}) matches no test image of the "
                 f"evaluated categories {categories}"
             )
@@ -150,7 +151,7 @@ def _image_score(scores: dict | None, key: Key, amap: torch.Tensor) -> float:
     if scores is None:
         return float(amap.max())
     if key not in scores:
-        raise ValueError(f"category {key[0]}: no score for {key} in the scores file(s)")
+        raise DataError(f"category {key[0]}: no score for {key} in the scores file(s)")
     return scores[key][0]
 
 
@@ -162,10 +163,10 @@ def read_crop(maps: Path, category: str) -> dict | None:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read crop record {path}: {err}") from err
+        raise DataError(f"cannot read crop record {path}: {err}") from err
     valid = isinstance(record, dict) and isinstance(record.get("rois", {}), dict)
     if not valid or ("roi" in record) == ("rois" in record):
-        raise ValueError(
+        raise DataError(
             f'crop record {path} must hold either "roi": [y0, x0, y1, x1] or '
             '"rois": {"<defect>/<id>": [y0, x0, y1, x1], ...}'
         )
@@ -178,10 +179,10 @@ def roi_of(crop: dict | None, defect: str, stem: str, native: tuple[int, int]) -
         return torch.tensor([0, 0, native[0], native[1]])
     roi = crop["roi"] if "roi" in crop else crop["rois"].get(f"{defect}/{stem}")
     if roi is None:
-        raise ValueError(f"crop record {crop['path']} has no ROI for {defect}/{stem}")
+        raise DataError(f"crop record {crop['path']} has no ROI for {defect}/{stem}")
     ok = isinstance(roi, list) and len(roi) == 4 and all(isinstance(v, int) for v in roi)
     if not ok or not (0 <= roi[0] < roi[2] <= native[0] and 0 <= roi[1] < roi[3] <= native[1]):
-        raise ValueError(
+        raise DataError(
             f"crop record {crop['path']}: ROI {roi} of {defect}/{stem} is not [y0, x0, y1, x1] "
             f"inside its {native[0]}x{native[1]} ground truth"
         )
@@ -195,7 +196,7 @@ def check_geometry(amap: torch.Tensor, native: tuple[int, int], path: Path) -> b
     if (h, w) == (gh, gw):
         return False
     if abs(w - h * gw / gh) > 1 and abs(h - w * gh / gw) > 1:
-        raise ValueError(
+        raise DataError(
             f"anomaly map {path} is {h}x{w} (HxW) but its ground truth is {gh}x{gw}: another "
             "aspect ratio; expected the ground truth's size or a rescale of it"
         )
@@ -234,7 +235,7 @@ def _check_complete(maps: Path, category: str, expected: set, missing: list, n: 
     }
     extra = sorted(str(p) for p in found - expected)
     if extra:
-        raise ValueError(
+        raise DataError(
             f"category {category}: {len(extra)} {file}(s) match no test {sample[:-1]}, e.g. {extra[:3]}"
         )
 
@@ -331,7 +332,7 @@ def evaluate_maps(
             )
     unknown = sorted(set(categories) - set(available))
     if unknown:
-        raise ValueError(f"categor(ies) {unknown} are not in {root} ({available})")
+        raise ConfigError(f"categor(ies) {unknown} are not in {root} ({available})")
     scores = read_scores(score_files) if score_files else None
     if scores is not None:
         known = set().union(*(_test_keys(kind, root, c) for c in categories))

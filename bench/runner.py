@@ -81,8 +81,9 @@ def short_error(err: BaseException) -> str:
     (the last line of the worker's traceback) instead of the whole traceback."""
     text = str(err)
     if "Original Traceback" in text:
-        lines = [line for line in text.splitlines() if line.strip()]
-        return lines[-1]
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name, sep, message = last.partition(": ")
+        return f"{name.rpartition('.')[2]}{sep}{message}"  # bench.errors.DataError -> DataError
     return f"{type(err).__name__}: {text}"
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.config import ConfigError
+from bench.errors import ConfigError
 
 SCOPES = ("per_category", "unified")
 

@@ -14,26 +14,28 @@ import numpy as np
 import psutil
 import torch
 
+from bench.errors import ConfigError
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """ "auto" picks CUDA when available, else CPU; "cuda" without a GPU, or a name torch does not
-    know, is a ValueError naming what is expected."""
+    know, is a ConfigError naming what is expected."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N (or mps), got {device!r}")
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N (or mps), got {device!r}")
     dev = torch.device(device)
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"device {device!r} was asked for, but torch {torch.__version__} sees no CUDA GPU; "
                 "use --device cpu (or auto)"
             )
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {device!r}: torch sees {count} CUDA GPU(s) (cuda:0..)")
+            raise ConfigError(f"device {device!r}: torch sees {count} CUDA GPU(s) (cuda:0..)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for, but torch sees no Apple GPU")
+        raise ConfigError("device 'mps' was asked for, but torch sees no Apple GPU")
     return dev
 
 

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from bench.errors import ConfigError, DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(DataError, FileNotFoundError):
     """A dataset folder is missing or does not have the expected layout."""
 
 
@@ -24,7 +26,7 @@ def read_rgb(path: Path) -> torch.Tensor:
         with Image.open(path) as img:
             array = np.asarray(img.convert("RGB"))
     except Exception as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+        raise DataError(f"cannot read image {path}: {err}") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
@@ -34,9 +36,9 @@ def read_mask(path: Path, shape: tuple[int, int] | None = None) -> torch.Tensor:
         with Image.open(path) as img:
             array = np.asarray(img.convert("L")) > 0
     except Exception as err:
-        raise ValueError(f"cannot read ground-truth mask {path}: {err}") from err
+        raise DataError(f"cannot read ground-truth mask {path}: {err}") from err
     if shape is not None and array.shape != tuple(shape):
-        raise ValueError(f"ground-truth mask {path} is {array.shape}, expected {tuple(shape)}")
+        raise DataError(f"ground-truth mask {path} is {array.shape}, expected {tuple(shape)}")
     return torch.from_numpy(array.copy())
 
 
@@ -82,7 +84,7 @@ def input_geometry(
     if crop is None or crop == size:
         return size, None, torch.tensor([0, 0, h0, w0])
     if crop[0] > size[0] or crop[1] > size[1]:
-        raise ValueError(f"crop_size {crop} is larger than image_size {size}")
+        raise ConfigError(f"crop_size {crop} is larger than image_size {size}")
     top, left = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
     box = (top, left, top + crop[0], left + crop[1])
     sy, sx = h0 / size[0], w0 / size[1]
@@ -102,7 +104,7 @@ _PIL_FILTERS = {"pil-bilinear": Image.Resampling.BILINEAR, "pil-bicubic": Image.
 
 def check_resampling(resampling: str) -> str:
     if resampling not in RESAMPLINGS:
-        raise ValueError(f"resampling must be one of {RESAMPLINGS}, got {resampling!r}")
+        raise ConfigError(f"resampling must be one of {RESAMPLINGS}, got {resampling!r}")
     return resampling
 
 

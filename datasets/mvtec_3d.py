@@ -13,6 +13,8 @@ import numpy as np
 import tifffile
 import torch
 
+from bench.errors import DataError
+
 from .common import (
     CategoryDataset,
     DatasetLayoutError,
@@ -55,13 +57,13 @@ def read_xyz(path: Path) -> np.ndarray:
     try:
         xyz = tifffile.imread(path)
     except Exception as err:
-        raise ValueError(f"cannot read point-cloud tiff {path}: {err}") from err
+        raise DataError(f"cannot read point-cloud tiff {path}: {err}") from err
     if xyz.ndim != 3 or xyz.shape[2] != 3:
-        raise ValueError(
+        raise DataError(
             f"point-cloud tiff {path} has shape {xyz.shape}, expected HxWx3 (organised xyz)"
         )
     if not np.issubdtype(xyz.dtype, np.floating):
-        raise ValueError(f"point-cloud tiff {path} has dtype {xyz.dtype}, expected float32")
+        raise DataError(f"point-cloud tiff {path} has dtype {xyz.dtype}, expected float32")
     xyz = np.nan_to_num(xyz.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
     return xyz
 
@@ -129,7 +131,7 @@ class MVTec3D(CategoryDataset):
         native = (xyz.shape[1], xyz.shape[2])
         rgb = read_rgb(item["rgb_path"])
         if tuple(rgb.shape[1:]) != native:
-            raise ValueError(
+            raise DataError(
                 f"rgb image {item['rgb_path']} is {tuple(rgb.shape[1:])}, expected {native} like its xyz"
             )
         size, box, roi = input_geometry(native, self.image_size, self.crop_size)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.errors import ConfigError
+
 from . import builtin
 
 #: changes when the cached masks of the same settings could change
@@ -134,12 +136,12 @@ class Preprocess3D:
         if option is True:
             return cls()
         if not isinstance(option, dict):
-            raise ValueError(
+            raise ConfigError(
                 f"preprocess must be true, false or a table of settings, got {option!r}"
             )
         unknown = set(option) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"preprocess: unknown setting(s) {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
             )
         return cls(**option)

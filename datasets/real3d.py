@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.errors import DataError
+
 from .common import DatasetLayoutError, scan_categories
 
 LAYOUT = """expected Real3D-AD / Anomaly-ShapeNet layout:
@@ -67,7 +69,7 @@ def read_pcd(path: Path) -> np.ndarray:
         raise FileNotFoundError(f"point cloud {path} does not exist")
     points = np.asarray(o3d.io.read_point_cloud(str(path), format="pcd").points, np.float32)
     if points.ndim != 2 or points.shape[0] == 0:
-        raise ValueError(f"point cloud {path} holds no points (expected a .pcd with x y z fields)")
+        raise DataError(f"point cloud {path} holds no points (expected a .pcd with x y z fields)")
     return points
 
 
@@ -76,14 +78,14 @@ def read_labelled_points(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         table = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except ValueError as err:
-        raise ValueError(f"ground truth {path} is not 'x y z label' lines: {err}") from err
+        raise DataError(f"ground truth {path} is not 'x y z label' lines: {err}") from err
     if table.ndim != 2 or table.shape[0] == 0 or table.shape[1] != 4:
-        raise ValueError(
+        raise DataError(
             f"ground truth {path} has {table.shape[0]} rows of {table.shape[-1]} values, "
             "expected one row of 4 values (x y z label) per point"
         )
     if not np.isin(table[:, 3], (0, 1)).all():
-        raise ValueError(f"ground truth {path}: labels (4th column) must be 0 or 1")
+        raise DataError(f"ground truth {path}: labels (4th column) must be 0 or 1")
     return table[:, :3].astype(np.float32), table[:, 3] > 0.5
 
 

@@ -19,6 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.errors import ConfigError
 from bench.types import MODALITIES
 
 from .common import DatasetLayoutError
@@ -119,7 +120,7 @@ class DatasetInfo:
         return self.spec.feeds
 
 
-class UnknownDatasetError(KeyError):
+class UnknownDatasetError(ConfigError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 

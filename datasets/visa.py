@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.errors import DataError
+
 from .builtin import GeneratedRoot
 from .common import DatasetLayoutError, ImageCategoryDataset
 from .registry import env_root, register_dataset
@@ -106,12 +108,12 @@ def read_nonzero_mask(path: Path, shape: tuple[int, int], image: Path) -> torch.
             array = np.asarray(img)
             alpha = img.mode.endswith("A")
     except Exception as err:
-        raise ValueError(f"cannot read ground-truth mask {path}: {err}") from err
+        raise DataError(f"cannot read ground-truth mask {path}: {err}") from err
     if array.ndim == 3:
         array = (array[..., :-1] if alpha else array).any(axis=2)
     mask = array != 0
     if mask.shape != tuple(shape):
-        raise ValueError(
+        raise DataError(
             f"ground-truth mask {path} is {mask.shape}, expected {tuple(shape)} as its image {image}"
         )
     return torch.from_numpy(mask.copy())

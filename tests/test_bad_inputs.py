@@ -348,7 +348,7 @@ def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path, weave, capsys):
     cfg = _cfg(tmp_path, weave, num_workers=1)
     records, failed = run_benchmark(cfg, track=False)
     out = capsys.readouterr().err
-    assert failed and _squash(f"ValueError: cannot read image {broken}") in _squash(out)
+    assert failed and _squash(f"DataError: cannot read image {broken}") in _squash(out)
     assert (
         "Original Traceback" not in out
         and "Traceback" in next((tmp_path / "out" / "bad" / "failed").glob("*.txt")).read_text()
