@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,19 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     if amp in ("fp16", "auto"):
         return torch.float16
     raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
+
+
+@dataclass
+class _Loop:
+    """What one :meth:`TrainableDetector.fit` trains with."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None  # autocast's, None: full precision
+    skips: bool  # the optimiser leaves out steps with non-finite gradients
+    logger: StepLogger | None
+    every: int  # report to the logger every this many steps
 
 
 class TrainableDetector(Detector):
@@ -102,6 +116,29 @@ class TrainableDetector(Detector):
         return {k: v for k, v in self.fitted_state().items() if isinstance(v, nn.Module)}
 
     def fit(self, train: Iterable[Batch]) -> None:
+        loop, start = self._start_training(train)
+        for module in self.modules().values():
+            module.train()
+        stream = _batches_from(train, start)
+        with progress_bar(f"train {self.registered_name}", total=self.iterations) as bar:
+            bar.advance(start)
+            for step in range(start, self.iterations):
+                tic = time.perf_counter()
+                batch = next(stream).to(self.device, non_blocking=True)
+                value, lr = self._optimiser_step(loop, batch, step)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                images_per_second = len(batch) / max(time.perf_counter() - tic, 1e-9)
+                self.train_log_.append((step, value))
+                self.train_metrics_.append((step, value, lr, images_per_second))
+                self.after_step(step, loop.optimizer)
+                bar.advance(1)
+                self._report_step(loop, step, value, lr, images_per_second)
+        self._end_training(train, loop.logger)
+
+    def _start_training(self, train: Iterable[Batch]) -> tuple[_Loop, int]:
+        """Builds the modules, optimiser, scheduler and scaler and resumes from the checkpoint
+        when there is one; returns them and the step to start at."""
         example = next(iter(_epoch(train, 0)))
         self.build(example.to(self.device))
         self.to(self.device)
@@ -122,60 +159,61 @@ class TrainableDetector(Detector):
         self.train_metrics_ = metrics
         self.skipped_steps_: list[int] = getattr(self, "skipped_steps_", [])
         skips = bool(getattr(optimizer, "skips_nonfinite", False))
-        logger, every = self.step_logger, max(1, int(self.log_every))
-        for module in self.modules().values():
-            module.train()
-        stream = _batches_from(train, start)
-        with progress_bar(f"train {self.registered_name}", total=self.iterations) as bar:
-            bar.advance(start)
-            for step in range(start, self.iterations):
-                tic = time.perf_counter()
-                batch = next(stream).to(self.device, non_blocking=True)
-                ctx = torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
-                with ctx:
-                    loss = self.training_step(batch, step)
-                if not skips and not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"{self.registered_name}: loss is {loss.item()} at step {step}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if self.grad_clip:
-                    scaler.unscale_(optimizer)
-                    params = [p for m in self.modules().values() for p in m.parameters()]
-                    nn.utils.clip_grad_norm_(params, self.grad_clip)
-                skipped_before = getattr(optimizer, "skipped_steps", 0)
-                scaler.step(optimizer)
-                scaler.update()
-                if getattr(optimizer, "skipped_steps", 0) > skipped_before:
-                    self._skipped(step)
-                lr = float(optimizer.param_groups[0]["lr"])  # the lr this step used
-                if scheduler is not None:
-                    scheduler.step()
-                value = float(loss.detach())
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                images_per_second = len(batch) / max(time.perf_counter() - tic, 1e-9)
-                self.train_log_.append((step, value))
-                self.train_metrics_.append((step, value, lr, images_per_second))
-                self.after_step(step, optimizer)
-                bar.advance(1)
-                done = step + 1
-                if logger is not None and (done % every == 0 or done == self.iterations):
-                    logged = {
-                        "train/loss": value,
-                        "train/lr": lr,
-                        "train/images_per_second": images_per_second,
-                    }
-                    if skips:
-                        logged["train/skipped_steps"] = len(self.skipped_steps_)
-                    logger.log(step, logged)
-                if self.workdir is not None and (
-                    done % self.checkpoint_every == 0 or done == self.iterations
-                ):
-                    if logger is not None:
-                        logger.flush()
-                    self._save_checkpoint(done, optimizer, scheduler, scaler)
+        every = max(1, int(self.log_every))
+        loop = _Loop(optimizer, scheduler, scaler, dtype, skips, self.step_logger, every)
+        return loop, start
+
+    def _optimiser_step(self, loop: _Loop, batch: Batch, step: int) -> tuple[float, float]:
+        """One optimiser step (and scheduler step) on ``batch``; its (loss, learning rate).
+        A step the optimiser leaves out for non-finite gradients is kept in ``skipped_steps_``."""
+        optimizer, scaler = loop.optimizer, loop.scaler
+        ctx = torch.autocast("cuda", dtype=loop.dtype) if loop.dtype is not None else nullcontext()
+        with ctx:
+            loss = self.training_step(batch, step)
+        if not loop.skips and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{self.registered_name}: loss is {loss.item()} at step {step}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.grad_clip:
+            scaler.unscale_(optimizer)
+            params = [p for m in self.modules().values() for p in m.parameters()]
+            nn.utils.clip_grad_norm_(params, self.grad_clip)
+        skipped_before = getattr(optimizer, "skipped_steps", 0)
+        scaler.step(optimizer)
+        scaler.update()
+        if getattr(optimizer, "skipped_steps", 0) > skipped_before:
+            self._skipped(step)
+        lr = float(optimizer.param_groups[0]["lr"])  # the lr this step used
+        if loop.scheduler is not None:
+            loop.scheduler.step()
+        return float(loss.detach()), lr
+
+    def _report_step(
+        self, loop: _Loop, step: int, value: float, lr: float, images_per_second: float
+    ) -> None:
+        """Sends a finished step's metrics to the step logger and writes the checkpoint, each
+        when due (and always after the last step)."""
+        logger, done = loop.logger, step + 1
+        if logger is not None and (done % loop.every == 0 or done == self.iterations):
+            logged = {
+                "train/loss": value,
+                "train/lr": lr,
+                "train/images_per_second": images_per_second,
+            }
+            if loop.skips:
+                logged["train/skipped_steps"] = len(self.skipped_steps_)
+            logger.log(step, logged)
+        if self.workdir is not None and (
+            done % self.checkpoint_every == 0 or done == self.iterations
+        ):
+            if logger is not None:
+                logger.flush()
+            self._save_checkpoint(done, loop.optimizer, loop.scheduler, loop.scaler)
+
+    def _end_training(self, train: Iterable[Batch], logger: StepLogger | None) -> None:
+        """After the last step: eval mode, the :meth:`after_training` hook, the curve's end."""
         if logger is not None:
             logger.flush()
         for module in self.modules().values():
