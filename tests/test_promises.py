@@ -5,8 +5,9 @@ generated data: the built-in configs, ``--force``, ``--protocol fast``, ``--seed
 from __future__ import annotations
 
 import json
-import time
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -109,16 +110,25 @@ def read_export(maps: Path, root: Path, category: str = "washer") -> pd.DataFram
 
 
 # -- the built-in configs ----------------------------------------------------------------------
-def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, tiny_points):
-    """`default` on the built-in data (its cache filled with tiny generated sets), `bench-2d`,
-    `bench-3d` and `bench-points` on the roots their environment variables name."""
-    from bench.config import builtin_configs, load_config
-    from bench.datasets.builtin import generated_root
-    from bench.plan import plan_jobs
+DINOMALY_ENCODER = "vit_base_patch14_reg4_dinov2.lvd142m"
 
-    assert {"default", "bench-2d", "bench-3d", "bench-points"} <= set(builtin_configs())
+
+def _builtin_configs() -> list[str]:
+    from bench.config import builtin_configs
+
+    return builtin_configs()
+
+
+@pytest.fixture
+def builtin_env(monkeypatch, tmp_path, tiny_3d, tiny_points):
+    """The built-in data's cache filled with tiny generated sets, and every dataset's environment
+    variable naming a tiny root (MVTec AD: 9 training images, for 3 distinct 8-shot draws)."""
     from bench.datasets import synthetic_visa
+    from bench.datasets.builtin import generated_root
 
+    tiny_ad = synthetic_ad.generate(
+        tmp_path / "ad", categories=("washer",), size=64, n_train=9, n_test_good=1, n_per_defect=1
+    )
     visa = synthetic_visa.generate(tmp_path / "visa", n_train=2, n_test_good=1, n_anomaly=1)
     monkeypatch.setenv("ADBENCH_CACHE", str(tmp_path))
     for kind, root in (("ad", tiny_ad), ("3d", tiny_3d), ("points", tiny_points), ("visa", visa)):
@@ -127,13 +137,20 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     monkeypatch.setenv("MVTEC_3D_ROOT", str(tiny_3d))
     monkeypatch.setenv("REAL3D_AD_ROOT", str(tiny_points))
     monkeypatch.setenv("ANOMALY_SHAPENET_ROOT", str(tiny_points))
+    monkeypatch.setenv("VISA_ROOT", str(visa))
+    return SimpleNamespace(ad=tiny_ad, d3=tiny_3d, points=tiny_points, visa=visa, tmp=tmp_path)
 
-    def planned(name):
-        cfg = load_config(name)
-        assert cfg.name == name and cfg.seeds == [0] and cfg.protocol == "official"
-        return cfg, {j.run_name: j for j in plan_jobs(cfg)}
 
-    cfg, jobs = planned("default")
+def _jobs(cfg) -> dict:
+    from bench.plan import plan_jobs
+
+    return {j.run_name: j for j in plan_jobs(cfg)}
+
+
+def _check_default(cfg, env, monkeypatch):
+    """`default` on the built-in data (its cache filled with tiny generated sets)."""
+    assert cfg.seeds == [0] and cfg.protocol == "official"
+    jobs = _jobs(cfg)
     assert sorted(jobs) == sorted(
         [
             "feature_stats/builtin_ad/washer/seed0",
@@ -164,11 +181,13 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     knn = jobs["knn/builtin_ad/washer/seed0"]
     assert (knn.image_size, knn.crop_size) == (256, None)  # no crop in `default`
     assert jobs["curvature/builtin_3d/dome/seed0"].image_size is None  # native
-    assert Path(jobs["curvature/builtin_points/ellipsoid/seed0"].root) == tiny_points.resolve()
+    assert Path(jobs["curvature/builtin_points/ellipsoid/seed0"].root) == env.points.resolve()
 
-    # Dinomaly as published: seed 1, batch 16, 448 -> 392, unified 10,000 and per category 5,000
-    cfg = load_config("dinomaly-mvtec")
-    jobs = {j.run_name: j for j in plan_jobs(cfg)}
+
+def _check_dinomaly_mvtec(cfg, env, monkeypatch):
+    """Dinomaly as published: seed 1, batch 16, 448 -> 392, unified 10,000 and per category
+    5,000 iterations."""
+    jobs = _jobs(cfg)
     assert sorted(jobs) == [
         "dinomaly per-category/mvtec_ad/washer/seed1",
         "dinomaly unified/mvtec_ad/washer/unified/seed1",
@@ -178,19 +197,23 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
         assert job.params["weights"] == "pretrained" and job.params["variant"] == "dinomaly"
     unified = jobs["dinomaly unified/mvtec_ad/washer/unified/seed1"].params
     assert (unified["iterations"], unified["encoder"], unified["dropout"]) == (
-        10000, "vit_base_patch14_reg4_dinov2.lvd142m", 0.2,
+        10000, DINOMALY_ENCODER, 0.2,
     )  # fmt: skip
     assert jobs["dinomaly per-category/mvtec_ad/washer/seed1"].params["iterations"] == 5000
-    cfg = load_config("dinomaly-offline")
-    batch = {j.run_name: j.batch_size for j in plan_jobs(cfg)}
-    assert batch == {
+
+
+def _check_dinomaly_offline(cfg, env, monkeypatch):
+    assert {n: j.batch_size for n, j in _jobs(cfg).items()} == {
         "dinomaly (substitute)/mvtec_ad/washer/unified/seed1": 16,
         "knn/mvtec_ad/washer/seed1": 8,
     }
 
-    # the official dinomaly_visa_uni.py: the MVTec AD unified settings on VisA
-    monkeypatch.setenv("VISA_ROOT", str(visa))
-    jobs = {j.run_name: j for j in plan_jobs(load_config("dinomaly-visa"))}
+
+def _check_dinomaly_visa(cfg, env, monkeypatch):
+    """The official dinomaly_visa_uni.py: the MVTec AD unified settings on VisA."""
+    from bench.datasets import synthetic_visa
+
+    jobs = _jobs(cfg)
     assert (
         len(jobs) == len(synthetic_visa.CATEGORIES)
         and len({j.fit_hash for j in jobs.values()}) == 1
@@ -202,23 +225,25 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
             392,
             16,
         )
-        assert (job.params["iterations"], job.params["encoder"]) == (10000, unified["encoder"])
+        assert (job.params["iterations"], job.params["encoder"]) == (10000, DINOMALY_ENCODER)
 
-    # DictAS as published: trained on VisA for MVTec AD and on MVTec AD for VisA, the official
-    # 4-shot lists (their own test: test_dictas_shots.py), in both official test modes; with
-    # seeded draws instead of the lists on the generated data
-    for name, train_on, layers, sigma in (
-        ("dictas-mvtec", "visa", [6, 12], None),
-        ("dictas-visa", "mvtec_ad", [6, 12, 18, 24], 0.0),
-    ):
-        cfg = load_config(name)
+
+def _dictas_as_published(train_on: str, layers: list[int], sigma: float | None):
+    """DictAS as published: trained on VisA for MVTec AD and on MVTec AD for VisA, the official
+    4-shot lists (their own test: test_dictas_shots.py), in both official test modes; with
+    seeded draws instead of the lists on the generated data."""
+
+    def check(cfg, env, monkeypatch):
+        from bench.datasets import synthetic_visa
+        from bench.plan import plan_jobs
+
         entries = [(d.label, d.shots, Path(d.shot_files[0]).name) for d in cfg.detectors]
         assert entries == [("dictas", 4, "4-shot.txt"), ("dictas classification", 4, "4-shot.txt")]
         assert cfg.detectors[1].params.get("sigma") == sigma
         for d in cfg.detectors:
             d.shot_files, d.shot_draws = None, 3
         monkeypatch.setenv("VISA_ROOT", str(synthetic_visa.generate(
-            tmp_path / f"v6-{name}", n_train=6, n_test_good=1, n_anomaly=1)))  # fmt: skip
+            env.tmp / "v6", n_train=6, n_test_good=1, n_anomaly=1)))  # fmt: skip
         jobs = plan_jobs(cfg)
         assert len({j.fit.parent.hash for j in jobs}) == 1  # one training: both modes, 3 draws
         assert {j.params["test_mode"] for j in jobs} == {"segmentation", "classification"}
@@ -230,29 +255,57 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
             assert job.fit.parent.parts[0].dataset == train_on and job.params["epochs"] == 30
             assert job.params["score_normalisation"] == "per_category"
 
-    # Dinomaly2's RGB + depth mode: the official dinomaly_mvtec3d.py on MVTec 3D-AD
-    [job] = plan_jobs(load_config("dinomaly2-mvtec3d"))
+    return check
+
+
+def _check_dictas_offline(cfg, env, monkeypatch):
+    """DictAS with the token-source substitute, k = 1, 2, 4, 8 on MVTec AD bottle (the tiny data
+    has washer only: planned there), 3 draws each, trained and training-free, the training on
+    the built-in VisA."""
+    assert [d.categories for d in cfg.datasets] == [["bottle"]]
+    cfg.datasets[0].categories = ["washer"]
+    jobs = list(_jobs(cfg).values())
+    assert sorted(len(j.references) for j in jobs) == sorted([1, 2, 4, 8] * 6)
+    assert len({j.fit.parent.hash for j in jobs}) == 2  # one training, one training-free
+    for job in jobs:
+        assert (job.params["backbone"], job.image_size) == ("efficientnet_lite0", 336)
+        assert job.fit.parent.parts[0].dataset == "builtin_visa"
+
+
+def _check_dinomaly2_mvtec3d(cfg, env, monkeypatch):
+    """Dinomaly2's RGB + depth mode: the official dinomaly_mvtec3d.py on MVTec 3D-AD."""
+    [job] = _jobs(cfg).values()
     assert job.run_name == "dinomaly2 rgb+depth/mvtec_3d/dome/unified/seed1"
     assert (job.image_size, job.crop_size, job.batch_size) == (392, None, 16)
     assert job.dataset.options == {"preprocess": True}
-    want = ("rgb+depth", 40000, "vit_base_patch14_reg4_dinov2.lvd142m", None, 0.4, 1e-8)
+    want = ("rgb+depth", 40000, DINOMALY_ENCODER, None, 0.4, 1e-8)
     keys = ("inputs", "iterations", "encoder", "narrow_lr", "dropout", "attention_eps")
     assert tuple(job.params[k] for k in keys) == want
-    offline = {j.run_name: j for j in plan_jobs(load_config("dinomaly2-3d-offline"))}
-    assert {n for n in offline if n.startswith("dinomaly2")} == {
+
+
+def _check_dinomaly2_3d_offline(cfg, env, monkeypatch):
+    assert {n for n in _jobs(cfg) if n.startswith("dinomaly2")} == {
         "dinomaly2 rgb+depth (substitute)/builtin_3d/dome/unified/seed1",
         "dinomaly2 rgb (substitute)/builtin_3d/dome/unified/seed1",
     }
 
-    cfg, jobs = planned("bench-2d")
+
+def _check_bench_2d(cfg, env, monkeypatch):
+    """`bench-2d` on the root MVTEC_AD_ROOT names."""
+    assert cfg.seeds == [0] and cfg.protocol == "official"
+    jobs = _jobs(cfg)
     assert sorted(jobs) == ["feature_stats/mvtec_ad/washer/seed0", "knn/mvtec_ad/washer/seed0"]
     assert {n: (j.image_size, j.crop_size) for n, j in jobs.items()} == {
         "feature_stats/mvtec_ad/washer/seed0": (256, None),
         "knn/mvtec_ad/washer/seed0": (256, 224),  # the paper's resize 256, centre crop 224
     }
-    assert all(Path(j.root) == tiny_ad.resolve() for j in jobs.values())
+    assert all(Path(j.root) == env.ad.resolve() for j in jobs.values())
 
-    cfg, jobs = planned("bench-3d")
+
+def _check_bench_3d(cfg, env, monkeypatch):
+    """`bench-3d` on the root MVTEC_3D_ROOT names."""
+    assert cfg.seeds == [0] and cfg.protocol == "official"
+    jobs = _jobs(cfg)
     assert sorted(jobs) == [
         "casl/mvtec_3d/dome/seed0",
         "curvature/mvtec_3d/dome/seed0",
@@ -262,15 +315,53 @@ def test_builtin_configs_load_and_plan(monkeypatch, tmp_path, tiny_ad, tiny_3d, 
     assert cfg.batch_size == 4
     for job in jobs.values():
         assert job.image_size == 224 and job.dataset.options == {"preprocess": True}
-        assert Path(job.root) == tiny_3d.resolve()
+        assert Path(job.root) == env.d3.resolve()
 
-    cfg, jobs = planned("bench-points")
-    assert sorted(jobs) == [
+
+def _check_bench_points(cfg, env, monkeypatch):
+    """`bench-points` on the roots REAL3D_AD_ROOT and ANOMALY_SHAPENET_ROOT name."""
+    assert cfg.seeds == [0] and cfg.protocol == "official"
+    assert sorted(_jobs(cfg)) == [
         "casl/anomaly_shapenet/ellipsoid/seed0",
         "casl/real3d_ad/ellipsoid/seed0",
         "curvature/anomaly_shapenet/ellipsoid/seed0",
         "curvature/real3d_ad/ellipsoid/seed0",
     ]
+
+
+#: what each built-in config promises beyond loading and planning
+BUILTIN_CHECKS = {
+    "default": _check_default,
+    "dinomaly-mvtec": _check_dinomaly_mvtec,
+    "dinomaly-offline": _check_dinomaly_offline,
+    "dinomaly-visa": _check_dinomaly_visa,
+    "dictas-mvtec": _dictas_as_published("visa", [6, 12], None),
+    "dictas-visa": _dictas_as_published("mvtec_ad", [6, 12, 18, 24], 0.0),
+    "dictas-offline": _check_dictas_offline,
+    "dinomaly2-mvtec3d": _check_dinomaly2_mvtec3d,
+    "dinomaly2-3d-offline": _check_dinomaly2_3d_offline,
+    "bench-2d": _check_bench_2d,
+    "bench-3d": _check_bench_3d,
+    "bench-points": _check_bench_points,
+}
+
+
+def test_the_documented_configs_are_built_in():
+    assert set(BUILTIN_CHECKS) <= set(_builtin_configs())
+
+
+@pytest.mark.parametrize("name", _builtin_configs())
+def test_builtin_config_loads_and_plans(name, builtin_env, monkeypatch):
+    """Every built-in config loads and plans jobs on the tiny data; the documented ones plan
+    what they promise (BUILTIN_CHECKS)."""
+    from bench.config import load_config
+
+    cfg = load_config(name)
+    assert cfg.name == name
+    if name in BUILTIN_CHECKS:
+        BUILTIN_CHECKS[name](cfg, builtin_env, monkeypatch)
+    else:
+        assert _jobs(cfg)
 
 
 # -- resume and --force ------------------------------------------------------------------------
@@ -287,10 +378,17 @@ def test_force_reruns_a_finished_job_and_without_it_the_job_is_skipped(tmp_path,
     assert "done before, skipped" in capsys.readouterr().err
     assert job.read_text() == first_text  # not rewritten
 
-    time.sleep(1.1)  # "finished" has a resolution of one second
+    # --force writes the record and the fitted state again: rather than wait out the resolution
+    # of their timestamps ("finished" has whole seconds), the old ones are set in the past
+    past = "2000-01-01T00:00:00+00:00"
+    job.write_text(json.dumps({**first, "finished": past}))
+    states = sorted((tmp_path / "force").rglob("fitted.pt"))
+    assert len(states) == 1
+    os.utime(states[0], ns=(0, 0))
     assert main([*args, "--force"]) == 0
     again = json.loads(job.read_text())
-    assert again["finished"] > first["finished"]
+    assert again["finished"] > past and again["finished"] >= first["finished"]
+    assert states[0].stat().st_mtime_ns > 0  # the fit was saved again
     assert again["config_hash"] == first["config_hash"]
     assert again["fit_cached"] is False  # --force refits too
 
