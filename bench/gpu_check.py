@@ -158,7 +158,8 @@ def run_suite(name: str, run: Callable[[str], None], output: Path, env: dict[str
     return f"ok in {time.perf_counter() - start:.0f} s: {', '.join(written) or 'no files'}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m bench.gpu_check``."""
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__)
     parser.add_argument("--output", default=str(REPO / "results" / "perf"))
     parser.add_argument("--quick", action="store_true", help="small benchmark sizes")
@@ -173,7 +174,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run without a GPU (the tests skip, no benchmark runs): checks the set-up only",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def summary_text(env: dict[str, str], counts: dict[str, int], outcomes: dict[str, str]) -> str:
+    """``gpu-summary.md``: the machine, the CUDA tests' counts and each benchmark's outcome."""
+    lines = [f"| {k} | {v} |" for k, v in env.items()]
+    tests = f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+    return (
+        header("GPU check: summary", env)
+        + "| machine | |\n|---|---|\n" + "\n".join(lines) + "\n\n"
+        + f"CUDA tests (`gpu-tests.md`): {tests}\n\n"
+        + "| benchmark | outcome |\n|---|---|\n"
+        + "\n".join(f"| {k} | {v} |" for k, v in outcomes.items()) + "\n"
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.site and Path(args.site).is_dir():
         sys.path.append(str(Path(args.site).resolve()))
         importlib.invalidate_caches()
@@ -204,15 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             outcomes[name] = run_suite(name, run, output, env)
     if not importable("ray"):
         outcomes["ray"] = "skipped: ray is not installed here (fractional-GPU throughput)"
-    lines = [f"| {k} | {v} |" for k, v in env.items()]
-    tests = f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
-    text = (
-        header("GPU check: summary", env)
-        + "| machine | |\n|---|---|\n" + "\n".join(lines) + "\n\n"
-        + f"CUDA tests (`gpu-tests.md`): {tests}\n\n"
-        + "| benchmark | outcome |\n|---|---|\n"
-        + "\n".join(f"| {k} | {v} |" for k, v in outcomes.items()) + "\n"
-    )  # fmt: skip
+    text = summary_text(env, counts, outcomes)
     if torch.cuda.is_available():
         (output / "gpu-summary.md").write_text(text)
     print(text)
