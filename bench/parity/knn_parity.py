@@ -17,79 +17,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from bench.adapters.common import gaussian_blur, patch_features
 from bench.adapters.knn import KNNPatchDistance
-from bench.adapters.knn.coreset import coreset_projection, greedy_coreset
+from bench.adapters.knn.coreset import coreset_projection
 from bench.backbones import normalize
-from bench.parity import Report, checkout_version, official_modules, share_weights
-from bench.types import Batch
+from bench.parity import Report, checkout_version, official_modules
+from bench.parity.knn_anomalib import anomalib_rows, jl_note
+from bench.parity.knn_common import (
+    LAYERS,
+    N_TEST,
+    N_TRAIN,
+    RATIO,
+    SEED,
+    SIGMA,
+    SIZE,
+    as_batch,
+    our_coreset,
+    our_knn,
+    random_backbone,
+    rounding_note,
+    textures,
+)
 
-SIZE, N_TRAIN, N_TEST, RATIO, STARTS, SEED = 128, 6, 3, 0.1, 10, 0
-LAYERS = ["layer2", "layer3"]
-SIGMA = 4  # PatchCore's smoothing (the official RescaleSegmentor, anomalib's default)
 OFFICIAL_FILES = "src/patchcore/{common,patchcore,sampler}.py"
-
-
-def _images(n: int, seed: int, defect: bool = False) -> torch.Tensor:
-    """[n, 3, SIZE, SIZE] smooth random textures in [0, 1]; with ``defect`` a bright square
-    touching the left border of the first image (where border handling matters)."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, 8, 8, generator=gen)
-    x = F.interpolate(coarse, size=SIZE, mode="bicubic", align_corners=False)
-    x = (x + 0.05 * torch.randn(n, 3, SIZE, SIZE, generator=gen)).clamp(0, 1)
-    if defect:
-        x[0, :, 40:60, :14] = 1.0
-    return x
-
-
-def _backbone() -> torch.nn.Module:
-    """torchvision's wide_resnet50_2, random weights, batch norms with random statistics."""
-    from torchvision.models import wide_resnet50_2
-
-    torch.manual_seed(SEED)
-    model = wide_resnet50_2(weights=None)
-    gen = torch.Generator().manual_seed(SEED + 1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-            m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-            m.weight.data.copy_(0.5 + 0.5 * torch.rand(c, generator=gen))
-            m.bias.data.copy_(0.1 * torch.randn(c, generator=gen))
-    return model.eval()
-
-
-def _ours(reference: torch.nn.Module, **params) -> KNNPatchDistance:
-    det = KNNPatchDistance(
-        backbone="wide_resnet50_2",
-        weights="random",
-        layers=(2, 3),
-        coreset_ratio=RATIO,
-        coreset_starts=STARTS,
-        sigma=SIGMA,
-        discover_types=False,
-        seed=SEED,
-        **params,
-    )
-    share_weights(reference, det.extractor_)
-    return det
-
-
-def _batch(images: torch.Tensor) -> Batch:
-    return Batch(label=torch.zeros(len(images), dtype=torch.long), image=images)
-
-
-def _starts(n: int) -> np.ndarray:
-    """The official sampler's start points: ``np.random.choice`` right after seeding NumPy."""
-    np.random.seed(SEED)
-    return np.random.choice(n, STARTS, replace=False)
-
-
-def _coreset(ours: KNNPatchDistance, bank: torch.Tensor) -> torch.Tensor:
-    """Our coreset picks from the official sampler's start points."""
-    return ours.coreset(bank, int(RATIO * len(bank)), torch.from_numpy(_starts(len(bank))))
 
 
 def _official(path: str, reference, train, test, ours: KNNPatchDistance, report: Report) -> None:
@@ -116,7 +66,7 @@ def _official(path: str, reference, train, test, ours: KNNPatchDistance, report:
         x_train = normalize(train)
         stages = model.forward_modules["feature_aggregator"](x_train)
         report.add(
-            "backbone stages layer2, layer3", ours.extractor_(x_train), [stages[k] for k in LAYERS]
+            "backbone stages layer2, layer3", ours.extractor(x_train), [stages[k] for k in LAYERS]
         )
 
         bank = np.asarray(model._embed(x_train))
@@ -132,7 +82,7 @@ def _official(path: str, reference, train, test, ours: KNNPatchDistance, report:
         )
         np.random.seed(SEED)
         official_picks = sampler._compute_greedy_coreset_indices(projected.detach())
-        picks = _coreset(ours, ours_bank)
+        picks = our_coreset(ours, ours_bank)
         report.add(
             "coreset picks (indices; same projection seed and start points)",
             picks,
@@ -150,20 +100,6 @@ def _official(path: str, reference, train, test, ours: KNNPatchDistance, report:
         _official_scores(model, ours, test, report)
 
 
-def _rel(values, exact: np.ndarray) -> float:
-    """Largest difference from ``exact`` relative to its largest magnitude."""
-    return float(np.abs(np.asarray(values, dtype=np.float64) - exact).max() / np.abs(exact).max())
-
-
-def _rounding(name: str, where: str, theirs, ours, exact: np.ndarray) -> str:
-    """The explanation of a float32 distance difference, with both sides' errors."""
-    return (
-        f"{name} computes |q|^2 + |b|^2 - 2 q.b in float32 ({where}): {_rel(theirs, exact):.1e} "
-        f"of the largest score off the float64 distance to the same entries, ours (from q - b "
-        f"on the entry found, adapters/knn/neighbours.py) {_rel(ours, exact):.1e}"
-    )
-
-
 def _official_scores(model, ours: KNNPatchDistance, test: torch.Tensor, report: Report) -> None:
     """The official scoring rows: its faiss distances, and its map and image score from them
     (end to end) and from our patch scores (the post-processing alone)."""
@@ -177,7 +113,7 @@ def _official_scores(model, ours: KNNPatchDistance, test: torch.Tensor, report: 
     bank = model.anomaly_scorer.detection_features.astype(np.float64)
     exact = ((features.astype(np.float64) - bank[nns[:, 0]]) ** 2).sum(1)
     report.add("patch scores (squared L2), ours vs float64", patch.flatten(), exact)
-    explained = _rounding(
+    explained = rounding_note(
         "faiss IndexFlatL2", "src/patchcore/common.py:48 and 80", scores, patch.flatten(), exact
     )
     report.add(
@@ -192,11 +128,11 @@ def _official_scores(model, ours: KNNPatchDistance, test: torch.Tensor, report: 
     ours.sigma = 0
     report.add(
         "map upsampled bilinearly, before the blur (same patch scores)",
-        ours.predict(_batch(test)).anomaly_map,
+        ours.predict(as_batch(test)).anomaly_map,
         upsampled,
     )
     ours.sigma = SIGMA
-    pred = ours.predict(_batch(test))
+    pred = ours.predict(as_batch(test))
     report.add(
         f"map after the Gaussian blur, sigma {SIGMA} (same patch scores)", pred.anomaly_map, maps
     )
@@ -223,144 +159,15 @@ def _official_scores(model, ours: KNNPatchDistance, test: torch.Tensor, report: 
     )
 
 
-class _GivenProjection:
-    """Stands in for anomalib's SparseRandomProjection so that its sampler sees our points."""
-
-    def __init__(self, points: torch.Tensor) -> None:
-        self.points = points
-
-    def fit(self, _embedding: torch.Tensor) -> _GivenProjection:
-        return self
-
-    def transform(self, _embedding: torch.Tensor) -> torch.Tensor:
-        return self.points
-
-
-def _anomalib(reference, train, test, ours: KNNPatchDistance, report: Report) -> None:
-    """The anomalib rows, on our memory bank and patch features."""
-    from anomalib.models.components import KCenterGreedy
-    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
-
-    model = PatchcoreModel(layers=LAYERS, backbone="wide_resnet50_2", pre_trained=False).eval()
-    share_weights(reference, model.feature_extractor.feature_extractor)
-    x_train = normalize(train)
-    with torch.no_grad():
-        stages = model.feature_extractor(x_train)
-        embedding = model.generate_embedding(
-            {k: model.feature_pooler(v) for k, v in stages.items()}
-        )
-    report.add(
-        "3x3-averaged stages, concatenated (anomalib's embedding, 1536-d)",
-        patch_features(ours.extractor_, x_train),
-        embedding,
-    )
-
-    bank = ours.embed(train).permute(0, 2, 3, 1).flatten(0, 2)
-    points = coreset_projection(bank, 128, SEED)
-    sampler = KCenterGreedy(embedding=bank, sampling_ratio=RATIO)
-    sampler.model = _GivenProjection(points)
-    torch.manual_seed(SEED)
-    start = int(torch.randint(high=len(bank), size=(1,)).squeeze())
-    torch.manual_seed(SEED)  # anomalib draws the same start now
-    picks = greedy_coreset(points, sampler.coreset_size, start=start, seed=SEED)
-    report.add(
-        "k-center picks from one shared start, our projection (KCenterGreedy)",
-        picks,
-        sampler.select_coreset_idxs(),
-        tolerance=0,
-    )
-
-    ours.bank_ = bank[_coreset(ours, bank)]
-    model.memory_bank = ours.bank_.clone()
-    ours.squared = False  # anomalib's patch score is the L2 distance
-    patch, nn_idx, queries = ours.patch_scores(test)
-    flat = queries.flatten(0, 1)
-    with torch.no_grad():
-        scores, locations = model.nearest_neighbors(flat, n_neighbors=1)
-    report.add(
-        "nearest bank entry of each test patch (indices)", nn_idx.flatten(), locations, tolerance=0
-    )
-    exact = np.sqrt(((flat.double() - ours.bank_.double()[nn_idx.flatten()]) ** 2).sum(1).numpy())
-    report.add("patch scores (L2; ours with squared=False) vs float64", patch.flatten(), exact)
-    explained = _rounding(
-        "anomalib's euclidean_dist",
-        "models/image/patchcore/torch_model.py:313-319",
-        scores,
-        patch.flatten(),
-        exact,
-    )
-    report.add(
-        "patch scores (L2; ours with squared=False) vs anomalib",
-        patch.flatten(),
-        scores,
-        explained=explained,
-    )
-    scores = patch.flatten()  # the rest from the same patch scores
-    b, h, w = patch.shape
-    ours.sigma = 0
-    upsampled = ours.predict(_batch(test)).anomaly_map
-    ours.sigma = SIGMA
-    pred = ours.predict(_batch(test))
-    with torch.no_grad():
-        theirs = model.anomaly_map_generator(scores.view(b, 1, h, w), (SIZE, SIZE))[:, 0]
-        nearest_up = F.interpolate(scores.view(b, 1, h, w), size=(SIZE, SIZE))[:, 0]
-        blurred = model.anomaly_map_generator.blur(upsampled[:, None])[:, 0]
-    report.add(
-        "map upsampled (before the blur)",
-        upsampled,
-        nearest_up,
-        explained="anomalib upsamples by nearest neighbour (patchcore/anomaly_map.py:82, "
-        "F.interpolate's default mode), ours bilinearly as the official code "
-        "(src/patchcore/common.py:199-201)",
-    )
-    report.add(
-        f"Gaussian blur (sigma {SIGMA}) of one map",
-        gaussian_blur(upsampled, SIGMA),
-        blurred,
-        explained="the same 33-tap kernel (2 * int(4 sigma + 0.5) + 1, "
-        "patchcore/anomaly_map.py:58), but kornia pads with torch's reflect, which leaves the edge "
-        "pixel out (components/filters/blur.py:131); ours pads as scipy's reflect, which "
-        "repeats it, as the official gaussian_filter (src/patchcore/common.py:206)",
-    )
-    r = 4 * SIGMA
-    report.add(
-        f"Gaussian blur of one map, {r}+ px from the border",
-        gaussian_blur(upsampled, SIGMA)[:, r:-r, r:-r],
-        blurred[:, r:-r, r:-r],
-    )
-    report.add(
-        "map after upsampling and blur (same patch scores)",
-        pred.anomaly_map,
-        theirs,
-        explained="the upsampling and blur rows above",
-    )
-    model.num_neighbors = 1
-    report.add(
-        "image scores (largest patch score)",
-        pred.score,
-        model.compute_anomaly_score(scores.view(b, -1), locations.view(b, -1), flat),
-    )
-    model.num_neighbors = ours.num_neighbors = 9
-    ours.reweight = True
-    with torch.no_grad():
-        reweighted = model.compute_anomaly_score(scores.view(b, -1), locations.view(b, -1), flat)
-    report.add(
-        "image scores reweighted by the neighbourhood (paper eq. 7, 9 neighbours)",
-        ours.predict(_batch(test)).score,
-        reweighted,
-    )
-    ours.squared, ours.reweight = True, False
-
-
 def run(official: str | None) -> Report:
     """knn's parity table: against the official PatchCore when its checkout is given, and
     against anomalib's PatchCore always."""
     import anomalib
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    reference = _backbone()
-    train, test = _images(N_TRAIN, SEED), _images(N_TEST, SEED + 10, defect=True)
-    ours = _ours(reference)
+    reference = random_backbone()
+    train, test = textures(N_TRAIN, SEED), textures(N_TEST, SEED + 10, defect=True)
+    ours = our_knn(reference)
     source = f"anomalib {anomalib.__version__} (PatchcoreModel)"
     if official:
         source = f"{checkout_version(official)} ({OFFICIAL_FILES}); {source}"
@@ -376,27 +183,16 @@ def run(official: str | None) -> Report:
         report.notes.append("official checkout not given: compared with anomalib only")
     _label(report, 0, "official")
     first = len(report.checks)
-    _anomalib(reference, train, test, ours, report)
+    anomalib_rows(reference, train, test, ours, report)
     _label(report, first, "anomalib")
-    report.notes += NOTES + [_jl_note(N_TRAIN * (SIZE // 8) ** 2)]
+    report.notes += NOTES + [jl_note(N_TRAIN * (SIZE // 8) ** 2)]
     return report
 
 
 def _label(report: Report, first: int, side: str) -> None:
+    """Prefixes the quantity of every row from ``first`` on with its side."""
     for check in report.checks[first:]:
         check.quantity = f"{side}: {check.quantity}"
-
-
-def _jl_note(n: int) -> str:
-    from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
-
-    dims = {k: SparseRandomProjection._johnson_lindenstrauss_min_dim(k, 0.9) for k in (n, 214016)}
-    return (
-        "anomalib's coreset projection is a sparse random projection to the "
-        "Johnson-Lindenstrauss bound for eps 0.9 (sampling/k_center_greedy.py:58): "
-        f"{dims[n]} dimensions for this bank of {n} patches, {dims[214016]} for MVTec AD "
-        "bottle's 214,016; the official code projects to 128"
-    )
 
 
 NOTES = [
