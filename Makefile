@@ -41,7 +41,7 @@ help:
 	@echo "make casl-curve  casl's learning curve next to curvature (built-in clouds, held-out vase; ~1 h on 2 cores)"
 	@echo "make report    rebuild the leaderboard of results/default"
 	@echo "make test      run the test suite"
-	@echo "make lint      ruff"
+	@echo "make lint      ruff and the layer contract (lint-imports)"
 	@echo "make ui        MLflow UI on the local store (PORT=$(PORT))"
 	@echo "make server    an MLflow tracking server for a team (SQL backend, artifacts under $(RESULTS)/; PORT, MLFLOW_BACKEND_URI)"
 	@echo "make gpu-check on a CUDA machine: every CUDA test and GPU benchmark -> $(RESULTS)/perf/gpu-*.md"
@@ -141,10 +141,12 @@ report: $(STAMP)
 	$(BIN)/bench report --output $(RESULTS)
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	ADBENCH_PROGRESS=0 $(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 format: $(STAMP)
 	$(BIN)/ruff format .

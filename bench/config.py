@@ -62,9 +62,12 @@ from typing import Any
 from bench.datasets.common import RESAMPLINGS
 from bench.errors import ConfigError
 from bench.metrics import PROTOCOLS
-from bench.scopes import check_scope_fields
+from bench.scopes import SCOPES, check_scope_fields
 
 __all__ = ["BenchConfig", "ConfigError", "DatasetEntry", "DetectorEntry", "load_config"]
+
+#: where jobs run (bench.executors): this process, or tasks on a Ray cluster
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -105,40 +108,115 @@ class DatasetEntry:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def flag(default: Any = None, *, help: str, group: str | None = None, **cli: Any) -> Any:
+    """A config field that is also a ``bench run`` flag (``--field-name`` unless ``cli`` names
+    another in ``flag``): the CLI builds its flags from these. ``cli`` holds argparse options,
+    with ``type`` one of the CLI's value parsers ("int", "float", "seeds", "names", "value")."""
+    meta = {"cli": {"help": help, "group": group, **cli}}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+#: the ``bench run`` flag groups of :func:`flag` fields
+FLAG_GROUPS = {
+    "fit scope": "which training images each fit receives (for every detector)",
+    "executor": "where the jobs run (default: this process)",
+}
+
+
 @dataclass
 class BenchConfig:
-    name: str = "default"
+    name: str = flag("default", help="benchmark name: results/<name>/")
     detectors: list[DetectorEntry] = field(default_factory=list)
     datasets: list[DatasetEntry] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = flag([0], type="seeds", help="comma-separated integer seeds, e.g. 0,1,2")
     #: keep only these categories, in whichever datasets have them (None: no filter)
-    categories: list[str] | None = None
-    device: str = "auto"
-    batch_size: int = 8
-    num_workers: int = 2
-    protocol: str = "official"
-    output: str = "results"
+    categories: list[str] | None = flag(
+        type="names", help="comma-separated categories, kept in whichever datasets have them"
+    )
+    device: str = flag("auto", help="auto (default), cpu, cuda, cuda:N")
+    batch_size: int = flag(8, type="int", help="batch size of every detector without its own")
+    num_workers: int = flag(2, type="int", help="data-loading worker processes (default 2)")
+    protocol: str = flag("official", choices=PROTOCOLS, help="metric protocol (default official)")
+    output: str = flag("results", help="results folder (default: results)")
     #: write every anomaly map (float32 tiff, native size, official layout) under this folder
-    export_maps: str | None = None
-    experiment: str | None = None
-    tracking_uri: str | None = None
+    export_maps: str | None = flag(
+        metavar="DIR",
+        help="write every anomaly map to "
+        "DIR/<detector>/<dataset>/seedN/<category>/test/<defect>/<id>.tiff",
+    )
+    experiment: str | None = flag(help="MLflow experiment name (default: adbench/<name>)")
+    tracking_uri: str | None = flag(
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local SQLite store)"
+    )
     #: fit scope of every detector that does not set its own (bench.scopes)
-    scope: str = "per_category"
-    train_on: str | dict[str, Any] | None = None
-    shots: int | None = None
-    shot_draws: int = 1
-    shot_files: list[str] | None = None
+    scope: str = flag(
+        "per_category",
+        group="fit scope",
+        choices=SCOPES,
+        help="per_category (default): a fit per category; unified: one fit over every category",
+    )
+    train_on: str | dict[str, Any] | None = flag(
+        group="fit scope",
+        metavar="DATASET[:CATEGORY,...]",
+        help="fit on another dataset's training split (its root: --root DATASET=PATH)",
+    )
+    shots: int | None = flag(
+        group="fit scope", type="int", help="k normal training images per category"
+    )
+    shot_draws: int = flag(
+        1, group="fit scope", type="int", help="seeded draws of the k shots (default 1)"
+    )
+    shot_files: list[str] | None = flag(
+        group="fit scope",
+        flag="--shot-file",
+        action="append",
+        metavar="FILE",
+        help="reference images listed in FILE (paths relative to the dataset root), one file "
+        "per draw (repeatable)",
+    )
     #: trained detectors log their loss, learning rate and throughput every N steps
-    train_log_every: int = 1
+    train_log_every: int = flag(
+        1,
+        group="fit scope",
+        type="int",
+        metavar="N",
+        help="trained detectors log loss, lr and images/s to MLflow every N steps (default 1)",
+    )
     #: where jobs run: "local" (this process) or "ray" (tasks on a Ray cluster)
-    executor: str = "local"
+    executor: str = flag(
+        "local",
+        group="executor",
+        choices=EXECUTORS,
+        help="local (default): one job at a time here; ray: each job a Ray task on a cluster",
+    )
     #: the Ray cluster to join ("auto", "HOST:PORT", "ray://HOST:10001"); None: start a local one
-    ray_address: str | None = None
+    ray_address: str | None = flag(
+        group="executor",
+        flag="--address",
+        metavar="ADDRESS",
+        help="the Ray cluster to join (HOST:PORT, ray://HOST:10001, or auto: the one started on "
+        "this machine); default: a new local Ray instance using every CPU and GPU here",
+    )
     #: GPUs per Ray job (fractions share a GPU); None: 1 when the cluster has GPUs, else 0
-    gpus_per_job: float | None = None
-    cpus_per_job: float = 1.0
+    gpus_per_job: float | None = flag(
+        group="executor",
+        type="float",
+        help="GPUs a Ray job requests (0.25: four jobs share a GPU; default 1 on a cluster "
+        "with GPUs, else 0)",
+    )
+    cpus_per_job: float = flag(
+        1.0, group="executor", type="float", help="CPUs a Ray job requests (default 1)"
+    )
     #: retries of a Ray job whose worker process or node was lost
-    max_retries: int = 3
+    max_retries: int = flag(
+        3,
+        group="executor",
+        type="int",
+        help="retries of a Ray job whose worker or node was lost (default 3); a job failing "
+        "by itself is recorded as failed, never retried",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,9 +307,6 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
         raise ConfigError(
             f"{source}: detector label(s) {dupes} appear twice; give each entry a distinct 'label'"
         )
-
-
-EXECUTORS = ("local", "ray")
 
 
 def check_executor(cfg: BenchConfig, source: str) -> None:

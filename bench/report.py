@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bench.metrics import HEADLINE
 from bench.results import ResultStore
 
 METRICS = (
@@ -25,7 +26,6 @@ METRICS = (
     "point_ap",
     "point_f1max",
 )
-HEADLINE = ("image_auroc", "pixel_auroc", "au_pro", "pixel_ap", "point_auroc")
 FIGURE_METRICS = ("image_auroc", "pixel_auroc", "au_pro", "point_auroc")
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from bench.errors import ConfigError
 from bench.plan import Fit, Job
 
 
@@ -33,6 +35,22 @@ class ResultStore:
         """A fit's checkpoints and fitted state, keyed by its config so every job that shares
         it (and every later run) reuses it; a per-category fit's is its job's state folder."""
         return self.root / "state" / f"{fit.name.replace('/', '__')}-{fit.hash}"
+
+    def check_writable(self, *extra: Path) -> None:
+        """Fails before any job starts when a folder the run writes to (this store's, and
+        ``extra`` ones such as ``--export-maps``) cannot be written."""
+        folders = [self.root / sub for sub in ("jobs", "state", "figures", "failed")]
+        for folder in [*folders, *extra]:
+            probe = folder / f".write-test-{time.time_ns()}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as err:
+                raise ConfigError(
+                    f"cannot write to {folder} ({err.strerror or err}); choose another folder "
+                    "(--output, --export-maps) or fix its permissions"
+                ) from err
 
     def load(self, job: Job) -> dict[str, Any] | None:
         """The finished record of ``job`` if one exists for the same config hash."""

@@ -84,3 +84,9 @@ def track_peak_memory(device: torch.device, interval: float = 0.05):
         peak.host_bytes = max(peak.host_bytes, proc.memory_info().rss)
         if device.type == "cuda":
             peak.gpu_bytes = torch.cuda.max_memory_allocated(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA), so that a timing covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -97,7 +97,7 @@ def jobs_view(search_filter: str = _JOB_FILTER) -> str:
     """A runs-table view state (JSON) for a shared view: the job runs that ``search_filter``
     selects (every job run by default), one row each, sorted by name, with the leaderboard's
     headline metrics as columns."""
-    from bench.report import HEADLINE
+    from bench.metrics import HEADLINE
 
     metrics = [f"metrics.`{m}`" for m in HEADLINE]
     view = {

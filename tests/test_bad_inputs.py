@@ -23,12 +23,14 @@ import torch
 from PIL import Image
 
 from bench import Detector, Prediction, register_detector
+from bench.benchmark import run_benchmark
+from bench.capabilities import TypeDiscovery
 from bench.cli import main
 from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry
 from bench.datasets import synthetic_ad
+from bench.job.fitting import FITTED_STATE
 from bench.plan import plan_jobs
 from bench.registry import _REGISTRY
-from bench.runner import FITTED_STATE, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"weights": "random"}
@@ -180,10 +182,8 @@ def late_failure(tmp_path):
     marker.touch()
 
     @register_detector("late_failure_test")
-    class LateFailure(Detector):
+    class LateFailure(Detector, TypeDiscovery):
         """Brightness as the anomaly score; discovery breaks while the marker exists."""
-
-        discover_types = True
 
         def fit(self, train):
             self.mean_ = torch.stack([b.image.mean((0, 2, 3)) for b in train]).mean(0)

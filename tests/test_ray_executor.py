@@ -25,9 +25,10 @@ import pytest
 
 pytest.importorskip("ray")
 
+from bench.benchmark import run_benchmark  # noqa: E402
 from bench.config import BenchConfig, DatasetEntry, DetectorEntry  # noqa: E402
+from bench.job.fitting import fit_log  # noqa: E402
 from bench.results import ResultStore  # noqa: E402
-from bench.runner import fit_log, run_benchmark  # noqa: E402
 
 BIN = Path(sys.executable).parent
 #: token authentication is for clusters reachable from other machines; these are loopback only

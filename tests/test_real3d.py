@@ -11,6 +11,7 @@ import torch
 from reference_metrics import f1_max
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from bench.benchmark import run_benchmark
 from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry
 from bench.datasets import synthetic_real3d
 from bench.datasets.common import DatasetLayoutError
@@ -21,7 +22,6 @@ from bench.plan import plan_jobs
 from bench.pointcloud import multiscale_surface_variation
 from bench.report import write_report
 from bench.rescore import evaluate_maps
-from bench.runner import run_benchmark
 from bench.types import Batch, Prediction
 
 

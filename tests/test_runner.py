@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, roc_auc_score
 
 from bench import Detector, Prediction, register_detector
+from bench.benchmark import run_benchmark
 from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry
 from bench.plan import plan_jobs
 from bench.registry import _REGISTRY
-from bench.runner import run_benchmark
 
 
 @pytest.fixture
@@ -378,7 +378,7 @@ def test_data_fingerprint_follows_the_files(tmp_path, ad_root):
     import shutil
 
     from bench.datasets.mvtec_ad import MVTecAD
-    from bench.runner import data_fingerprint
+    from bench.fingerprint import data_fingerprint
 
     root = shutil.copytree(ad_root / "weave", tmp_path / "copy" / "weave").parent
     train, test = MVTecAD(root, "weave", "train"), MVTecAD(root, "weave", "test")

@@ -17,6 +17,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from bench.benchmark import run_benchmark
+from bench.capabilities import ReferenceStage
 from bench.config import BenchConfig, ConfigError, DatasetEntry, DetectorEntry, validate
 from bench.datasets import synthetic_visa
 from bench.detector import FIT_SCOPES, Detector
@@ -24,7 +26,6 @@ from bench.plan import plan_jobs
 from bench.registry import _REGISTRY, register_detector
 from bench.report import write_report
 from bench.results import ResultStore
-from bench.runner import run_benchmark
 from bench.types import Prediction
 
 BIN = Path(sys.executable).parent
@@ -49,7 +50,7 @@ def recorder():
     class Recorder(Detector):
         """Records what fit saw."""
 
-        scopes = FIT_SCOPES
+        fit_scopes = FIT_SCOPES
 
         def __init__(self, seed: int = 0):
             self.seed = seed
@@ -71,11 +72,10 @@ def two_stage():
     name = "two_stage_test"
 
     @register_detector(name)
-    class TwoStage(Detector):
+    class TwoStage(Detector, ReferenceStage):
         """First stage on another dataset, second on k references."""
 
-        scopes = ("train_on", "shots")
-        reference_stage = True
+        fit_scopes = ("train_on", "shots")
 
         def fit(self, train):
             self.base_paths_ = _paths(train)

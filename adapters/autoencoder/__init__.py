@@ -46,7 +46,7 @@ class AutoEncoder(TrainableDetector):
 
     modality = "image"
     #: its fit uses whatever images it is given: every scope applies
-    scopes = FIT_SCOPES
+    fit_scopes = FIT_SCOPES
 
     def __init__(
         self,

@@ -59,7 +59,7 @@ class CASL(TrainableDetector):
     modality = "point_cloud"
     also_accepts = ("points",)
     #: learns from whatever normal clouds it is given: every scope applies
-    scopes = FIT_SCOPES
+    fit_scopes = FIT_SCOPES
     inference_amp = False  # covariance eigenvalues need full precision
 
     def __init__(

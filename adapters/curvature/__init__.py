@@ -35,7 +35,7 @@ class Curvature(Detector):
     modality = "point_cloud"
     also_accepts = ("points",)
     #: its fit uses whatever images it is given: every scope applies
-    scopes = FIT_SCOPES
+    fit_scopes = FIT_SCOPES
     inference_amp = False  # covariance eigenvalues need full precision
 
     def __init__(

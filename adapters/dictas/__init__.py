@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 import torch
 import torch.nn.functional as F
 
+from bench.capabilities import ReferenceStage, TransductiveScores
 from bench.params import Range
 from bench.registry import register_detector
 from bench.training import TrainableDetector, amp_dtype
@@ -33,7 +34,7 @@ REFERENCE_ANGLES = tuple(range(-180, 181, 45))
 
 
 @register_detector("dictas")
-class DictAS(TrainableDetector):
+class DictAS(TrainableDetector, ReferenceStage, TransductiveScores):
     """DictAS: a frozen CLIP ViT-L/14 at 336 px (patch tokens of blocks 6, 12, 18, 24), three
     generators (query, key, value: LayerNorm, 4-head self-attention, MLP) shared by all layers
     and scales, and a sparse lookup: each test token's query is matched against the keys of
@@ -62,13 +63,12 @@ class DictAS(TrainableDetector):
 
     modality = "image"
     resampling = "pil-bicubic"  # the official loader: PIL bicubic Resize to the input size
-    scopes = ("train_on", "shots")
-    reference_stage = True
+    fit_scopes = ("train_on", "shots")
     #: the official code runs in float32; ``amp="bf16"`` puts only the frozen backbone in bf16
     inference_amp = False
     #: a references stage saves its references only, not the generators again (for CLIP-L
-    #: about 85 MB per category and draw); the runner loads it on top of the first stage
-    incremental_stages = True
+    #: about 85 MB per category and draw); the harness loads it on top of the first stage
+    incremental = True
     REFERENCE_STATE = ("reference_images_", "category_")
     #: arguments that only change scoring: entries differing in them share their fits
     test_params = (
@@ -230,7 +230,6 @@ class DictAS(TrainableDetector):
 
     # -- stage 1: the generators ---------------------------------------------------------------
     def fit(self, train) -> None:
-        self._stage = "fit"
         if self.training_free:  # identity generators: nothing to learn
             self.dictionary_ = Dictionary(self.source.width, identity=True).to(self.device)
             return
@@ -401,12 +400,11 @@ class DictAS(TrainableDetector):
         self.reference_images_ = torch.cat(images)
         self.category_ = categories.pop()
         self._entries = None
-        self._stage = "references"
 
-    def saved_state(self) -> dict[str, Any]:
+    def stage_state(self, stage: str) -> dict[str, Any]:
         """Stage 1: everything it learned; a references stage: its references alone."""
         state = self.fitted_state()
-        if getattr(self, "_stage", "fit") == "references":
+        if stage == "references":
             return {k: v for k, v in state.items() if k in self.REFERENCE_STATE}
         return {k: v for k, v in state.items() if k not in self.REFERENCE_STATE}
 

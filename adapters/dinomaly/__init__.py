@@ -61,7 +61,7 @@ class Dinomaly(TrainableDetector):
     resampling = "pil-bilinear"  # the official loader: torchvision Resize on PIL images
     also_accepts = ("rgb+point_cloud",)
     #: learns from whatever normal images it is given: the paper's unified setting is a scope
-    scopes = FIT_SCOPES
+    fit_scopes = FIT_SCOPES
 
     def __init__(
         self,

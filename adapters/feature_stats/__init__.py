@@ -29,7 +29,10 @@ class FeatureStats(Detector):
 
     modality = "image"
     #: its fit uses whatever images it is given: every scope applies
-    scopes = FIT_SCOPES
+    fit_scopes = FIT_SCOPES
+    #: the pretrained backbone, rebuilt from the parameters (older fitted states saved it)
+    frozen = ("extractor",)
+    dropped_state = ("extractor_",)
 
     def __init__(
         self,
@@ -42,11 +45,11 @@ class FeatureStats(Detector):
     ) -> None:
         self.backbone, self.weights, self.layers = backbone, weights, tuple(layers)
         self.variance_floor, self.sigma, self.score = variance_floor, sigma, score
-        self.extractor_ = create_backbone(backbone, weights, self.layers)
+        self.extractor = create_backbone(backbone, weights, self.layers)
 
     @torch.no_grad()
     def features(self, image: torch.Tensor) -> torch.Tensor:
-        return patch_features(self.extractor_, normalize(image))
+        return patch_features(self.extractor, normalize(image))
 
     @torch.no_grad()
     def fit(self, train: Iterable[Batch]) -> None:

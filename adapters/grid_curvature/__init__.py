@@ -51,7 +51,7 @@ class GridCurvature(Detector):
 
     modality = "point_cloud"
     #: its fit uses whatever images it is given: every scope applies
-    scopes = FIT_SCOPES
+    fit_scopes = FIT_SCOPES
     inference_amp = False  # covariance eigenvalues need full precision
 
     def __init__(

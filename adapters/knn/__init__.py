@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.backbones import create_backbone, normalize
+from bench.capabilities import TypeDiscovery
 from bench.detector import FIT_SCOPES, Detector
 from bench.params import Range
 from bench.registry import register_detector
@@ -24,7 +25,7 @@ PAPER_BACKBONE = "wide_resnet50_2"
 
 
 @register_detector("knn")
-class KNNPatchDistance(Detector):
+class KNNPatchDistance(Detector, TypeDiscovery):
     """PatchCore's kNN scoring, as the official code computes it: the anomaly of a patch is its
     squared distance to the nearest patch of a greedy-coreset memory bank of training patches.
 
@@ -48,7 +49,10 @@ class KNNPatchDistance(Detector):
     modality = "image"
     resampling = "pil-bilinear"  # PatchCore's loader: torchvision Resize on PIL images
     #: its fit uses whatever images it is given: every scope applies
-    scopes = FIT_SCOPES
+    fit_scopes = FIT_SCOPES
+    #: the pretrained backbone, rebuilt from the parameters (older fitted states saved it)
+    frozen = ("extractor",)
+    dropped_state = ("extractor_",)
 
     def __init__(
         self,
@@ -81,7 +85,7 @@ class KNNPatchDistance(Detector):
         self.sigma, self.score, self.reweight = sigma, score, reweight
         self.num_neighbors, self.max_pairs, self.seed = num_neighbors, max_pairs, seed
         self.discover_types, self.n_types = discover_types, n_types
-        self.extractor_ = create_backbone(backbone, weights, self.layers)
+        self.extractor = create_backbone(backbone, weights, self.layers)
 
     @classmethod
     def substitutes(cls, params: dict) -> list[str]:
@@ -98,7 +102,7 @@ class KNNPatchDistance(Detector):
     @torch.no_grad()
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """Patch features [B, C, h, w] of images [B, 3, H, W] in [0, 1]."""
-        maps = self.extractor_(normalize(image))
+        maps = self.extractor(normalize(image))
         f = patch_embedding(maps, self.pretrain_embed_dim, self.embed_dim)
         if self.projection_dim is not None:
             b, c, h, w = f.shape

@@ -1,7 +1,25 @@
-"""Where a benchmark's jobs run.
+"""Where a benchmark's jobs run. An executor only schedules: every job runs through
+:func:`bench.job.run.run_job`, whichever executor runs it.
 
-``local`` (the default) is :func:`bench.runner.run_benchmark`'s own loop: one job after the
-other in this process. ``ray`` (:mod:`bench.executors.ray_executor`) runs each job, and each fit
-stage several jobs share, as a Ray task on this machine or across a cluster, into the same
-results folder and MLflow experiment.
+- ``local`` (bench.executors.local): this process, one job after the other.
+- ``ray`` (bench.executors.ray_executor): each job a Ray task, on this machine or a cluster.
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+#: executor name -> "module:function"; the function runs a config's jobs:
+#: ``run(cfg, force, track) -> (records, failed run names)``
+EXECUTORS = {
+    "local": "bench.executors.local:run_local",
+    "ray": "bench.executors.ray_executor:run_on_ray",
+}
+
+
+def get_executor(name: str) -> Callable[..., tuple[list[dict[str, Any]], list[str]]]:
+    """The run function of executor ``name`` (imported on demand: Ray only when used)."""
+    module, _, function = EXECUTORS[name].partition(":")
+    return getattr(importlib.import_module(module), function)

@@ -21,32 +21,35 @@ could not log (e.g. the SQLite store was locked) is logged by the driver.
 from __future__ import annotations
 
 import os
-import socket
-import time
 import uuid
 from collections import Counter
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.markup import escape
 
-from bench.config import BenchConfig, ConfigError
+from bench.config import BenchConfig
+from bench.errors import ConfigError
+from bench.executors.ray_tasks import (
+    FIT_TASK,
+    JOB_TASK,
+    RUNNING,
+    TaskContext,
+    fit_task,
+    job_task,
+    share_marker,
+    where,
+)
+from bench.executors.view import ClusterView
+from bench.job.fitting import FITTED_STATE, fit_chain
+from bench.job.run import clear_for_force, short_error
+from bench.job.summary import report_job
 from bench.plan import Fit, Job, plan_jobs
 from bench.progress import console
-from bench.results import ResultStore, write_json
+from bench.results import ResultStore
+from bench.tracking import Tracker, ensure_logged
 
-#: written by the driver into the results folder; a task that cannot read it is on a node
-#: that does not share the folder
-SHARE_MARKER = ".ray-driver"
-#: the names of the tasks (in the Ray dashboard, and in the traceback of a failed one)
-FIT_TASK, JOB_TASK = "adbench-fit", "adbench-job"
-#: one file per job a task is running (worker, device, start): the driver's progress view
-RUNNING = "running"
-#: a job task's console output (warnings, fit messages), one file per job
-LOGS = "logs"
 #: environment variables passed to every task (where data, weights and tracking live)
 PASSED_ENV = ("ADBENCH_", "MLFLOW_", "MVTEC_", "VISA_", "REAL3D_", "ANOMALY_SHAPENET_", "TORCH_HOME", "HF_")  # fmt: skip
 
@@ -61,199 +64,10 @@ def import_ray():
     return ray
 
 
-@dataclass(frozen=True)
-class TaskContext:
-    """What every task needs from the driver (sent once per task, small)."""
-
-    output: str  # absolute
-    name: str
-    cwd: str
-    device: str  # "cpu" or "cuda" (the GPU Ray assigns)
-    num_workers: int
-    export_maps: str | None
-    train_log_every: int
-    #: this run's id: the share check, and under --force what makes a record this run's own
-    token: str
-    force: bool
-    #: (tracking URI, experiment id, parent run id); None: no tracking
-    tracking: tuple[str, str, str] | None
-
-
-# -- inside a task -------------------------------------------------------------------------------
-def worker_info(device: torch.device) -> dict[str, Any]:
-    """Which process on which node runs a task, and on what device."""
-    import ray
-
-    from bench.system import device_description
-
-    context = ray.get_runtime_context()
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "node": context.get_node_id(),
-        "device": device_description(device),
-        "gpus": [str(g) for g in ray.get_gpu_ids()],
-    }
-
-
-def enter(ctx: TaskContext) -> tuple[ResultStore, torch.device]:
-    """Checks that this node sees the driver's folders; the store and this task's device."""
-    import ray
-
-    host = socket.gethostname()
-    try:
-        os.chdir(ctx.cwd)
-    except OSError as err:
-        raise RuntimeError(
-            f"node {host}: the driver's working directory {ctx.cwd} is not here ({err.strerror}); "
-            "the Ray executor needs the results folder and relative dataset roots on a "
-            "filesystem every node shares at the same path"
-        ) from None
-    store = ResultStore(ctx.output, ctx.name)
-    marker = share_marker(store, ctx.token)
-    if not marker.is_file():
-        raise RuntimeError(
-            f"node {host}: the results folder {store.root} is not the driver's (no {marker.name} "
-            "written by this run); the Ray executor needs it on a filesystem every node shares "
-            "at the same path"
-        )
-    if ctx.device != "cuda":
-        return store, torch.device("cpu")
-    if not (ray.get_gpu_ids() and torch.cuda.is_available()):
-        raise RuntimeError(
-            f"node {host}: Ray assigned GPU(s) {ray.get_gpu_ids()} but torch "
-            f"{torch.__version__} sees no CUDA GPU here (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
-        )
-    return store, torch.device("cuda")
-
-
-def share_marker(store: ResultStore, token: str) -> Path:
-    """The file this run's driver writes into the results folder: a task that cannot read it
-    is on a node that does not share the folder. One per run, so runs do not disturb
-    each other."""
-    return store.root / f"{SHARE_MARKER}-{token}"
-
-
-def attach_tracker(ctx: TaskContext):
-    if ctx.tracking is None:
-        return None
-    from bench.tracking import Tracker
-
-    return Tracker.attach(*ctx.tracking)
-
-
-@contextmanager
-def task_console(store: ResultStore, slug: str):
-    """The task's console output goes to ``logs/<slug>.log`` (the driver shows the live view)."""
-    path = store.root / LOGS / f"{slug}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    before = console.file
-    with open(path, "a", encoding="utf-8") as log:
-        console.file = log
-        try:
-            yield path
-        finally:
-            console.file = before
-
-
-def job_task(ctx: TaskContext, job: Job, *needed: Any) -> dict[str, Any]:
-    """One job: skips it when a finished record exists (a retry after the record was saved),
-    else runs it; logs its MLflow run. Every error of its own is returned as the job's
-    failure (traceback under ``failed/``), never raised: Ray retries lost workers only."""
-    from bench.runner import short_error
-
-    worker: dict[str, Any] | None = None
-    store = ResultStore(ctx.output, ctx.name)
-    try:
-        store, device = enter(ctx)
-        worker = worker_info(device)
-        return {"run_name": job.run_name, "record": run_task_job(ctx, job, store, device, worker),
-                "worker": worker}  # fmt: skip
-    except Exception as err:
-        try:
-            path = str(store.save_failure(job, err))
-        except OSError as unwritable:
-            path = f"not written: {unwritable}"
-        return {"run_name": job.run_name, "error": short_error(err), "traceback": path,
-                "worker": worker}  # fmt: skip
-
-
-def run_task_job(
-    ctx: TaskContext, job: Job, store: ResultStore, device: torch.device, worker: dict
-) -> dict[str, Any]:
-    from bench.runner import run_job
-
-    record = store.load(job)
-    if record is not None and ctx.force and record.get("ray_run") != ctx.token:
-        record = None  # --force: computed again, unless this run (an earlier attempt) did
-    tracker = attach_tracker(ctx)
-    if record is None:
-        marker = store.root / RUNNING / f"{job.slug}.json"
-        write_json(marker, {"run_name": job.run_name, "kind": "job", "started": time.time(),
-                            **worker})  # fmt: skip
-        try:
-            with task_console(store, job.slug):
-                console.print(f"{job.run_name}: started on {where(worker)}", soft_wrap=True)
-                record = run_job(
-                    job,
-                    store,
-                    device,
-                    ctx.num_workers,
-                    ctx.export_maps,
-                    logger_for=None if tracker is None else tracker.fit_logger,
-                    log_every=ctx.train_log_every,
-                )
-            record["ray_run"] = ctx.token
-            store.save(record)
-        finally:
-            marker.unlink(missing_ok=True)
-    if tracker is not None and not record.get("mlflow_run_id"):
-        run_id = tracker.log_job(record)
-        if run_id:
-            record["mlflow_run_id"] = run_id
-            store.save(record)
-    return record
-
-
-def fit_task(ctx: TaskContext, fit: Fit, *needed: Any) -> dict[str, Any]:
-    """One fit stage that several jobs share: computed once (or loaded when a retried task
-    finds it saved) and saved in its state folder, where the job tasks load it."""
-    from bench.registry import create_detector
-    from bench.runner import fit_or_load
-    from bench.system import seed_everything
-    from bench.training import TrainableDetector
-
-    store, device = enter(ctx)
-    seed_everything(fit.seed)
-    tracker = attach_tracker(ctx)
-    detector = create_detector(fit.detector.name, **fit.params)
-    detector.to(device)
-    if isinstance(detector, TrainableDetector):
-        detector.log_every = ctx.train_log_every
-    logger_for = None if tracker is None else tracker.fit_logger
-    worker = worker_info(device)
-    marker = store.root / RUNNING / f"fit-{fit.hash}.json"
-    write_json(marker, {"run_name": f"fit {fit.name}", "kind": "fit", "started": time.time(),
-                        **worker})  # fmt: skip
-    try:
-        with task_console(store, f"fit-{fit.hash}"):
-            console.print(f"fit {fit.name}: started on {where(worker)}", soft_wrap=True)
-            result = fit_or_load(detector, fit, store, device, ctx.num_workers, logger_for)
-            for warning in result.warnings:
-                console.print(f"[yellow]  {escape(warning)}[/]")
-    finally:
-        marker.unlink(missing_ok=True)
-    return {"fit": fit.name, "computed": result.computed, "seconds": result.seconds,
-            "worker": worker}  # fmt: skip
-
-
 # -- on the driver -------------------------------------------------------------------------------
 def shared_stages(jobs: list[Job], store: ResultStore) -> dict[str, Fit]:
     """The fit stages (by state folder) that two or more of ``jobs`` need and whose state is
     not saved yet: each becomes one fit task."""
-    from bench.runner import FITTED_STATE, fit_chain
-
     uses: Counter[str] = Counter()
     stages: dict[str, Fit] = {}
     for job in jobs:
@@ -339,18 +153,13 @@ def request(cfg: BenchConfig, nodes: list[dict]) -> tuple[float, float]:
 
 def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
     """Runs every planned job not already finished as Ray tasks; (records, failed run names)."""
-    from bench.executors.view import ClusterView
-    from bench.runner import check_writable, report_job
-    from bench.tracking import Tracker
-
     ray = import_ray()
     check_device(cfg)
     jobs = plan_jobs(cfg)
     output = Path(cfg.output).resolve()
     store = ResultStore(output, cfg.name)
-    folders = [store.root / sub for sub in ("jobs", "state", "figures", "failed", RUNNING)]
     export = str(Path(cfg.export_maps).resolve()) if cfg.export_maps else None
-    check_writable(*folders, *([Path(export)] if export else []))
+    store.check_writable(store.root / RUNNING, *([Path(export)] if export else []))
     done = {} if force else {j.run_name: store.load(j) for j in jobs}
     pending = [j for j in jobs if done.get(j.run_name) is None]
     token = uuid.uuid4().hex
@@ -385,9 +194,9 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
             view = ClusterView(len(jobs), len(jobs) - len(pending), store.root / RUNNING)
             records = [r for r in done.values() if r is not None]
             for record in records:
-                track_record(tracker, store, record)
+                ensure_logged(tracker, store, record)
             try:
-                failed = collect(ray, refs, ctx, store, tracker, view, records, report_job)
+                failed = collect(ray, refs, ctx, store, tracker, view, records)
             except KeyboardInterrupt:
                 for ref in [*refs, *fits]:
                     ray.cancel(ref, force=True)
@@ -401,16 +210,6 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
         for stale in (store.root / RUNNING).glob("*.json"):
             stale.unlink(missing_ok=True)  # left by killed workers
     return records, failed
-
-
-def clear_for_force(store: ResultStore, pending: list[Job]) -> None:
-    """As the local ``--force``: every fit stage and kept prediction of the jobs, anew."""
-    from bench.runner import clear_fitted_state, fit_chain, pending_path
-
-    for stage_dir in {str(store.fit_dir(f)) for j in pending for f in fit_chain(j.fit)}:
-        clear_fitted_state(Path(stage_dir))
-    for job in pending:
-        pending_path(store, job).unlink(missing_ok=True)
 
 
 def announce(cfg, jobs, pending, cluster: dict, nodes: list, gpus: float, cpus: float) -> None:
@@ -448,7 +247,7 @@ def submit(ray, ctx: TaskContext, pending: list[Job], store: ResultStore, option
     return refs, list(tasks.values())
 
 
-def collect(ray, refs: dict, ctx, store: ResultStore, tracker, view, records: list, report):
+def collect(ray, refs: dict, ctx, store: ResultStore, tracker, view, records: list):
     """Waits for every job task, showing progress; records and tracks each result once.
     Returns the run names of the failed jobs."""
     failed: list[str] = []
@@ -471,8 +270,8 @@ def collect(ray, refs: dict, ctx, store: ResultStore, tracker, view, records: li
                     continue
                 record = out["record"]
                 console.print(f"{escape(job.run_name)} on {where(out['worker'])}:")
-                report(record)
-                track_record(tracker, store, record)
+                report_job(record)
+                ensure_logged(tracker, store, record)
                 records.append(record)
     return failed
 
@@ -487,35 +286,14 @@ def outcome(ray, ref, job: Job, ctx: TaskContext, store: ResultStore) -> dict[st
         record = store.load(job)
         if record is not None and (not ctx.force or record.get("ray_run") == ctx.token):
             return {"run_name": job.run_name, "record": record, "worker": record.get("worker")}
-        from bench.runner import short_error
-
         cause = getattr(err, "cause", None)
         from_fit = f"ray::{FIT_TASK}" in str(err)  # the remote traceback names the task
         if isinstance(err, ray.exceptions.RayTaskError) and from_fit and cause is not None:
             text = f"its shared fit failed: {short_error(cause)}"
         else:
             text = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
-        path = store.failure_path(job.run_name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(str(err))  # with the remote traceback
+        path = store.save_failure(job, err)  # its message holds the remote traceback
         return {"run_name": job.run_name, "error": text, "traceback": str(path), "worker": None}
-
-
-def track_record(tracker, store: ResultStore, record: dict[str, Any]) -> None:
-    """Logs a record that has no MLflow run yet (its task could not, or it finished before)."""
-    if tracker is None or record.get("mlflow_run_id"):
-        return
-    run_id = tracker.log_job(record)
-    if run_id:
-        record["mlflow_run_id"] = run_id
-        store.save(record)
-
-
-def where(worker: dict[str, Any] | None) -> str:
-    if not worker:
-        return "?"
-    gpus = f" GPU {','.join(worker['gpus'])}" if worker.get("gpus") else ""
-    return f"{worker.get('host', '?')} pid {worker.get('pid', '?')} ({worker.get('device', '?')}{gpus})"
 
 
 def warn_sqlite_across_machines(tracker, nodes: list[dict]) -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.benchmark import run_benchmark
 from bench.config import BenchConfig, DatasetEntry, DetectorEntry
 from bench.datasets import synthetic_3d
 from bench.datasets.builtin import cache_dir
 from bench.datasets.mvtec_3d import read_xyz
 from bench.datasets.preprocess_3d import Preprocess3D, cache_file, largest_dbscan_cluster
 from bench.perf import save
-from bench.runner import run_benchmark
 from bench.system import device_description, resolve_device
 
 PREPROCESS = {"seed": 0}  # the literature's defaults (Preprocess3D)

@@ -43,7 +43,7 @@ def grid(output: str, quick: bool, **kw) -> BenchConfig:
 def timed(cfg: BenchConfig, cpus: int | None = None, gpus: int | None = None) -> dict:
     """One run of ``cfg`` from an empty folder; Ray runs get a fresh local instance with
     ``cpus`` CPUs (and ``gpus`` GPUs)."""
-    from bench.runner import run_benchmark
+    from bench.benchmark import run_benchmark
 
     ray = None
     if cfg.executor == "ray":
