@@ -59,3 +59,11 @@ def test_the_layer_contract_holds_and_fails_on_an_upward_import(tmp_path):
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert "bench.errors is not allowed to import bench.job:" in broken.stdout
     assert "bench.errors -> bench.job.run" in broken.stdout
+
+
+def test_every_executor_a_config_may_name_is_registered():
+    from bench.config import EXECUTORS as NAMES
+    from bench.executors import EXECUTORS, get_executor
+
+    assert set(NAMES) == set(EXECUTORS)
+    assert all(callable(get_executor(name)) for name in NAMES)
