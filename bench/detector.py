@@ -52,7 +52,8 @@ class Detector:
     #: left out of the fit's identity, so config entries differing only in them share fits
     test_params: ClassVar[tuple[str, ...]] = ()
     #: attributes built from the constructor arguments that ``fit`` does not change (frozen
-    #: pretrained networks): moved by :meth:`to`, never saved (they are rebuilt on load)
+    #: pretrained networks, in the constructor or on first use: None until then): moved by
+    #: :meth:`to`, never saved (they are rebuilt on load)
     frozen: ClassVar[tuple[str, ...]] = ()
     #: state names older versions saved and that are now rebuilt: ignored by :meth:`load_state`
     dropped_state: ClassVar[tuple[str, ...]] = ()

@@ -64,6 +64,8 @@ class DictAS(TrainableDetector, ReferenceStage, TransductiveScores):
     modality = "image"
     resampling = "pil-bicubic"  # the official loader: PIL bicubic Resize to the input size
     fit_scopes = ("train_on", "shots")
+    #: the pretrained token source, built from the parameters on first use, never saved
+    frozen = ("_source",)
     #: the official code runs in float32; ``amp="bf16"`` puts only the frozen backbone in bf16
     inference_amp = False
     #: a references stage saves its references only, not the generators again (for CLIP-L
@@ -207,9 +209,7 @@ class DictAS(TrainableDetector, ReferenceStage, TransductiveScores):
         return self.source.embed_dim is not None
 
     def to(self, device):
-        super().to(device)
-        if self._source is not None:
-            self._source.to(self.device)
+        super().to(device)  # moves the frozen token source too (``frozen``)
         self._entries = None
         return self
 

@@ -62,6 +62,8 @@ class Dinomaly(TrainableDetector):
     also_accepts = ("rgb+point_cloud",)
     #: learns from whatever normal images it is given: the paper's unified setting is a scope
     fit_scopes = FIT_SCOPES
+    #: the pretrained encoder, built from the parameters on first use, never saved
+    frozen = ("_encoder",)
 
     def __init__(
         self,
@@ -171,9 +173,7 @@ class Dinomaly(TrainableDetector):
         return self._encoder
 
     def to(self, device):
-        super().to(device)
-        if self._encoder is not None:
-            self._encoder.to(self.device)
+        super().to(device)  # moves the frozen encoder too (``frozen``)
         self._compiled = {}
         return self
 
