@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide casl-curve bench-2d bench-3d bench-points bench-visa report test lint format ui server gpu-check gpu-wheels perf parity clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide casl-curve bench-2d bench-3d bench-points bench-visa report test test-fast lint format ui server gpu-check gpu-wheels perf parity clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -41,6 +41,8 @@ help:
 	@echo "make casl-curve  casl's learning curve next to curvature (built-in clouds, held-out vase; ~1 h on 2 cores)"
 	@echo "make report    rebuild the leaderboard of results/default"
 	@echo "make test      run the test suite"
+	@echo "make test-fast the suite without the tests marked slow (real data, end-to-end runs,"
+	@echo "               trained detectors, mlflow servers, Ray): under 2 min on 2 cores"
 	@echo "make lint      ruff and the layer contract (lint-imports)"
 	@echo "make ui        MLflow UI on the local store (PORT=$(PORT))"
 	@echo "make server    an MLflow tracking server for a team (SQL backend, artifacts under $(RESULTS)/; PORT, MLFLOW_BACKEND_URI)"
@@ -143,6 +145,9 @@ report: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 	ADBENCH_PROGRESS=0 $(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	ADBENCH_PROGRESS=0 $(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -17,6 +17,7 @@ from bench.metrics import auroc
 from bench.registry import create_detector
 
 
+@pytest.mark.slow
 def test_packaged_lite0_weights_land_in_timm_by_position():
     packaged = torch.load(packaged_efficientnet_lite0(), map_location="cpu", weights_only=True)
     model = create_backbone("efficientnet_lite0", "pretrained", (2, 3))
@@ -42,6 +43,7 @@ def test_missing_checkpoint_and_unknown_names_are_errors(tmp_path):
         create_backbone("resnet_does_not_exist", "random")
 
 
+@pytest.mark.slow
 def test_pretrained_weights_missing_offline_is_an_error_not_random(tmp_path):
     # huggingface_hub reads HF_HUB_OFFLINE at import, so the check runs in a fresh interpreter
     code = (
@@ -58,6 +60,7 @@ def test_pretrained_weights_missing_offline_is_an_error_not_random(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_real_features_separate_bottle_defects(bottle):
     """Real ImageNet features on real data: a small subset of MVTec AD bottle."""
     train = MVTecAD(bottle.parent, "bottle", "train", image_size=224)

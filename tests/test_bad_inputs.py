@@ -65,6 +65,7 @@ def _state_files(tmp_path) -> list[Path]:
 
 
 # -- 1. stale fitted state after the training data change -------------------------------------
+@pytest.mark.slow
 def test_changed_training_data_refits_instead_of_reusing_the_old_fit(tmp_path, weave):
     cfg = _cfg(tmp_path, weave)
     (first,), _ = run_benchmark(cfg, track=False)
@@ -82,6 +83,7 @@ def test_changed_training_data_refits_instead_of_reusing_the_old_fit(tmp_path, w
     assert second["metrics"] == scratch["metrics"]
 
 
+@pytest.mark.slow
 def test_changed_test_data_rescores_and_force_refits(tmp_path, weave):
     cfg = _cfg(tmp_path, weave)
     (first,), _ = run_benchmark(cfg, track=False)
@@ -112,6 +114,7 @@ def test_a_category_without_train_good_is_an_error_naming_the_folder(tmp_path, a
 
 
 # -- 3. the job seed reaches the detector's own random choices ---------------------------------
+@pytest.mark.slow
 def test_job_seed_reaches_knn_unless_pinned(tmp_path, weave):
     params = {"backbone": "efficientnet_lite0", "coreset_ratio": 0.05, "discover_types": False}
     cfg = _cfg(tmp_path, weave, "knn", params, seeds=[0, 3])
@@ -123,6 +126,7 @@ def test_job_seed_reaches_knn_unless_pinned(tmp_path, weave):
     assert {j.params["seed"] for j in plan_jobs(pinned)} == {7}
 
 
+@pytest.mark.slow
 def test_job_seed_reaches_a_trained_detector(tmp_path, weave):
     """The autoencoder has no seed parameter: its initialisation and batch order follow the
     job seed through the runner's seeding, so two seeds train two different models."""
@@ -136,6 +140,7 @@ def test_job_seed_reaches_a_trained_detector(tmp_path, weave):
 
 
 # -- 4. curves past 2^24 thresholds ------------------------------------------------------------
+@pytest.mark.slow
 def test_curves_with_more_than_2_24_distinct_scores():
     from bench.metrics import point_metrics
 
@@ -203,6 +208,7 @@ def late_failure(tmp_path):
     _REGISTRY.pop("late_failure_test", None)
 
 
+@pytest.mark.slow
 def test_predictions_survive_a_failure_after_prediction(tmp_path, weave, late_failure):
     marker, calls = late_failure
     cfg = _cfg(tmp_path, weave, "late_failure_test", {})
@@ -222,6 +228,7 @@ def test_predictions_survive_a_failure_after_prediction(tmp_path, weave, late_fa
 
 
 # -- 6. bench evaluate on wrong input (in full: test_rescore.py) --------------------------------
+@pytest.mark.slow
 def test_evaluate_names_a_stretched_map_and_a_duplicated_score_row(tmp_path, weave, capsys):
     import tifffile
 
@@ -241,6 +248,7 @@ def test_evaluate_names_a_stretched_map_and_a_duplicated_score_row(tmp_path, wea
 
 
 # -- 7. a truncated fitted state ----------------------------------------------------------------
+@pytest.mark.slow
 def test_a_truncated_fitted_state_is_named_and_refitted(tmp_path, weave, capsys):
     """Fitted state is a cache: a truncated file is named and the job fits again (with or
     without --force), with the numbers of the first fit."""
@@ -261,6 +269,7 @@ def test_a_truncated_fitted_state_is_named_and_refitted(tmp_path, weave, capsys)
     assert _squash(f"fitted state {state} is unreadable") in err and "fittingagain" in err
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_named_and_training_starts_afresh(tmp_path, weave, capsys):
     params = {"iterations": 4, "width": 4, "latent": 8, "checkpoint_every": 2}
     cfg = _cfg(tmp_path, weave, "autoencoder", params)
@@ -278,6 +287,7 @@ def test_a_truncated_checkpoint_is_named_and_training_starts_afresh(tmp_path, we
 
 
 # -- 8. a truncated job file (MLflow sync and parent runs: test_tracking_robustness.py) --------
+@pytest.mark.slow
 def test_report_names_and_skips_a_truncated_job_file(tmp_path, weave, capsys):
     cfg = _cfg(tmp_path, weave, seeds=[0, 1])
     records, _ = run_benchmark(cfg, track=False)
@@ -342,6 +352,7 @@ def test_seeds_that_are_not_integers(capsys):
     assert "lambda" not in err
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path, weave, capsys):
     broken = sorted((weave / "weave" / "test" / "good").glob("*.png"))[0]
     broken.write_bytes(b"not a png")
@@ -355,6 +366,7 @@ def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path, weave, capsys):
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_resume(tmp_path, weave):
     """A real `bench run` process interrupted with SIGINT (what Ctrl-C sends)."""
     cmd = [sys.executable, "-m", "bench", "run", "--detectors", "autoencoder", "--datasets",
@@ -380,6 +392,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, weave):
 
 
 # -- smaller ones ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_orphan_masks_are_reported_in_the_record(tmp_path, weave):
     image = sorted((weave / "weave" / "test").glob("[!g]*/*.png"))[0]
     image.unlink()
@@ -389,6 +402,7 @@ def test_orphan_masks_are_reported_in_the_record(tmp_path, weave):
                for w in record["warnings"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_mixed_image_sizes_name_the_odd_file(tmp_path, weave):
     odd = sorted((weave / "weave" / "test" / "good").glob("*.png"))[1]
     Image.open(odd).resize((96, 128)).save(odd)

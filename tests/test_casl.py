@@ -316,6 +316,7 @@ def _train_batches(sizes=(1200, 1500)) -> list[Batch]:
     return [Batch(label=torch.zeros(len(clouds), dtype=torch.long), points=clouds)]
 
 
+@pytest.mark.slow
 def test_pretraining_reduces_the_reconstruction_loss():
     seed_everything(0)
     # without rotation: with the random rotations 25 steps only reach the loss of predicting
@@ -342,6 +343,7 @@ class CrashInFinetune(CASL):
         return super().training_step(batch, step)
 
 
+@pytest.mark.slow
 def test_interrupted_finetuning_resumes_to_identical_weights(tmp_path):
     """Interrupted mid fine-tuning (phases of unequal length, so a scheduler restarted from
     step 0 would give other learning rates than the restored one)."""

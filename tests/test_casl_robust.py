@@ -158,6 +158,7 @@ def test_partial_view_keeps_one_side_of_a_plane():
         torch.testing.assert_close(kept, points[along <= threshold])
 
 
+@pytest.mark.slow
 def test_training_sees_sparser_clouds_with_density_jitter(monkeypatch):
     sizes = []
     real = casl_module.prepared_inputs
@@ -231,6 +232,7 @@ def plain() -> list[tuple[torch.Tensor, np.ndarray]]:
 FLOOR = 0.62
 
 
+@pytest.mark.slow
 def test_unaligned_clouds_in_other_units(trained, plain):
     """Real3D-AD's test clouds are not aligned with the templates (and may come in mm)."""
     g = torch.Generator().manual_seed(7)
@@ -239,6 +241,7 @@ def test_unaligned_clouds_in_other_units(trained, plain):
 
 
 @pytest.mark.parametrize("factor", [0.5, 3.0])
+@pytest.mark.slow
 def test_other_point_counts(trained, factor):
     """Half and three times the training clouds' points, scored whole: the neighbour counts
     follow the spacing both ways. With fixed neighbour counts and no density jitter in
@@ -248,6 +251,7 @@ def test_other_point_counts(trained, factor):
     assert _point_auroc(trained, clouds) > FLOOR  # measured 0.80 and 0.72
 
 
+@pytest.mark.slow
 def test_partial_views(trained, plain):
     """A third of each test cloud missing (the defect kept), as in a single-view scan."""
     rng = np.random.default_rng(3)

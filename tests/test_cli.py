@@ -61,6 +61,7 @@ image_size = "native"
     return out, config, first
 
 
+@pytest.mark.slow
 def test_run_writes_one_result_per_job_with_real_metrics(finished):
     out, _, first = finished
     jobs = sorted(p.name for p in (out / "small" / "jobs").glob("*.json"))
@@ -87,12 +88,14 @@ def test_run_writes_one_result_per_job_with_real_metrics(finished):
     assert "## au_pro" in board and "mvtec_3d/dome" in board
 
 
+@pytest.mark.slow
 def test_trainable_detector_left_checkpoint_and_fitted_state(finished):
     out, _, _ = finished
     (state,) = (out / "small" / "state").glob("autoencoder__*")
     assert (state / "last.ckpt").is_file() and (state / "fitted.pt").is_file()
 
 
+@pytest.mark.slow
 def test_mlflow_store_mirrors_the_results(finished):
     out, _, _ = finished
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -137,6 +140,7 @@ def test_mlflow_store_mirrors_the_results(finished):
     assert {"leaderboard.md", "leaderboard.png", "config.json"} <= parent_files
 
 
+@pytest.mark.slow
 def test_second_run_skips_finished_jobs_and_logs_no_duplicates(finished):
     out, config, _ = finished
     again = bench("run", "--config", str(config), "--output", str(out))
@@ -152,6 +156,7 @@ def test_second_run_skips_finished_jobs_and_logs_no_duplicates(finished):
     assert len(jobs) == 3
 
 
+@pytest.mark.slow
 def test_report_rebuilds_the_leaderboard(finished):
     out, _, _ = finished
     (out / "small" / "leaderboard.md").unlink()
@@ -162,11 +167,13 @@ def test_report_rebuilds_the_leaderboard(finished):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_list_via_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "bench", "list"], capture_output=True, text=True)
     assert out.returncode == 0 and "grid_curvature" in out.stdout and "point_cloud" in out.stdout
 
 
+@pytest.mark.slow
 def test_bad_config_is_a_clear_error(tmp_path):
     missing = bench("run", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and "neither a file nor a built-in config" in missing.stderr
@@ -220,6 +227,7 @@ def test_leaderboard_keeps_protocols_in_separate_columns():
     assert len(summary_frame(records)) == 2
 
 
+@pytest.mark.slow
 def test_killed_benchmark_resumes_without_repeating_jobs_or_runs(tmp_path, ad_root):
     """SIGKILL mid-benchmark, run again: finished jobs are skipped, the rest are done, and
     every job ends with exactly one MLflow run."""

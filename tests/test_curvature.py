@@ -55,6 +55,7 @@ def test_flat_plane_scores_zero_and_a_sphere_does_not():
     assert multiscale_surface_variation(torch.tensor(sphere)).numpy().mean() > 1e-3
 
 
+@pytest.mark.slow
 def test_curvature_detector_finds_dents_and_bumps(ad3d_root):
     train = MVTec3D(ad3d_root, "dome", "train", image_size=None)
     test = MVTec3D(ad3d_root, "dome", "test", image_size=None)

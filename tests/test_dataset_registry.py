@@ -256,6 +256,7 @@ def _bench(*args: str, site: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "bench"), *args], env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_plugin_dataset_is_listed_and_benchmarked(dataset_plugin_site, flat_root, tmp_path):
     listed = _bench("list", "--json", site=dataset_plugin_site)
     assert listed.returncode == 0, listed.stderr
@@ -283,6 +284,7 @@ def test_plugin_dataset_is_listed_and_benchmarked(dataset_plugin_site, flat_root
     assert record["n_test"] == n_test and record["metrics"]["all"]["image_auroc"] > 0.5
 
 
+@pytest.mark.slow
 def test_list_shows_both_tables_and_an_unknown_dataset_is_named(capsys, tmp_path):
     """In this process the plugin is not installed: its dataset is unknown."""
     from bench.cli import main

@@ -121,6 +121,7 @@ def test_identity_lookup_finds_an_exact_copy():
     assert torch.allclose(got, refs[:, 3:5], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_free_lookup_segments_a_real_defect(bottle):
     """The ablation without generators on the real bottle: 2 normal references, and the map of
     a broken bottle separates its defect from the rest (pixel AUROC against the mask)."""
@@ -247,6 +248,7 @@ def _train_loader(n_batches: int = 3):
     return out
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_identically_through_validation_and_freeze(tmp_path):
     """3 epochs of 3 steps with validation after each: the value generator is frozen at the
     first epoch without improvement; a crash at step 7 resumes to the same weights."""
@@ -353,6 +355,7 @@ def test_screw_references_get_rotated_copies():
     assert len(det._reference_images()) == 2
 
 
+@pytest.mark.slow
 def test_two_stage_cli_run_trains_once_and_scores_every_draw(tmp_path, ad_root):
     """Generators fitted on a VisA-layout dataset (one first stage, shared by two config
     entries that differ in k and in a test parameter, the official test mode), then 2-shot
@@ -447,6 +450,7 @@ def test_missing_clip_weights_name_the_way_out(tmp_path):
         det.source  # noqa: B018
 
 
+@pytest.mark.slow
 def test_offline_config_plans_every_k_over_one_training(bottle, monkeypatch, tmp_path):
     from bench.config import load_config
     from bench.datasets.builtin import GENERATOR_VERSION

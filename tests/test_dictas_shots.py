@@ -40,6 +40,7 @@ def test_shipped_lists_hold_k_training_images_of_every_category(k):
     assert len(set(visa)) == len(visa)
 
 
+@pytest.mark.slow
 def test_official_bottle_references_are_real_training_images(bottle):
     for k in (1, 2, 4, 8, 16):
         listed = read_shot_file(packaged_file(f"shots/dictas/mvtec_ad/{k}-shot.txt"))
@@ -50,6 +51,7 @@ def test_official_bottle_references_are_real_training_images(bottle):
     assert first == "bottle/train/good/091.png"
 
 
+@pytest.mark.slow
 def test_paper_config_uses_the_official_list_in_both_test_modes(bottle, tmp_path, monkeypatch):
     """dictas-mvtec on the real bottle alone: both rows (best segmentation, best classification)
     get the official 4 references, and share one training and one reference stage (the test

@@ -429,6 +429,7 @@ def test_the_offline_substitute_preserves_each_layers_cosines():
 
 
 # -- the detector ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_reduces_the_loss():
     seed_everything(0)
     det = Dinomaly(**TINY, iterations=24)
@@ -448,6 +449,7 @@ class CrashAt(Dinomaly):
         return super().training_step(batch, step)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_identical_weights(tmp_path):
     params = dict(**TINY, iterations=8, checkpoint_every=4)
     data = Batches(_images(12))
@@ -580,6 +582,7 @@ def test_substitutes_are_named():
     assert "random weights" in note
 
 
+@pytest.mark.slow
 def test_unified_run_with_the_substitute_writes_one_state_and_names_the_substitute(
     tmp_path, ad_root, monkeypatch
 ):
@@ -785,6 +788,7 @@ def test_plan_refuses_rgb_depth_on_images(tmp_path, ad_root, capsys):
     assert not list(tmp_path.glob("**/jobs/*.json"))
 
 
+@pytest.mark.slow
 def test_unified_rgb_depth_run_on_mvtec_3d_layout(tmp_path, ad3d_root):
     from bench.cli import main
 

@@ -4,6 +4,7 @@ bit-identically; a state file written before (with the backbone inside) still lo
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -31,6 +32,7 @@ def _predict(det) -> tuple[torch.Tensor, torch.Tensor]:
     return pred.score, pred.anomaly_map
 
 
+@pytest.mark.slow
 def test_the_saved_state_holds_no_network_and_scores_bit_identically(tmp_path):
     for name in PARAMS:
         det = _fitted(name)
@@ -44,6 +46,7 @@ def test_the_saved_state_holds_no_network_and_scores_bit_identically(tmp_path):
             assert torch.equal(ours, theirs), name
 
 
+@pytest.mark.slow
 def test_a_state_saved_with_the_backbone_inside_still_loads_and_scores_the_same(tmp_path):
     """The format before frozen parts were left out: ``extractor_`` in the state."""
     for name in PARAMS:

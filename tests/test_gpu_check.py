@@ -37,6 +37,7 @@ def _gpu_check(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+@pytest.mark.slow
 def test_gpu_check_runs_from_an_air_gapped_checkout_and_collects_every_cuda_test(tmp_path):
     out = tmp_path / "perf"
     proc = _gpu_check(["--allow-cpu", "--output", str(out)], tmp_path)
@@ -51,6 +52,7 @@ def test_gpu_check_runs_from_an_air_gapped_checkout_and_collects_every_cuda_test
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+@pytest.mark.slow
 def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
     proc = _gpu_check(["--output", str(tmp_path)], tmp_path)
     assert proc.returncode == 2

@@ -56,6 +56,7 @@ def k_center_reference(
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_pruned_greedy_coreset_makes_the_plain_algorithms_choices(seed):
     points = _clustered(6000, 24, seed)
     pruned = greedy_coreset(points, 600, start=17, block=32, seed=seed)
@@ -67,6 +68,7 @@ def test_pruned_greedy_coreset_makes_the_plain_algorithms_choices(seed):
 
 
 @pytest.mark.parametrize("total", [6000, 700])  # the pruned search, and the plain loop
+@pytest.mark.slow
 def test_greedy_coreset_from_virtual_start_points(total):
     """PatchCore's sampler: the 10 start points are not picks, they set every point's initial
     distance (its mean distance to them)."""
@@ -79,6 +81,7 @@ def test_greedy_coreset_from_virtual_start_points(total):
     assert not set(starts) <= set(expected)  # the start points are not taken along
 
 
+@pytest.mark.slow
 def test_unclustered_points_switch_to_the_plain_loop_with_the_same_picks(monkeypatch):
     """Points without cluster structure (high-dimensional noise): the bound skips few blocks,
     so after the probe picks the search continues as the plain loop, choosing the same points
@@ -269,6 +272,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         create_detector("knn", backbone="efficientnet_lite0", weights=str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.slow
 def test_knn_on_real_bottle_subset(bottle):
     """Real ImageNet EfficientNet-Lite0 features, a subset of MVTec AD bottle."""
     train = MVTecAD(bottle.parent, "bottle", "train", image_size=256, crop_size=224)

@@ -154,6 +154,7 @@ def test_dataset_registry_knows_the_built_in_data():
         get_dataset("mvtec")
 
 
+@pytest.mark.slow
 def test_real_bottle_category(bottle):
     root = bottle.parent
     train = MVTecAD(root, "bottle", "train", image_size=224)

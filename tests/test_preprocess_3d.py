@@ -20,6 +20,7 @@ def _plane_distance(xyz: np.ndarray, valid: np.ndarray, border: int = 10) -> np.
     return np.abs((xyz - centre) @ normal)
 
 
+@pytest.mark.slow
 def test_plane_removal_keeps_the_object_and_drops_the_table(ad3d_root):
     path = sorted((ad3d_root / "dome" / "train" / "good" / "xyz").glob("*.tiff"))[0]
     xyz = read_xyz(path)

@@ -365,6 +365,7 @@ def test_builtin_config_loads_and_plans(name, builtin_env, monkeypatch):
 
 
 # -- resume and --force ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_force_reruns_a_finished_job_and_without_it_the_job_is_skipped(tmp_path, tiny_ad, capsys):
     args = run_args(tiny_ad, tmp_path, "force")
     job = tmp_path / "force" / "jobs" / f"{SLUG.format(0)}.json"
@@ -419,6 +420,7 @@ def test_official_pixel_metrics_and_f1max_match_scikit_learn_on_the_exported_map
     assert metrics["image_f1max"] == pytest.approx(f1_max(labels, table["score"]), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_fast_protocol_end_to_end_reuses_the_fitted_state(official, tiny_ad):
     """`--protocol fast` compares maps (bilinear) and masks (nearest) at 256 px, says so in
     the record, and re-evaluating the same fit under it loads fitted.pt instead of refitting."""
@@ -494,6 +496,7 @@ def test_evaluate_scores_file_supplies_the_image_scores(official, tiny_ad, tmp_p
 
 
 # -- seeds -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_seeds_are_averaged_in_the_leaderboard(tmp_path, tiny_ad):
     assert main(run_args(tiny_ad, tmp_path, "seeds", "--seeds", "0,1")) == 0
     folder = tmp_path / "seeds"
@@ -518,6 +521,7 @@ def test_seeds_are_averaged_in_the_leaderboard(tmp_path, tiny_ad):
 
 
 # -- unorganised clouds: point F1-max ---------------------------------------------------------------
+@pytest.mark.slow
 def test_point_f1max_matches_scikit_learn_on_the_exported_point_scores(tmp_path, tiny_points):
     from bench.datasets.real3d import PointCloudSet
 

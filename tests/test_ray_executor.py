@@ -178,6 +178,7 @@ def _mlflow_runs(output: Path, kind: str) -> list:
     )
 
 
+@pytest.mark.slow
 def test_ray_grid_matches_the_local_executor_and_computes_a_shared_fit_once(
     cluster, ad_root, tmp_path
 ):
@@ -229,6 +230,7 @@ def test_ray_grid_matches_the_local_executor_and_computes_a_shared_fit_once(
     assert len(fit_log(store)) == 5
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_job_is_retried_and_every_job_ends_exactly_once(
     cluster, ad_root, tmp_path
 ):
@@ -279,6 +281,7 @@ def test_a_worker_killed_mid_job_is_retried_and_every_job_ends_exactly_once(
     assert all(r.info.status == "FINISHED" for r in fits)
 
 
+@pytest.mark.slow
 def test_failing_jobs_are_recorded_failed_once_and_the_others_finish(cluster, ad_root, tmp_path):
     """A broken training image of weave: its per-category job fails by itself, and the shared
     unified fit fails, so both of its jobs are recorded failed with the fit's error; washer's
@@ -413,6 +416,7 @@ def test_job_requests_follow_the_cluster_and_impossible_ones_are_refused(ad_root
         check_device(_grid(ad_root, tmp_path, executor="ray", device="cuda:1"))
 
 
+@pytest.mark.slow
 def test_force_reruns_every_job_and_refits_once_per_fit(cluster, ad_root, tmp_path):
     out = tmp_path / "out"
     cfg = BenchConfig(

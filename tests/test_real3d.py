@@ -150,6 +150,7 @@ def test_planning_matches_detectors_to_unorganised_clouds(real3d_root, tmp_path)
         plan_jobs(cfg)
 
 
+@pytest.mark.slow
 def test_benchmark_on_unorganised_clouds_end_to_end(real3d_root, tmp_path):
     """`bench run` on a Real3D-AD-layout folder: every point scored, point metrics equal to
     scikit-learn on the exported scores, an MLflow run with them, the report and overlays."""

@@ -132,6 +132,7 @@ def _env(site: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(site), "ADBENCH_PROGRESS": "0"}
 
 
+@pytest.mark.slow
 def test_plugin_detector_is_listed_and_runs(plugin_site, ad_root, tmp_path):
     listed = subprocess.run(
         [str(BIN / "bench"), "list", "--json"],
@@ -199,6 +200,7 @@ def test_plugin_detector_is_listed_and_runs(plugin_site, ad_root, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_without_the_plugin_its_name_is_unknown(ad_root):
     out = subprocess.run(
         [str(BIN / "bench"), "run", "--detectors", "mean_image", "--no-tracking"],

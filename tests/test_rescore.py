@@ -52,6 +52,7 @@ def exported(tmp_path_factory, ad3d_root):
     )
 
 
+@pytest.mark.slow
 def test_maps_are_written_in_the_official_layout_at_native_size(exported, ad3d_root):
     maps, _ = exported
     files = sorted(maps.glob("puck/test/*/*.tiff"))
@@ -64,6 +65,7 @@ def test_maps_are_written_in_the_official_layout_at_native_size(exported, ad3d_r
     )
 
 
+@pytest.mark.slow
 def test_rescoring_exported_maps_reproduces_the_run(exported, ad3d_root):
     maps, record = exported
     (rescored,) = evaluate_maps(maps, ad3d_root, score_files=[maps / "puck" / "scores.csv"])
@@ -76,6 +78,7 @@ def test_rescoring_exported_maps_reproduces_the_run(exported, ad3d_root):
             assert rescored["metrics"][group][key] == pytest.approx(value, abs=1e-9), (group, key)
 
 
+@pytest.mark.slow
 def test_cli_evaluate_prints_and_saves_the_table(exported, ad3d_root, tmp_path):
     maps, record = exported
     out = bench(
@@ -91,6 +94,7 @@ def test_cli_evaluate_prints_and_saves_the_table(exported, ad3d_root, tmp_path):
     assert "mean" in (tmp_path / "m.csv").read_text()
 
 
+@pytest.mark.slow
 def test_missing_extra_and_broken_maps_are_named(exported, ad3d_root, tmp_path):
     maps, _ = exported
     broken = tmp_path / "maps"
@@ -154,6 +158,7 @@ def pixels(maps: Path, ad_root: Path, roi: list[int] | None) -> tuple[np.ndarray
     return np.concatenate(scores), np.concatenate(labels)
 
 
+@pytest.mark.slow
 def test_2d_export_without_crop_rescoring_reproduces_the_run(exported_2d, ad_root):
     maps, record = exported_2d
     amap = tifffile.imread(maps / "washer" / "test" / "hole" / "000.tiff")
@@ -168,6 +173,7 @@ def test_2d_export_without_crop_rescoring_reproduces_the_run(exported_2d, ad_roo
     )
 
 
+@pytest.mark.slow
 def test_cropped_export_is_in_the_native_frame_and_rescores_to_the_run(exported_cropped, ad_root):
     maps, record = exported_cropped
     assert record["protocol"] == "official-cropped"
@@ -187,6 +193,7 @@ def test_cropped_export_is_in_the_native_frame_and_rescores_to_the_run(exported_
     assert_same_metrics(rescored, record)
 
 
+@pytest.mark.slow
 def test_per_image_crop_record_and_cli_label(exported_cropped, ad_root, tmp_path):
     maps, record = exported_cropped
     copy = tmp_path / "maps"
@@ -214,6 +221,7 @@ def copied_2d(exported_2d, tmp_path):
     return tmp_path / "maps"
 
 
+@pytest.mark.slow
 def test_map_of_another_aspect_ratio_is_an_error_naming_it(copied_2d, ad_root):
     path = copied_2d / "washer" / "test" / "good" / "000.tiff"
     tifffile.imwrite(path, np.zeros((128, 64), np.float32))
@@ -228,6 +236,7 @@ def test_map_of_another_aspect_ratio_is_an_error_naming_it(copied_2d, ad_root):
     assert len(rescored["warnings"]) == 1
 
 
+@pytest.mark.slow
 def test_maps_of_another_size_are_resized_with_one_warning_per_category(copied_2d, ad_root):
     files = sorted((copied_2d / "washer" / "test").glob("*/*.tiff"))
     for path in files:
@@ -263,6 +272,7 @@ def score_rows(copied_2d) -> tuple[Path, list[str]]:
     return csv, csv.read_text().splitlines()[1:]
 
 
+@pytest.mark.slow
 def test_a_duplicated_score_row_is_an_error_naming_it(copied_2d, ad_root, score_rows):
     csv, lines = score_rows
     where = re.escape(str(csv))
@@ -275,6 +285,7 @@ def test_a_duplicated_score_row_is_an_error_naming_it(copied_2d, ad_root, score_
         evaluate_maps(copied_2d, ad_root, score_files=[csv])
 
 
+@pytest.mark.slow
 def test_an_unknown_score_row_is_an_error_naming_it(copied_2d, ad_root, score_rows):
     csv, lines = score_rows
     write_csv(csv, [*lines, "washer,hole,999,0.5"])
@@ -287,6 +298,7 @@ def test_an_unknown_score_row_is_an_error_naming_it(copied_2d, ad_root, score_ro
 
 
 @pytest.mark.parametrize("bad", ["high", "nan", "inf", ""])
+@pytest.mark.slow
 def test_a_score_that_is_not_a_finite_number_names_file_and_line(
     copied_2d, ad_root, score_rows, bad
 ):
@@ -299,6 +311,7 @@ def test_a_score_that_is_not_a_finite_number_names_file_and_line(
         evaluate_maps(copied_2d, ad_root, score_files=[csv])
 
 
+@pytest.mark.slow
 def test_cli_names_a_duplicated_score_row(copied_2d, ad_root, tmp_path):
     csv = copied_2d / "washer" / "scores.csv"
     lines = csv.read_text().splitlines()[1:]

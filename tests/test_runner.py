@@ -56,6 +56,7 @@ def _config(tmp_path, ad3d_root, *detectors: str) -> BenchConfig:
     )
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_rerun_does_only_what_is_missing(
     tmp_path, ad3d_root, flaky
 ):
@@ -147,6 +148,7 @@ def probe():
     _REGISTRY.pop(name, None)
 
 
+@pytest.mark.slow
 def test_runner_records_time_memory_and_device_consistently(tmp_path, ad3d_root, probe):
     """Not speed or memory goals (the benchmarks have those): the recorded fields are what the
     record schema says, checked against the probe's own measurements. Timings are nested
@@ -243,6 +245,7 @@ def test_config_hash_changes_with_params_and_protocol_but_fit_hash_ignores_proto
     assert c.fit_hash != b.fit_hash
 
 
+@pytest.mark.slow
 def test_a_detector_entry_sets_its_own_input_geometry():
     """knn's paper input (256 -> crop 224) next to a dataset default of 256 without a crop."""
     from bench.config import from_dict
@@ -310,6 +313,7 @@ def test_a_resampling_override_is_checked_by_name():
         from_dict(raw)
 
 
+@pytest.mark.slow
 def test_knn_job_records_and_logs_anomaly_type_discovery(tmp_path, ad_root):
     """The runner keeps the defective images, clusters them after scoring, and the numbers go
     to the result file and to MLflow's flat metrics."""

@@ -116,6 +116,7 @@ def _fitted(store: ResultStore, fit) -> dict:
 
 
 # -- few shots ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_shot_draws_record_their_references_and_the_report_spreads_over_draws(
     tmp_path, ad_root, recorder
 ):
@@ -169,6 +170,7 @@ def test_shot_draws_record_their_references_and_the_report_spreads_over_draws(
     assert again[0]["fit_label"] == "2-shot listed" and "/2shot-list0/" in again[0]["run_name"]
 
 
+@pytest.mark.slow
 def test_a_unified_few_shot_fit_pools_k_references_of_every_category(tmp_path, ad_root, recorder):
     cfg = _cfg(tmp_path, ad_root, recorder, scope="unified", shots=1, shot_draws=2)
     jobs = plan_jobs(cfg)
@@ -207,6 +209,7 @@ def test_train_on_a_visa_layout_dataset_scores_the_mvtec_layout_one(
         assert r["n_train"] == len(train) and 0 <= r["metrics"]["all"]["image_auroc"] <= 1
 
 
+@pytest.mark.slow
 def test_a_two_stage_detector_shares_its_first_stage_across_categories_and_draws(
     tmp_path, ad_root, visa_root, two_stage
 ):
@@ -263,6 +266,7 @@ def _unified_args(ad_root: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_unified_fit_trains_once_and_a_killed_training_resumes_to_the_same_metrics(
     tmp_path, ad_root, monkeypatch
 ):

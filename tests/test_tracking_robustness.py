@@ -74,6 +74,7 @@ def _runs(uri: str, experiment: str, kind: str | None = None) -> list:
     return [r for r in runs if kind is None or r.data.tags.get("adbench.kind") == kind]
 
 
+@pytest.mark.slow
 def test_truncated_job_file_is_named_skipped_and_rerun(tmp_path, ad_root):
     out = tmp_path / "out"
     first = bench(*_run_args(ad_root, out, "trunc", "--no-tracking"))
@@ -110,6 +111,7 @@ def test_truncated_job_file_is_named_skipped_and_rerun(tmp_path, ad_root):
     assert json.loads(broken.read_text())["run_name"]  # re-run and whole again
 
 
+@pytest.mark.slow
 def test_sync_reuses_the_benchmark_parent_and_creates_no_empty_runs(tmp_path, ad_root):
     out = tmp_path / "out"
     uri = f"sqlite:///{out / 'mlflow.db'}"  # the default store
@@ -166,6 +168,7 @@ def _fake_parent(
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
+@pytest.mark.slow
 def test_sigkilled_run_parent_is_marked_killed_by_the_next_run(tmp_path, ad_root):
     out = tmp_path / "out"
     args = _run_args(ad_root, out, "sigkill")

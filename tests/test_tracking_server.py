@@ -70,6 +70,7 @@ def _start_server(port: int, folder: Path) -> subprocess.Popen:
     raise RuntimeError("mlflow server did not come up within 120 s")
 
 
+@pytest.mark.slow
 def test_outage_then_sync_uploads_each_job_once(tmp_path, ad_root, server_address):
     port, uri = server_address
     out = tmp_path / "results"
@@ -129,6 +130,7 @@ def test_outage_then_sync_uploads_each_job_once(tmp_path, ad_root, server_addres
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_make_server_serves_a_team_run_and_its_artifacts(tmp_path, ad_root, server_address):
     """`make server` (the team's tracking server) as a real process on loopback: a benchmark
     pointed at it through MLFLOW_TRACKING_URI logs its runs there, and the artifacts land in

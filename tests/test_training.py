@@ -28,6 +28,7 @@ def _loader(ad_root):
     return EpochLoader(ds, 4, shuffle=True, seed=3, drop_last=True)  # 3 batches an epoch
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_identical_weights(ad_root, tmp_path):
     seed_everything(0)
     straight = AutoEncoder(**PARAMS)
@@ -56,6 +57,7 @@ def test_interrupted_training_resumes_to_identical_weights(ad_root, tmp_path):
     assert torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)["step"] == 12
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss(ad_root):
     seed_everything(0)
     det = AutoEncoder(**{**PARAMS, "iterations": 60})
@@ -65,6 +67,7 @@ def test_training_reduces_the_loss(ad_root):
     assert last < 0.6 * first  # measured 0.571 (mean of the last 5 losses over the first 5)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_not_resumed(ad_root, tmp_path):
     """A checkpoint left in the workdir by another configuration is ignored: the run is the run
     from scratch with the same seed, not a continuation of the other one's weights and RNG."""

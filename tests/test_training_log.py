@@ -91,6 +91,7 @@ def _lr_schedule(n: int) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_the_curve_is_in_mlflow_while_training_and_finished_with_its_png(ad_root, store):
     uri, client, exp, parent = store
     seen = {}
@@ -134,6 +135,7 @@ def test_the_curve_is_in_mlflow_while_training_and_finished_with_its_png(ad_root
     assert find_fit_run(client, exp, "other") is None
 
 
+@pytest.mark.slow
 def test_log_every_reports_every_nth_and_the_last_step(ad_root, store):
     _, client, _, _ = store
     seed_everything(0)
@@ -147,6 +149,7 @@ def test_log_every_reports_every_nth_and_the_last_step(ad_root, store):
     assert client.get_run(logger.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_resumed_training_continues_its_run(ad_root, store, tmp_path):
     _, client, exp, _ = store
 
@@ -183,6 +186,7 @@ def test_a_resumed_training_continues_its_run(ad_root, store, tmp_path):
     assert [a.path for a in client.list_artifacts(resumed.run_id)] == ["training_curve.png"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_before_resumes_with_its_two_tuple_log(ad_root, tmp_path):
     class Stop:
         def log(self, step, metrics):
@@ -217,6 +221,7 @@ def test_a_checkpoint_of_before_resumes_with_its_two_tuple_log(ad_root, tmp_path
             assert image.format == "PNG"
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_is_one_message_and_training_goes_on(ad_root, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -236,6 +241,7 @@ def test_an_unreachable_server_is_one_message_and_training_goes_on(ad_root, monk
     assert "logging the training curve of autoencoder/washer failed" in err
 
 
+@pytest.mark.slow
 def test_a_store_failing_mid_training_is_one_message(ad_root, store, capsys):
     uri, client, _, _ = store
 

@@ -57,6 +57,7 @@ def store(tmp_path_factory, ad_root):
     return out, uri, second
 
 
+@pytest.mark.slow
 def test_experiment_has_a_description_and_tags(store):
     _, uri, _ = store
     exp = MlflowClient(tracking_uri=uri).get_experiment_by_name("adbench/t")
@@ -81,6 +82,7 @@ def test_describe_experiment_never_raises():
     describe_experiment(object(), "1", "t", {})  # not a client at all: ignored
 
 
+@pytest.mark.slow
 def test_links_point_at_the_latest_benchmark_run_with_jobs(store):
     _, uri, second = store
     client = MlflowClient(tracking_uri=uri)
@@ -121,6 +123,7 @@ def test_links_point_at_the_latest_benchmark_run_with_jobs(store):
     assert benchmark_links(uri, "http://x", "no-such-benchmark") == []
 
 
+@pytest.mark.slow
 def test_links_without_the_shared_views_are_plain_tables(store, monkeypatch):
     """A server that does not let us store the views: the runs table folded by parent, and
     the latest run's jobs by search filter and sort in the URL (flat, default columns)."""
@@ -152,6 +155,7 @@ def test_links_without_the_shared_views_are_plain_tables(store, monkeypatch):
             client.set_experiment_tag(exp.experiment_id, key, value)
 
 
+@pytest.mark.slow
 def test_links_command_prints_labelled_links(store, tmp_path, capsys):
     out, _, second = store
     assert _bench("links", "--output", str(out), "--base-url", "http://127.0.0.1:5001") == 0
@@ -176,6 +180,7 @@ def _get(url: str) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
+@pytest.mark.slow
 def test_mlflow_ui_serves_the_links_and_the_description(store):
     out, uri, second = store
     port = _free_port()

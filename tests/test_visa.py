@@ -149,6 +149,7 @@ def test_missing_root_csv_and_category(copy, tmp_path):
         visa.categories(copy)
 
 
+@pytest.mark.slow
 def test_bench_run_on_builtin_visa_detects_the_defects(tmp_path, monkeypatch):
     """``builtin_visa`` reads its cached root; a small set is generated there beforehand."""
     monkeypatch.setenv("ADBENCH_CACHE", str(tmp_path / "cache"))
