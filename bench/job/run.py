@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from bench.job.data import job_modality, open_data
+from bench.detector import Detector
+from bench.job.data import JobData, job_modality, open_data
 from bench.job.fitting import (
     FitResult,
     LiveFit,
@@ -108,7 +109,16 @@ def run_job(
     return record
 
 
-def score_and_save(job, store, detector, data, modality, fit, pred, device) -> dict[str, Any]:
+def score_and_save(
+    job: Job,
+    store: ResultStore,
+    detector: Detector,
+    data: JobData,
+    modality: str,
+    fit: FitResult,
+    pred: Predictions,
+    device: torch.device,
+) -> dict[str, Any]:
     """Scores the predictions and saves the job's record and overlay figure; on a failure the
     predictions are kept for the next run (:class:`FailedAfterPrediction`)."""
     scored = None
