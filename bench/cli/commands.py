@@ -48,7 +48,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     console = Console(width=160)
     table = Table(title="Registered detectors")
-    for col in ("name", "modality", "scopes", "source", "summary"):
+    for col in ("name", "modality", "fit scopes", "source", "summary"):
         table.add_column(col)
     for i in infos:
         table.add_row(
