@@ -25,6 +25,8 @@ from bench.types import MODALITIES
 from .common import DatasetLayoutError
 
 ENTRY_POINT_GROUP = "adbench.datasets"
+#: how a dataset's test split can be scored (:attr:`DatasetSpec.metrics`)
+METRIC_FAMILIES = ("mvtec", "loco", "mvtec_ad2")
 
 L = TypeVar("L", bound=type)
 RootLike = str | Path | Callable[[], Path]
@@ -67,6 +69,12 @@ class DatasetSpec:
     #: the environment variable that sets the default root (taken from ``default_root.env``)
     root_env: str | None = None
     source: str = "builtin"  # or "plugin:<distribution>"
+    #: how its test split is scored: "mvtec" (image, pixel and AU-PRO metrics), "loco" (MVTec
+    #: LOCO's AU-sPRO per anomaly kind) or "mvtec_ad2" (AU-PRO to FPR 0.05, SegF1 at a threshold
+    #: from the validation images); unorganised clouds are scored per point whatever this says
+    metrics: str = "mvtec"
+    #: the name ``bench download`` fetches this dataset by (None: none; built-ins need none)
+    download: str | None = None
 
     def __post_init__(self) -> None:
         if self.root_env is None:
@@ -150,13 +158,16 @@ def register_dataset(
     broken_categories: Callable[[str | Path], dict[str, str]] | None = None,
     root_env: str | None = None,
     source: str | None = None,
+    metrics: str = "mvtec",
+    download: str | None = None,
 ) -> Callable[[L], L]:
     """Class decorator that registers a loader class under ``name`` (stackable: one loader may
     serve several names). ``loader(root, category, split, **options)`` opens one split.
 
     ``default_root``: a path, :func:`env_root` (``$VAR`` else a path) or any callable returning
     a path; ``feeds`` defaults to ``modalities``; ``source`` defaults to "builtin", or to the
-    plugin's distribution while its entry point loads.
+    plugin's distribution while its entry point loads. ``metrics``: how the test split is
+    scored (:attr:`DatasetSpec.metrics`); ``download``: its ``bench download`` name.
     """
 
     def wrap(loader: L) -> L:
@@ -170,6 +181,8 @@ def register_dataset(
                 tuple(feeds if feeds is not None else modalities),
                 broken_categories or _no_broken,
                 root_env,
+                metrics=metrics,
+                download=download,
             ),
             source=source,
         )
@@ -200,6 +213,10 @@ def add_dataset(spec: DatasetSpec, source: str | None = None) -> DatasetSpec:
             raise ValueError(
                 f"dataset {spec.name!r} has unknown modality {modality!r}; known: {MODALITIES}"
             )
+    if spec.metrics not in METRIC_FAMILIES:
+        raise ValueError(
+            f"dataset {spec.name!r} has unknown metrics {spec.metrics!r}; known: {METRIC_FAMILIES}"
+        )
     if not set(spec.modalities) <= set(spec.feeds):
         raise ValueError(
             f"dataset {spec.name!r} serves {spec.modalities} but feeds only {spec.feeds}"
