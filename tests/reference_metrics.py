@@ -9,6 +9,8 @@ no test folder there), so tests import it as ``from reference_metrics import ...
 - F1-max (image, pixel, point): the largest F1 over scikit-learn's precision-recall curve;
 - AU-PRO: the definition, every distinct score a threshold, its 8-connected regions found by a
   breadth-first search written here (no SciPy, which the harness uses).
+- AU-sPRO (MVTec LOCO AD): the definition, every distinct score a threshold, on dense channel
+  masks (one bool mask and saturation area per defect).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import deque
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-__all__ = ["au_pro", "auroc", "average_precision", "f1_max", "regions_8"]
+__all__ = ["au_pro", "au_spro", "auroc", "average_precision", "f1_max", "regions_8"]
 
 
 def auroc(labels, scores) -> float:
@@ -82,6 +84,40 @@ def au_pro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
     pro = np.r_[0.0, np.mean([share_at_or_above(r) for r in regions], axis=0)]
     area = 0.0
     for x0, y0, x1, y1 in zip(fpr[:-1], pro[:-1], fpr[1:], pro[1:]):
+        if x1 <= limit:
+            area += 0.5 * (y0 + y1) * (x1 - x0)
+        elif x0 < limit:  # the segment that crosses the limit, cut there
+            y_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            area += 0.5 * (y0 + y_limit) * (limit - x0)
+    return float(area / limit)
+
+
+def au_spro(maps, channels, limit: float = 0.05) -> float:
+    """AU-sPRO by its definition (float64, dense): ``maps`` one [H,W] array per image (sizes may
+    differ), ``channels`` per image a list of (bool mask [H,W], saturation area s). Every
+    distinct score t is a threshold; sPRO(t) the mean over all channels of min(#pixels of the
+    channel scoring >= t, s) / s; FPR(t) the share of the pixels outside every channel of their
+    image (all images) scoring >= t; the curve starts at (0, 0); trapezoids up to ``limit``,
+    sPRO interpolated linearly there; the area divided by ``limit``."""
+    maps = [np.asarray(m, dtype=np.float64) for m in maps]
+    thresholds = np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]
+
+    def count_at_or_above(values: np.ndarray) -> np.ndarray:
+        values = np.sort(values)
+        return len(values) - np.searchsorted(values, thresholds, side="left")
+
+    spros, negatives = [], []
+    for amap, mine in zip(maps, channels):
+        defect_free = np.ones(amap.shape, dtype=bool)
+        for mask, s in mine:
+            spros.append(np.minimum(count_at_or_above(amap[mask]), s) / s)
+            defect_free &= ~mask
+        negatives.append(amap[defect_free])
+    negatives = np.concatenate(negatives)
+    fpr = np.r_[0.0, count_at_or_above(negatives) / negatives.size]
+    spro = np.r_[0.0, np.mean(spros, axis=0)]
+    area = 0.0
+    for x0, y0, x1, y1 in zip(fpr[:-1], spro[:-1], fpr[1:], spro[1:]):
         if x1 <= limit:
             area += 0.5 * (y0 + y1) * (x1 - x0)
         elif x0 < limit:  # the segment that crosses the limit, cut there

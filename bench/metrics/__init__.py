@@ -16,6 +16,7 @@ and PRO curves exactly without sorting or copying all pixels.
   and point-level metrics), the bounded trapezoid, curves for plotting.
 - :mod:`bench.metrics.events`: the event of each pixel score among the defective pixels' scores.
 - :mod:`bench.metrics.pixel`: pixel-level metrics and AU-PRO.
+- :mod:`bench.metrics.spro`: MVTec LOCO AD's AU-sPRO (saturated per-region overlap).
 """
 
 from bench.metrics.curves import (
@@ -39,6 +40,7 @@ from bench.metrics.names import (
     headline,
 )
 from bench.metrics.pixel import CHUNK, au_pro, label_regions, pixel_metrics, score_metrics
+from bench.metrics.spro import SPRO_LIMITS, au_spro, spro_metrics
 
 __all__ = [
     "CHUNK",
@@ -49,12 +51,14 @@ __all__ = [
     "METRIC_VERSION",
     "PIXEL_METRICS",
     "PROTOCOLS",
+    "SPRO_LIMITS",
     "_bin_of",
     "_binning",
     "_events",
     "_resolve_numpy",
     "_resolve_torch",
     "au_pro",
+    "au_spro",
     "auroc",
     "average_precision",
     "evenly_spaced",
@@ -65,5 +69,6 @@ __all__ = [
     "pixel_metrics",
     "point_metrics",
     "score_metrics",
+    "spro_metrics",
     "trapezoid_to",
 ]

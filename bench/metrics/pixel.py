@@ -25,15 +25,19 @@ def label_regions(mask: torch.Tensor | np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(count)
 
 
-def _curve_metrics(d_pos, d_neg, d_pro, regions, limit) -> dict[str, float]:
-    """Pixel metrics from per-event increments given in descending score order (float64)."""
+def _curve_metrics(d_pos, d_neg, d_pro, regions, limit, more_limits=None) -> dict[str, float]:
+    """Pixel metrics from per-event increments given in descending score order (float64);
+    ``more_limits``: further AU-PRO integration limits, metric name -> limit."""
     auroc_, ap, f1, fp = _roc_pr(d_pos, d_neg)
-    out = {"pixel_auroc": auroc_, "pixel_ap": ap, "pixel_f1max": f1, "au_pro": math.nan}
+    out = {"pixel_auroc": auroc_, "pixel_ap": ap, "pixel_f1max": f1}
+    limits = {"au_pro": limit, **(more_limits or {})}
+    out.update(dict.fromkeys(limits, math.nan))
     negatives = float(fp[-1])
     if regions > 0 and negatives > 0:
         zero = torch.zeros(1, dtype=torch.float64, device=d_pro.device)
         pro = torch.cat([zero, torch.cumsum(d_pro, 0) / regions]).clamp(0, 1)
-        out["au_pro"] = trapezoid_to((fp / negatives).clamp(0, 1), pro, limit) / limit
+        for name, to in limits.items():
+            out[name] = trapezoid_to((fp / negatives).clamp(0, 1), pro, to) / to
     return out
 
 
@@ -64,8 +68,11 @@ def score_metrics(
     limit: float = 0.3,
     chunk: int = CHUNK,
     curves: dict | None = None,
+    more_limits: dict[str, float] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Pixel AUROC, AP, F1-max and AU-PRO of image subsets, exactly.
+    """Pixel AUROC, AP, F1-max and AU-PRO of image subsets, exactly; ``more_limits`` adds the
+    AU-PRO to further FPR limits from the same curve (metric name -> limit, e.g.
+    ``{"au_pro_05": 0.05}``).
 
     ``curves``: a dict that receives, for the subset "all", the ROC and PRO curves (false
     positive rate, true positive rate, PRO) thinned to at most ``CURVE_POINTS`` points.
@@ -87,7 +94,7 @@ def score_metrics(
         idx = torch.tensor(sorted(set(members)), dtype=torch.long, device=device)
         d_pos, d_pro, d_neg = (t[idx].sum(0).flip(0) for t in (pos, pro, neg))
         regions = sum(regions_per_group[m] for m in set(members))
-        out[name] = _curve_metrics(d_pos, d_neg, d_pro, regions, limit)
+        out[name] = _curve_metrics(d_pos, d_neg, d_pro, regions, limit, more_limits)
         if curves is not None and name == "all":
             curves.update(_curve_points(d_pos, d_neg, d_pro, regions))
     return out
