@@ -13,6 +13,7 @@ import difflib
 import importlib
 import inspect
 import os
+import shlex
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
@@ -98,7 +99,13 @@ class DatasetSpec:
         naming what it lacks: every such folder when categories are discovered (``named``
         None), else those of ``named``."""
         root = self.root(root)
-        found = self.list_categories(root)
+        try:
+            found = self.list_categories(root)
+        except DatasetLayoutError as err:
+            if self.download is None or root.exists():
+                raise
+            fetch = f"bench download {self.download} --root {shlex.quote(str(root))}"
+            raise DatasetLayoutError(f"{err}\nfetch it with: {fetch}") from None
         broken = self.broken_categories(root)
         bad = {c: why for c, why in broken.items() if named is None or c in named}
         if bad:

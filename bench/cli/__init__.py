@@ -1,11 +1,20 @@
-"""Command line: ``bench list``, ``run``, ``evaluate``, ``report``, ``sync`` and ``links``."""
+"""Command line: ``bench list``, ``run``, ``evaluate``, ``report``, ``sync``, ``links`` and
+``download``."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from bench.cli.commands import cmd_evaluate, cmd_links, cmd_list, cmd_report, cmd_run, cmd_sync
+from bench.cli.commands import (
+    cmd_download,
+    cmd_evaluate,
+    cmd_links,
+    cmd_list,
+    cmd_report,
+    cmd_run,
+    cmd_sync,
+)
 from bench.cli.parser import build_parser
 from bench.cli.run_config import config_from_args
 from bench.errors import USER_ERRORS
@@ -20,6 +29,7 @@ COMMANDS = {
     "report": cmd_report,
     "sync": cmd_sync,
     "links": cmd_links,
+    "download": cmd_download,
 }
 
 
@@ -30,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        hint = "; re-run the same command to resume" if args.command == "run" else ""
+        resumable = args.command in ("run", "download")
+        hint = "; re-run the same command to resume" if resumable else ""
         print(f"bench: interrupted{hint}", file=sys.stderr)
         return 130
     except USER_ERRORS as err:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.cli.run_config import config_from_args
 from bench.config import BenchConfig
-from bench.errors import DataError
+from bench.errors import ConfigError, DataError
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -186,4 +186,54 @@ def cmd_links(args: argparse.Namespace) -> int:
         return 1
     for label, url in links:
         print(f"{label}\n  {url}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from bench.datasets.download import download
+    from bench.datasets.sources import SOURCES, get_source
+
+    if args.name is None:
+        return _list_sources(SOURCES.values())
+    source = get_source(args.name)
+    if args.sha256 and not (args.url or args.archive):
+        raise ConfigError("--sha256 replaces the published sum only with --url or --archive")
+    if args.url or args.sha256:
+        override = {"url": args.url or source.url, "sha256": args.sha256 or source.sha256}
+        if args.sha256:
+            override["checksum_source"] = "--sha256"
+        try:
+            source = dataclasses.replace(source, **override)
+        except ValueError as err:
+            raise ConfigError(f"--sha256: {err}") from None
+
+    def confirm(prompt: str) -> bool:
+        return input(prompt).strip().lower() in ("y", "yes")
+
+    done = download(
+        source,
+        args.root,
+        accept=args.accept_license,
+        confirm=confirm if sys.stdin.isatty() else None,
+        archive=args.archive,
+        keep_archive=args.keep_archive,
+    )
+    print(done.root)
+    return 0
+
+
+def _list_sources(sources) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bench download NAME [--root DIR] [--accept-license]")
+    for col in ("name", "dataset", "licence", "how", "from"):
+        table.add_column(col)
+    for s in sources:
+        check = "SHA-256" if s.sha256 else "MD5" if s.md5 else "no published sum"
+        how = f"direct, {check}" if s.url else "by hand (instructions)"
+        table.add_row(s.name, s.title, s.licence, how, s.homepage)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     return 0

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_evaluate_parser(sub)
     add_store_parsers(sub)
+    add_download_parser(sub)
     return p
 
 
@@ -170,3 +171,31 @@ def add_store_parsers(sub) -> None:
     lnk.add_argument("--output", default="results", help="results folder holding mlflow.db")
     lnk.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     lnk.add_argument("--base-url", default="http://127.0.0.1:5000", help="where the UI is served")
+
+
+def add_download_parser(sub) -> None:
+    """``bench download``: fetch, verify and unpack a dataset into its loader's root."""
+    dl = sub.add_parser(
+        "download",
+        help="fetch, verify and unpack a dataset (resumable; no name: list what it can fetch)",
+    )
+    dl.add_argument("name", nargs="?", help="dataset name (bench download lists them)")
+    dl.add_argument(
+        "--root", help="where the data goes (default: the dataset's root, e.g. data/mvtec_ad)"
+    )
+    dl.add_argument(
+        "--accept-license",
+        action="store_true",
+        help="accept the dataset's licence (shown before the first download)",
+    )
+    dl.add_argument(
+        "--archive",
+        help="unpack and check an archive fetched by hand instead of downloading it",
+    )
+    dl.add_argument("--keep-archive", action="store_true", help="keep the archive beside the root")
+    dl.add_argument(
+        "--url", help="fetch from this mirror instead (the published checksum still applies)"
+    )
+    dl.add_argument(
+        "--sha256", help="the SHA-256 to verify instead of the published one (with --url)"
+    )
