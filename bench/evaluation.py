@@ -47,6 +47,9 @@ class Evaluator:
     recorded in ``<category>/crop.json`` (see ``write_crops``).
     """
 
+    #: further AU-PRO integration limits a subclass reports (metric name -> FPR limit)
+    more_pro_limits: dict[str, float] = {}
+
     def __init__(
         self,
         protocol: str = "official",
@@ -172,7 +175,14 @@ class Evaluator:
         write_scores(self.export_dir, self._exported)  # first: the export is complete even
         write_crops(self.export_dir, self._crops)  # if the metrics fail
         pixel = score_metrics(
-            self.maps, self.masks, groups, subsets, self.pro_limit, self.chunk, self.curves
+            self.maps,
+            self.masks,
+            groups,
+            subsets,
+            self.pro_limit,
+            self.chunk,
+            self.curves,
+            self.more_pro_limits,
         )
         out = {}
         scores = torch.tensor(self.scores, dtype=torch.float64)

@@ -12,6 +12,9 @@ from bench.metrics import evenly_spaced
 
 THUMB = 160
 THUMB_POINTS = 4000  # points kept per cloud for its panel
+#: items of a test split that are predicted but not scored (MVTec AD 2's validation images,
+#: which set the threshold, and its private sets): left out of the figure
+UNSCORED_ROLES = ("validation", "test_private", "test_private_mixed")
 
 
 def _projected(points: torch.Tensor) -> torch.Tensor:
@@ -50,16 +53,22 @@ class OverlayCollector:
         image = batch.image if batch.image is not None else batch.rgb
         if image is None:
             return
+        keep = [i for i, m in enumerate(batch.meta) if m.get("role") not in UNSCORED_ROLES]
+        if not keep:
+            return
         size = (THUMB, THUMB)
-        self.images.append(F.interpolate(image.float().cpu(), size=size, mode="area"))
-        amap = prediction.anomaly_map.float().cpu()[:, None]
+        self.images.append(F.interpolate(image[keep].float().cpu(), size=size, mode="area"))
+        amap = prediction.anomaly_map[keep].float().cpu()[:, None]
         self.maps.append(F.interpolate(amap, size=size, mode="bilinear", align_corners=False)[:, 0])
-        self._add_names(prediction, batch)
+        self._add_names(prediction, batch, keep)
 
-    def _add_names(self, prediction, batch) -> None:
-        self.scores += prediction.score.float().cpu().tolist()
-        self.labels += batch.label.cpu().tolist()
-        self.names += [f"{m['defect']}/{Path(m['path']).stem}" for m in batch.meta]
+    def _add_names(self, prediction, batch, keep: list[int] | None = None) -> None:
+        keep = list(range(len(batch.meta))) if keep is None else keep
+        self.scores += prediction.score.float().cpu()[keep].tolist()
+        self.labels += batch.label.cpu()[keep].tolist()
+        self.names += [
+            f"{batch.meta[i]['defect']}/{Path(batch.meta[i]['path']).stem}" for i in keep
+        ]
 
     def picks(self, per_row: int = 4) -> list[tuple[str, list[int]]]:
         """Rows of image indices: the most confidently right and the most wrong."""

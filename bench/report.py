@@ -25,8 +25,12 @@ METRICS = (
     "point_auroc",
     "point_ap",
     "point_f1max",
+    # a dataset's own official metrics (MVTec AD 2, MVTec LOCO), where its evaluation has them
+    "au_pro_05",
+    "seg_f1",
+    "au_spro_05",
 )
-FIGURE_METRICS = ("image_auroc", "pixel_auroc", "au_pro", "point_auroc")
+FIGURE_METRICS = ("image_auroc", "pixel_auroc", "au_pro", "au_pro_05", "au_spro_05", "point_auroc")
 
 
 def _present(frame: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
@@ -232,6 +236,14 @@ def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
         + (
             " On unorganised clouds (protocol `points`) `image_*` are object-level metrics."
             if (frame["protocol"] == "points").any()
+            else ""
+        )
+        + (
+            " MVTec AD 2 (protocol `official-ad2`) is scored here on its public test set; its"
+            " private test sets (test_private, test_private_mixed) have no public ground truth and"
+            " are scored by the publisher's server only (https://benchmark.mvtec.com), from the"
+            " submission `--export-maps` writes."
+            if frame["protocol"].str.contains("-ad2", regex=False).any()
             else ""
         )
         + "\n",

@@ -15,7 +15,10 @@ from rich.markup import escape
 from bench.capabilities import TransductiveScores, TypeDiscovery
 from bench.detector import Detector
 from bench.discovery import discover_types
+from bench.errors import ConfigError
 from bench.evaluation import Evaluator, PointEvaluator
+from bench.evaluation_ad2 import AD2Evaluator
+from bench.evaluation_loco import LocoEvaluator
 from bench.job.data import JobData
 from bench.overlays import OverlayCollector
 from bench.plan import Job
@@ -40,13 +43,29 @@ class Predictions:
     resumed: bool = False
 
 
-def new_evaluator(job: Job, modality: str, export_maps: str | None):
+#: the evaluator of each way a dataset's test split is scored (``DatasetSpec.metrics``)
+EVALUATORS: dict[str, type[Evaluator]] = {
+    "mvtec": Evaluator,
+    "loco": LocoEvaluator,
+    "mvtec_ad2": AD2Evaluator,
+}
+
+
+def new_evaluator(job: Job, modality: str, export_maps: str | None, metrics: str = "mvtec"):
+    """The evaluator of a job: per point for unorganised clouds, else the one of the dataset's
+    ``metrics``."""
     export = None
     if export_maps is not None:
         export = Path(export_maps) / job.detector.display / job.dataset.name / f"seed{job.seed}"
     if modality == "points":
         return PointEvaluator(export_dir=export)
-    return Evaluator(job.protocol, export_dir=export)
+    if metrics == "loco" and job.protocol != "official":
+        raise ConfigError(
+            f"{job.dataset.name}: MVTec LOCO AD is scored with the official protocol only "
+            f"(sPRO's saturation areas are pixel counts at native resolution), got "
+            f"protocol {job.protocol!r}"
+        )
+    return EVALUATORS[metrics](job.protocol, export_dir=export)
 
 
 def predict_all(

@@ -98,7 +98,7 @@ def run_job(
     fit.skipped_steps = None if skipped is None else len(skipped)
     data = open_data(job, device, options.num_workers)
     modality = job_modality(detector, data.spec)
-    evaluator = new_evaluator(job, modality, options.export_maps)
+    evaluator = new_evaluator(job, modality, options.export_maps, data.spec.metrics)
     kept_at = pending_path(store, job)
     pred = load_predictions(kept_at, evaluator.export_dir)
     if pred is None:
