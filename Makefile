@@ -18,7 +18,7 @@ ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
 
-.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide casl-curve bench-2d bench-3d bench-points bench-visa report test test-fast lint format ui server gpu-check gpu-wheels perf parity clean help
+.PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide casl-curve bench-2d bench-3d bench-points bench-visa bench-ad2 bench-loco bench-folder download report test test-fast lint format ui server gpu-check gpu-wheels perf parity clean help
 
 help:
 	@echo "make bench     run the default benchmark on the built-in data (2D and 3D)"
@@ -27,6 +27,12 @@ help:
 	@echo "make bench-points  curvature on Real3D-AD / Anomaly-ShapeNet at REAL3D_AD_ROOT /"
 	@echo "               ANOMALY_SHAPENET_ROOT (built-in unorganised clouds when neither is set)"
 	@echo "make bench-visa  2D detectors on VisA at VISA_ROOT (built-in VisA-layout data when unset)"
+	@echo "make bench-ad2  2D detectors on MVTec AD 2 at MVTEC_AD2_ROOT (AU-PRO@0.05, SegF1; built-in copy when unset)"
+	@echo "make bench-loco  2D detectors on MVTec LOCO AD at MVTEC_LOCO_ROOT (AU-sPRO; built-in copy when unset)"
+	@echo "make bench-folder  2D detectors on your own folders at FOLDER_ROOT (normal/, abnormal/, masks/;"
+	@echo "               see datasets/README.md; built-in folders when unset)"
+	@echo "make download DATASET=name [ROOT=dir] [ACCEPT=1]  fetch, verify and unpack a dataset"
+	@echo "               (resumable; licence accepted once; no DATASET: what it can fetch)"
 	@echo "make bench-dinomaly  Dinomaly as published on MVTec AD (unified + per category; GPU, DINOv2 weights)"
 	@echo "make bench-dinomaly-offline  Dinomaly with the offline encoder substitute next to knn on MVTec AD"
 	@echo "make bench-dinomaly-visa  Dinomaly as published on VisA at VISA_ROOT (unified; GPU, DINOv2 weights)"
@@ -92,6 +98,25 @@ bench-visa: $(STAMP)
 	@if [ -n "$$VISA_ROOT" ]; then $(BIN)/bench run --config bench-visa --output $(RESULTS); \
 	else echo "VISA_ROOT is not set: running on the built-in VisA-layout data"; \
 	  $(BIN)/bench run --config bench-visa --datasets builtin_visa --output $(RESULTS); fi
+
+bench-ad2: $(STAMP)
+	@if [ -n "$$MVTEC_AD2_ROOT" ]; then $(BIN)/bench run --config bench-ad2 --output $(RESULTS); \
+	else echo "MVTEC_AD2_ROOT is not set: running on the built-in MVTec AD 2-layout data"; \
+	  $(BIN)/bench run --config bench-ad2 --datasets builtin_ad2 --output $(RESULTS); fi
+
+bench-loco: $(STAMP)
+	@if [ -n "$$MVTEC_LOCO_ROOT" ]; then $(BIN)/bench run --config bench-loco --output $(RESULTS); \
+	else echo "MVTEC_LOCO_ROOT is not set: running on the built-in MVTec LOCO-layout data"; \
+	  $(BIN)/bench run --config bench-loco --datasets builtin_loco --output $(RESULTS); fi
+
+bench-folder: $(STAMP)
+	@if [ -n "$$FOLDER_ROOT" ]; then $(BIN)/bench run --config bench-folder --root folder=$$FOLDER_ROOT --output $(RESULTS); \
+	else echo "FOLDER_ROOT is not set: running on the built-in folders"; \
+	  $(BIN)/bench run --config bench-folder --datasets builtin_folder --output $(RESULTS); fi
+
+# fetch, verify and unpack a dataset into its loader's root (resumable; no DATASET: the list)
+download: $(STAMP)
+	$(BIN)/bench download $(DATASET) $(if $(ROOT),--root "$(ROOT)") $(if $(ACCEPT),--accept-license) $(ARGS)
 
 bench-dinomaly: $(STAMP)
 	$(BIN)/bench run --config dinomaly-mvtec --output $(RESULTS) $(ARGS)

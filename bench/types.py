@@ -24,7 +24,8 @@ class Batch:
     """
 
     label: torch.Tensor
-    mask: torch.Tensor | None = None
+    #: a list of [H0_i,W0_i] masks when the native sizes in the batch differ
+    mask: torch.Tensor | list[torch.Tensor] | None = None
     roi: torch.Tensor | None = None
     meta: list[dict[str, Any]] = field(default_factory=list)
     image: torch.Tensor | None = None
@@ -92,6 +93,9 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
             continue
         values = [s[key] for s in samples]
         if key in ("mask", "image", "xyz") and len({tuple(v.shape) for v in values}) > 1:
+            if key == "mask" and "image" in samples[0]:  # inputs resized alike, masks native
+                out[key] = values
+                continue
             raise ValueError(_mixed_sizes(key, values, samples))
         out[key] = torch.stack(values)
     return Batch(**out)

@@ -8,7 +8,15 @@ modalities it feeds natively. Datasets register like detectors: ``@register_data
 
 from __future__ import annotations
 
-from . import mvtec_3d, mvtec_ad, real3d
+from . import (
+    btad,  # noqa: F401  (registers btad, mpdd and their builtin_ twins)
+    folder,  # noqa: F401  (registers folder and builtin_folder)
+    mvtec_3d,
+    mvtec_ad,
+    mvtec_ad2,  # noqa: F401  (registers mvtec_ad2 and builtin_ad2)
+    mvtec_loco,  # noqa: F401  (registers mvtec_loco and builtin_loco)
+    real3d,
+)
 from .builtin import GeneratedRoot, ensure_generated
 from .common import DatasetLayoutError
 from .mvtec_3d import MVTec3D
@@ -55,9 +63,9 @@ _env_root = env_root
 _CLOUD = ("point_cloud", "rgb+point_cloud")
 _CLOUD_FEEDS = ("image", *_CLOUD)
 
-for _name, _root in (
-    ("mvtec_ad", _env_root("MVTEC_AD_ROOT", "data/mvtec_ad")),
-    ("builtin_ad", GeneratedRoot("ad")),
+for _name, _root, _download in (
+    ("mvtec_ad", _env_root("MVTEC_AD_ROOT", "data/mvtec_ad"), "mvtec_ad"),
+    ("builtin_ad", GeneratedRoot("ad"), None),
 ):
     register_dataset(
         _name,
@@ -65,11 +73,12 @@ for _name, _root in (
         default_root=_root,
         modalities=("image",),
         broken_categories=mvtec_ad.broken_categories,
+        download=_download,
     )(MVTecAD)
 
-for _name, _root in (
-    ("mvtec_3d", _env_root("MVTEC_3D_ROOT", "data/mvtec_3d")),
-    ("builtin_3d", GeneratedRoot("3d")),
+for _name, _root, _download in (
+    ("mvtec_3d", _env_root("MVTEC_3D_ROOT", "data/mvtec_3d"), "mvtec_3d"),
+    ("builtin_3d", GeneratedRoot("3d"), None),
 ):
     register_dataset(
         _name,
@@ -78,13 +87,18 @@ for _name, _root in (
         modalities=_CLOUD,
         feeds=_CLOUD_FEEDS,
         broken_categories=mvtec_3d.broken_categories,
+        download=_download,
     )(MVTec3D)
 
 # unorganised clouds with per-point labels (object- and point-level metrics)
-for _name, _root in (
-    ("real3d_ad", _env_root("REAL3D_AD_ROOT", "data/real3d_ad")),
-    ("anomaly_shapenet", _env_root("ANOMALY_SHAPENET_ROOT", "data/anomaly_shapenet")),
-    ("builtin_points", GeneratedRoot("points")),
+for _name, _root, _download in (
+    ("real3d_ad", _env_root("REAL3D_AD_ROOT", "data/real3d_ad"), "real3d_ad"),
+    (
+        "anomaly_shapenet",
+        _env_root("ANOMALY_SHAPENET_ROOT", "data/anomaly_shapenet"),
+        "anomaly_shapenet",
+    ),
+    ("builtin_points", GeneratedRoot("points"), None),
 ):
     register_dataset(
         _name,
@@ -92,4 +106,5 @@ for _name, _root in (
         default_root=_root,
         modalities=("points",),
         broken_categories=real3d.broken_categories,
+        download=_download,
     )(PointCloudSet)

@@ -132,6 +132,7 @@ def read_nonzero_mask(path: Path, shape: tuple[int, int], image: Path) -> torch.
     default_root=env_root("VISA_ROOT", "data/visa"),
     modalities=("image",),
     broken_categories=broken_categories,
+    download="visa",
 )
 class VisA(ImageCategoryDataset):
     """One category and split of VisA's ``1cls`` split. Items: ``image`` float [3,h,w] in [0,1]

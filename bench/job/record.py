@@ -69,6 +69,8 @@ def job_record(
         "maps_exported_to": None if evaluator.export_dir is None else str(evaluator.export_dir),
         "n_train": fit_size(job.fit),
         "n_test": n_test,
+        #: how a loader split its data itself (a folder dataset's seeded split of the normals)
+        "data_split": getattr(data.test_set, "split_record", None),
         "fit_cached": fit.cached,
         "fit_shared": fit.shared,
         "skipped_steps": fit.skipped_steps,
