@@ -5,7 +5,9 @@ The AD 2 loader's test split holds three kinds of items, told apart by ``meta["r
 
 - ``validation`` (validation/good): their maps only choose the segmentation threshold; only
   running statistics are kept (count, mean, sum of squared deviations, maximum: 4 numbers), no
-  map;
+  map. With ``export_dir`` each is written as ``<export_dir>/<category>/validation/good/<id>.tiff``
+  (float32, native frame, like the test maps), so that ``bench evaluate`` can choose the
+  threshold again;
 - ``test_public``: scored like MVTec AD by :class:`bench.evaluation.Evaluator`, plus
   ``au_pro_05``, ``seg_f1``, ``seg_precision``, ``seg_recall``, ``class_f1`` and
   ``seg_threshold``;
@@ -39,6 +41,13 @@ PRIVATE_SETS = ("test_private", "test_private_mixed")
 #: the submission's folder below the evaluator's export folder
 SUBMISSION = "submission"
 MAPS, THRESHOLDED = "anomaly_images", "anomaly_images_thresholded"
+#: the validation maps' folder below a category's export folder (and their key in crop.json)
+VALIDATION = "validation/good"
+
+
+def validation_path(export_dir: str | Path, meta: dict) -> Path:
+    """``<export_dir>/<category>/validation/good/<id>.tiff``: a validation image's exported map."""
+    return Path(export_dir) / meta["category"] / VALIDATION / f"{Path(meta['path']).stem}.tiff"
 
 
 def submission_path(export_dir: str | Path, meta: dict, thresholded: bool = False) -> Path:
@@ -121,9 +130,23 @@ class AD2Evaluator(Evaluator):
         return _resize(amap, size)
 
     def _validation(self, amap: torch.Tensor, batch: Batch, i: int) -> None:
-        self.validation.update(self._checked_map(amap, batch, i))
+        scored = self._checked_map(amap, batch, i)
+        self.validation.update(scored)
+        if self.export_dir is not None:
+            self._export_validation(amap if self.protocol == "fast" else scored, batch, i)
         self.n_validation += 1
         self.categories.add(str(batch.meta[i].get("category", "unknown category")))
+
+    def _export_validation(self, amap: torch.Tensor, batch: Batch, i: int) -> None:
+        """Writes a validation map at native size in the native frame (``validation_path``);
+        its crop goes to ``crop.json`` under the key ``validation/good/<id>``."""
+        meta, roi = batch.meta[i], tuple(int(v) for v in batch.roi[i])
+        shape = tuple(int(n) for n in batch.mask[i].shape)
+        native = _resize(amap.float(), (roi[2] - roi[0], roi[3] - roi[1])).cpu().numpy()
+        path = validation_path(self.export_dir, meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(path, native_frame(native, roi, shape))
+        self._crops.append((meta["category"], VALIDATION, path.stem, roi, shape))
 
     def _export_private(self, amap: torch.Tensor, batch: Batch, i: int) -> None:
         meta = batch.meta[i]

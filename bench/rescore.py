@@ -8,32 +8,65 @@ maximum (in that region), or come from CSV files with columns ``category, defect
 one row per test image of the evaluated categories, each score a finite number. Unorganised clouds
 (Real3D-AD / Anomaly-ShapeNet layout): ``<maps>/<category>/test/<defect>/<id>.txt``, one score
 per point in the order of the cloud's ground truth (of its .pcd for good clouds).
+
+Each dataset is scored as the job pipeline scores it: MVTec LOCO AD by
+:class:`~bench.evaluation_loco.LocoEvaluator` (official protocol only), MVTec AD 2 by
+:class:`~bench.evaluation_ad2.AD2Evaluator`, which first reads the validation maps
+``<maps>/<category>/validation/good/<id>.tiff`` (they set SegF1's threshold) and scores
+test_public; its private sets have no public ground truth and are not read.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import tifffile
 import torch
 import torch.nn.functional as F
 
-from bench.datasets import MVTec3D, MVTecAD, PointCloudSet, mvtec_3d, mvtec_ad, real3d
+from bench.datasets import (
+    MVTec3D,
+    MVTecAD,
+    PointCloudSet,
+    mvtec_3d,
+    mvtec_ad,
+    mvtec_ad2,
+    mvtec_loco,
+    real3d,
+)
+from bench.datasets.common import ImageCategoryDataset
+from bench.datasets.mvtec_ad2 import MVTecAD2
+from bench.datasets.mvtec_loco import MVTecLOCO
 from bench.errors import ConfigError, DataError
 from bench.evaluation import CROP_FILE, Evaluator, PointEvaluator, export_path
+from bench.evaluation_ad2 import VALIDATION, AD2Evaluator, validation_path
+from bench.evaluation_loco import LocoEvaluator
+from bench.exported import Key, _check_known, read_map, read_point_scores, read_scores
 from bench.types import Batch, Prediction
 
-SCORE_COLUMNS = ("category", "defect", "id", "score")
-Key = tuple[str, str, str]
+#: each kind of root (``dataset_kind``): the module listing its categories, its test loader and
+#: its evaluator (the job pipeline's, ``bench.job.predicting.EVALUATORS``)
+MODULES = {
+    "mvtec_ad": mvtec_ad,
+    "mvtec_3d": mvtec_3d,
+    "loco": mvtec_loco,
+    "mvtec_ad2": mvtec_ad2,
+    "points": real3d,
+}
+LOADERS = {"mvtec_ad": MVTecAD, "mvtec_3d": MVTec3D, "loco": MVTecLOCO, "mvtec_ad2": MVTecAD2}
+EVALUATORS = {
+    "mvtec_ad": Evaluator,
+    "mvtec_3d": Evaluator,
+    "loco": LocoEvaluator,
+    "mvtec_ad2": AD2Evaluator,
+}
 
 
 def dataset_kind(root: Path) -> str:
     """ "mvtec_3d" when the categories hold xyz folders, "points" when their test folders hold
-    .pcd clouds, else "mvtec_ad"."""
+    .pcd clouds, "loco" when a category holds ``defects_config.json`` (MVTec LOCO AD),
+    "mvtec_ad2" when one holds ``test_public/`` (MVTec AD 2), else "mvtec_ad"."""
     try:
         mvtec_3d.categories(root)
         return "mvtec_3d"
@@ -44,107 +77,32 @@ def dataset_kind(root: Path) -> str:
             return "points"
     except FileNotFoundError:
         pass
+    if any(root.glob(f"*/{mvtec_loco.CONFIG}")):
+        return "loco"
+    if any(p.is_dir() for p in root.glob("*/test_public")):
+        return "mvtec_ad2"
     mvtec_ad.categories(root)  # raises with the expected layout when none fits
     return "mvtec_ad"
 
 
 def _categories(kind: str, root: Path) -> list[str]:
-    return {"mvtec_3d": mvtec_3d, "points": real3d, "mvtec_ad": mvtec_ad}[kind].categories(root)
+    return MODULES[kind].categories(root)
 
 
-def read_point_scores(path: Path, n: int) -> torch.Tensor:
-    try:
-        values = np.loadtxt(path, dtype=np.float64, ndmin=1)
-    except ValueError as err:
-        raise DataError(f"cannot read point scores {path}: {err}") from err
-    if values.ndim != 1 or len(values) != n:
-        raise DataError(
-            f"point scores {path} hold {values.size} values, expected one per line for each of "
-            f"the cloud's {n} points"
-        )
-    _check_finite(values, path, "point scores")
-    return torch.from_numpy(values.astype(np.float32))
-
-
-def read_map(path: Path) -> torch.Tensor:
-    try:
-        array = tifffile.imread(path)
-    except Exception as err:
-        raise DataError(f"cannot read anomaly map {path}: {err}") from err
-    array = np.squeeze(array)
-    if array.ndim != 2:
-        raise DataError(f"anomaly map {path} has shape {array.shape}, expected a 2-D map")
-    _check_finite(array, path, "anomaly map")
-    return torch.from_numpy(array.astype(np.float32))
-
-
-def _check_finite(values: np.ndarray, path: Path, what: str) -> None:
-    bad = int(np.count_nonzero(~np.isfinite(values)))
-    if bad:
-        raise DataError(
-            f"{what} {path} has NaN or infinite values ({bad} of {values.size}); expected finite scores"
-        )
-
-
-def read_scores(paths: list[str | Path]) -> dict[Key, tuple[float, str]]:
-    """``{(category, defect, id): (score, "<file>, line <n>")}``; a duplicated row or a score
-    that is not a finite number is an error naming the file and line."""
-    scores: dict[Key, tuple[float, str]] = {}
-    for path in paths:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-        missing = [c for c in SCORE_COLUMNS if c not in frame.columns]
-        if missing:
-            raise DataError(
-                f"scores file {path} lacks column(s) {missing}; expected {list(SCORE_COLUMNS)}"
-            )
-        for line, row in enumerate(frame[list(SCORE_COLUMNS)].itertuples(index=False), start=2):
-            if not any(row):
-                continue  # a blank line
-            key, where = (row.category, row.defect, row.id), f"scores file {path}, line {line}"
-            if key in scores:
-                raise DataError(
-                    f"{where}: row ({', '.join(key)}) repeats the one at {scores[key][1]}; "
-                    "expected one row per test image"
-                )
-            scores[key] = (_score(row.score, where), f"{path}, line {line}")
-    return scores
-
-
-def _score(raw: str, where: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise DataError(f"{where}: score {raw!r} is not a finite number")
-    return value
-
-
-def _check_known(
-    scores: dict[Key, tuple[float, str]],
-    known: set[Key],
-    categories: list[str],
-    others: list[str],
-):
-    """Every row of the scores file(s) names a test image of the evaluated categories (rows of
-    the dataset's ``others`` categories, not evaluated now, are passed over: one file may hold
-    every category)."""
-    for key, (_, where) in scores.items():
-        if key not in known and key[0] not in others:
-            raise DataError(
-                f"scores file {where}: row ({', '.join(key)}) matches no test image of the "
-                f"evaluated categories {categories}"
-            )
+def _scored_items(kind: str, items: list[dict]) -> list[dict]:
+    """The test items that are scored: MVTec AD 2's test split also serves its validation
+    images (role "validation"), which only set SegF1's threshold."""
+    if kind == "mvtec_ad2":
+        return [it for it in items if it["role"] == "test_public"]
+    return items
 
 
 def _test_keys(kind: str, root: Path, category: str) -> set[Key]:
     if kind == "points":
         items = PointCloudSet(root, category, "test").items
     else:
-        items = (MVTec3D if kind == "mvtec_3d" else MVTecAD)(
-            root, category, "test", image_size=None
-        ).items
-    return {(category, it["defect"], Path(it["path"]).stem) for it in items}
+        items = LOADERS[kind](root, category, "test", image_size=None).items
+    return {(category, it["defect"], Path(it["path"]).stem) for it in _scored_items(kind, items)}
 
 
 def _image_score(scores: dict | None, key: Key, amap: torch.Tensor) -> float:
@@ -265,6 +223,67 @@ def evaluate_point_category(
     return {"category": category, "dataset": "points", **evaluator.record()}
 
 
+def _read_target(
+    path: Path,
+    dataset: ImageCategoryDataset,
+    item: dict,
+    crop_key: str,
+    crop: dict | None,
+    resized: list[str],
+    device: str,
+) -> tuple[torch.Tensor, dict]:
+    """(the map of ``path`` in the item's ROI, the item's target); a map of another size is
+    noted in ``resized``. ``crop_key``: the item's folder in ``crop.json``'s per-image keys."""
+    amap, native = read_map(path).to(device), dataset.native_size(item)
+    if check_geometry(amap, native, path):
+        resized.append(f"{path} is {amap.shape[0]}x{amap.shape[1]}, not {native[0]}x{native[1]}")
+    roi = roi_of(crop, crop_key, path.stem, native)
+    return _crop_map(amap, roi, native), dataset.target(item, native, roi)
+
+
+def _batch(target: dict, path: Path) -> Batch:
+    return Batch(
+        label=target["label"][None],
+        mask=target["mask"][None],
+        roi=target["roi"][None],
+        meta=[{**target["meta"], "map_path": str(path)}],
+    )
+
+
+def _feed_validation(
+    maps: Path,
+    dataset: MVTecAD2,
+    crop: dict | None,
+    evaluator: AD2Evaluator,
+    resized: list[str],
+    device: str,
+) -> None:
+    """MVTec AD 2: every validation map, ``<maps>/<category>/validation/good/<id>.tiff``, into
+    the evaluator, in the loader's order (they set SegF1's threshold); a missing or extra one is
+    an error naming the folder."""
+    category = dataset.category
+    items = [it for it in dataset.items if it["role"] == "validation"]
+    paths = [validation_path(maps, {"category": category, "path": it["path"]}) for it in items]
+    folder = maps / category / VALIDATION
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"category {category}: {len(missing)} of {len(items)} validation images have no "
+            f"anomaly map in {folder} (e.g. {missing[:3]}); MVTec AD 2's SegF1 threshold is "
+            "chosen from them: export them there (bench run --export-maps writes them)"
+        )
+    extra = sorted(str(p) for p in set(folder.glob("*.tif*")) - set(paths))
+    if extra:
+        raise DataError(
+            f"category {category}: {len(extra)} anomaly map(s) in {folder} match no validation "
+            f"image, e.g. {extra[:3]}"
+        )
+    for item, path in zip(items, paths):
+        amap, target = _read_target(path, dataset, item, VALIDATION, crop, resized, device)
+        prediction = Prediction(score=amap.max()[None], anomaly_map=amap[None])
+        evaluator.update(prediction, _batch(target, path))
+
+
 def evaluate_category(
     maps: Path,
     root: Path,
@@ -275,36 +294,27 @@ def evaluate_category(
     pro_limit: float = 0.3,
     device: str = "cpu",
 ) -> dict:
-    """Metrics of one category's maps; only each image's ROI when ``crop.json`` records one."""
-    loader = MVTec3D if kind == "mvtec_3d" else MVTecAD
-    dataset = loader(root, category, "test", image_size=None)
+    """Metrics of one category's maps by its dataset's evaluator (``EVALUATORS``); only each
+    image's ROI when ``crop.json`` records one. MVTec AD 2: the validation maps first."""
+    dataset = LOADERS[kind](root, category, "test", image_size=None)
     crop = read_crop(maps, category)
     expected, missing, resized = set(), [], []
-    evaluator = Evaluator(protocol, pro_limit)
-    for item in dataset.items:
+    evaluator = EVALUATORS[kind](protocol, pro_limit)
+    if kind == "mvtec_ad2":
+        _feed_validation(maps, dataset, crop, evaluator, resized, device)
+    items = _scored_items(kind, dataset.items)
+    for item in items:
         meta = {"path": str(item["path"]), "category": category, "defect": item["defect"]}
         path = export_path(maps, meta)
         expected.add(path.resolve())
         if not path.is_file():
             missing.append(str(path))
             continue
-        amap, native = read_map(path).to(device), dataset.native_size(item)
-        if check_geometry(amap, native, path):
-            resized.append(
-                f"{path} is {amap.shape[0]}x{amap.shape[1]}, not {native[0]}x{native[1]}"
-            )
-        roi = roi_of(crop, item["defect"], path.stem, native)
-        amap = _crop_map(amap, roi, native)
-        target = dataset.target(item, native, roi)
+        amap, target = _read_target(path, dataset, item, item["defect"], crop, resized, device)
         score = _image_score(scores, (category, item["defect"], path.stem), amap)
-        batch = Batch(
-            label=target["label"][None],
-            mask=target["mask"][None],
-            roi=target["roi"][None],
-            meta=[{**target["meta"], "map_path": str(path)}],
-        )
-        evaluator.update(Prediction(score=torch.tensor([score]), anomaly_map=amap[None]), batch)
-    _check_complete(maps, category, expected, missing, len(dataset.items), points=False)
+        prediction = Prediction(score=torch.tensor([score]), anomaly_map=amap[None])
+        evaluator.update(prediction, _batch(target, path))
+    _check_complete(maps, category, expected, missing, len(items), points=False)
     record = evaluator.record()
     record["warnings"] += _resize_warning(category, resized, len(dataset.items))
     return {"category": category, "dataset": kind, **record}
@@ -323,6 +333,11 @@ def evaluate_maps(
     if not maps.is_dir():
         raise FileNotFoundError(f"anomaly-map folder {maps} does not exist")
     kind = dataset_kind(root)
+    if kind == "loco" and protocol != "official":
+        raise ConfigError(
+            f"{root} is an MVTec LOCO AD root, scored with the official protocol only (sPRO's "
+            f"saturation areas are pixel counts at native resolution), got --protocol {protocol}"
+        )
     available = _categories(kind, root)
     if categories is None:
         categories = [c for c in available if (maps / c).is_dir()]

@@ -117,6 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cols = ["category", "defect", "image_auroc", "pixel_auroc", "au_pro", "pixel_ap", "image_ap"]
     if "point_auroc" in table:  # unorganised clouds: object- and point-level metrics
         cols = ["category", "defect", "image_auroc", "point_auroc", "point_ap", "image_ap"]
+    # the official headline metrics of MVTec LOCO AD and MVTec AD 2
+    cols += [c for c in ("au_spro_05", "au_pro_05", "seg_f1") if c in table]
     for col in cols:
         out.add_column(col, no_wrap=True)
     for row in table.itertuples(index=False):
