@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from bench.errors import ConfigError, DataError
 
 from .builtin import GeneratedRoot
 from .common import DatasetLayoutError, ImageCategoryDataset, read_mask
+from .folder_masks import match_masks, shown_names
 from .registry import env_root, register_dataset
 
 LAYOUT = """expected folder layout (options of the dataset entry; each folder relative to <root>
@@ -33,7 +33,6 @@ FOLDER_OPTIONS = ("normal_dir", "normal_test_dir", "abnormal_dir", "mask_dir")
 #: anomalib's default share of the normal images held out for testing
 SPLIT_RATIO = 0.2
 #: how many file names an error message lists
-SHOWN = 8
 
 
 def category_name(root: str | Path) -> str:
@@ -46,11 +45,6 @@ def categories(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise DatasetLayoutError(f"folder dataset root {root} does not exist; {LAYOUT}")
     return [category_name(root)]
-
-
-def _names(paths: list[Path] | list[str]) -> str:
-    shown = ", ".join(str(p) for p in paths[:SHOWN])
-    return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
 
 
 def resolve_folders(value: Any, option: str, root: Path) -> list[Path]:
@@ -124,55 +118,6 @@ def held_out_keys(keys: list[str], ratio: float, seed: int) -> set[str]:
     k = min(max(math.floor(ratio * len(keys) + 0.5), 1), len(keys) - 1)
     ranked = sorted(keys, key=lambda key: hashlib.sha256(f"{seed}/{key}".encode()).digest())
     return set(ranked[:k])
-
-
-def _shared_folders(a: Path, b: Path) -> int:
-    """How many parent-folder names two files share, counted from their own folders up."""
-    n = 0
-    for x, y in zip(reversed(a.parent.parts), reversed(b.parent.parts)):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def match_masks(images: list[Path], masks: list[Path], where: str) -> dict[Path, Path]:
-    """Each anomalous image's mask: the mask named ``<stem>`` or ``<stem>_mask`` (any
-    extension); where several images share a stem, the one whose folder names match. An image
-    without a mask, a mask without an image, or an ambiguous pair is an error (``where`` names
-    the folders)."""
-    by_stem: dict[str, list[Path]] = {}
-    for mask in masks:
-        by_stem.setdefault(mask.stem, []).append(mask)
-    pairs, missing = {}, []
-    for image in images:
-        found = by_stem.get(image.stem, []) + by_stem.get(image.stem + "_mask", [])
-        if not found:
-            missing.append(image.stem)
-            continue
-        best = max(_shared_folders(image, m) for m in found)
-        closest = [m for m in found if _shared_folders(image, m) == best]
-        if len(closest) > 1:
-            raise DatasetLayoutError(
-                f"abnormal image {image} matches several masks by stem: {_names(closest)}; {where}"
-            )
-        pairs[image] = closest[0]
-    if missing:
-        raise DatasetLayoutError(
-            f"{len(missing)} abnormal image(s) have no mask of the same stem (or <stem>_mask): "
-            f"{_names(missing)}; {where}"
-        )
-    twice = [m for m, n in Counter(pairs.values()).items() if n > 1]
-    if twice:
-        raise DatasetLayoutError(f"mask(s) {_names(twice)} match several images; {where}")
-    used = set(pairs.values())
-    orphans = [m.stem for m in masks if m not in used]
-    if orphans:
-        raise DatasetLayoutError(
-            f"{len(orphans)} mask(s) have no abnormal image of the same stem: {_names(orphans)}; "
-            f"{where}"
-        )
-    return pairs
 
 
 def header_size(path: Path, what: str) -> tuple[int, int]:
@@ -325,8 +270,8 @@ class FolderDataset(ImageCategoryDataset):
             return []
         if masks:
             where = (
-                f"abnormal_dir {_names(self.dirs['abnormal_dir'])}, "
-                f"mask_dir {_names(self.dirs['mask_dir'])}"
+                f"abnormal_dir {shown_names(self.dirs['abnormal_dir'])}, "
+                f"mask_dir {shown_names(self.dirs['mask_dir'])}"
             )
             pairs = match_masks([p for p, _ in abnormal], masks, where)
             lossy = [m for m in masks if m.suffix.lower() in (".jpg", ".jpeg", ".webp")]

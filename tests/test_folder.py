@@ -328,3 +328,29 @@ def test_a_batch_of_mixed_native_sizes_scores_each_mask_at_its_own_size(tmp_path
     scores = torch.cat([m.reshape(-1) for m in native]).numpy()
     truth = torch.cat([s["mask"].reshape(-1) for s in samples]).numpy()
     assert got == pytest.approx(roc_auc_score(truth, scores), abs=1e-12)
+
+
+def test_masks_named_stem_then_anything_match_as_anomalib_accepts(tmp_path):
+    """anomalib's Folder takes any mask whose name contains the image's stem: here `<stem>` /
+    `<stem>_mask` first, then the one mask left named `<stem>` + a separator + anything."""
+    for stem in ("a", "b", "c"):
+        _png(tmp_path / "normal" / f"{stem}.png", (24, 32))
+    for stem in ("000", "000_x", "001", "002"):
+        _png(tmp_path / "abnormal" / f"{stem}.png", (24, 32))
+    for name in ("000_gt.png", "000_x_mask.png", "001-label.bmp", "002.png"):
+        _png(tmp_path / "masks" / name, (24, 32), 255)
+    test = _open(tmp_path, "test")
+    pairs = {
+        Path(it["path"]).stem: Path(it["mask_path"]).name
+        for it in test.items
+        if it["mask_path"] is not None
+    }
+    assert pairs == {
+        "000": "000_gt.png",
+        "000_x": "000_x_mask.png",
+        "001": "001-label.bmp",
+        "002": "002.png",
+    }
+    _png(tmp_path / "masks" / "001_other.png", (24, 32), 255)
+    with pytest.raises(DatasetLayoutError, match=r"001\.png matches several masks by stem"):
+        _open(tmp_path, "test")
