@@ -65,3 +65,25 @@ def test_run_flags_are_the_config_schema_fields():
     assert {"seeds", "executor", "shot_files", "ray_address", "max_retries"} <= flagged
     unflagged = {f.name for f in dataclasses.fields(BenchConfig)} - flagged
     assert unflagged == {"detectors", "datasets"}  # chosen by --detectors / --datasets
+
+
+@pytest.mark.parametrize(
+    ("dataset", "extra", "message"),
+    [
+        ("builtin_loco", 'protocol = "fast"', "MVTec LOCO AD is scored with the official"),
+        ("builtin_ad2", "", "pass --export-maps DIR"),
+    ],
+)
+def test_a_dataset_s_own_scoring_is_checked_before_any_fit(
+    tmp_path, capsys, dataset, extra, message
+):
+    options = "\noptions = { private_sets = true }" if dataset == "builtin_ad2" else ""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'name = "c"\n{extra}\n[[detectors]]\nname = "feature_stats"\n'
+        f'[[datasets]]\nname = "{dataset}"{options}\n'
+    )
+    args = ["run", "--config", str(config), "--no-tracking", "--output", str(tmp_path)]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # nothing was fitted or recorded

@@ -107,9 +107,27 @@ def chosen_datasets(cfg: BenchConfig, det: DetectorEntry, cls) -> list[DatasetEn
     return chosen
 
 
+def check_scoring(cfg: BenchConfig, ds: DatasetEntry) -> None:
+    """What a dataset's own scoring needs, checked before anything is fitted: MVTec LOCO's
+    sPRO only under the official protocol, MVTec AD 2's private sets only with an export."""
+    metrics = get_dataset(ds.name).metrics
+    if metrics == "loco" and cfg.protocol != "official":
+        raise ConfigError(
+            f"dataset {ds.name}: MVTec LOCO AD is scored with the official protocol only "
+            f"(sPRO's saturation areas are pixel counts at native resolution), got protocol "
+            f"{cfg.protocol!r}"
+        )
+    if metrics == "mvtec_ad2" and ds.options.get("private_sets") and cfg.export_maps is None:
+        raise ConfigError(
+            f"dataset {ds.name}: private_sets = true predicts the private test sets only to "
+            "write their submission; pass --export-maps DIR (or set export_maps in the config)"
+        )
+
+
 def dataset_categories(cfg: BenchConfig, ds: DatasetEntry) -> tuple[str, list[str]]:
     """(resolved root, evaluated categories) of a dataset entry."""
     spec = get_dataset(ds.name)
+    check_scoring(cfg, ds)
     root = spec.root(ds.root)
     named = ds.categories or cfg.categories
     available = spec.categories(root, named)
