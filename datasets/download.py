@@ -100,11 +100,29 @@ def _loader(source: Source, say: Say):
         return None
 
 
+def _load(path: Path, key: str | None, remedy: str) -> dict:
+    """The JSON object in ``path`` (holding ``key``); a damaged one is a :class:`DataError`
+    that names the file and says how to go on (``remedy``)."""
+    try:
+        data = json.loads(path.read_text())
+        why = None if isinstance(data, dict) and (key is None or key in data) else "incomplete"
+    except (OSError, ValueError) as err:
+        why = str(err)
+    if why:
+        raise DataError(f"{path} is damaged ({why}): {remedy}")
+    return data
+
+
 def _existing(source: Source, root: Path, say: Say) -> dict | None:
     """The record of data already at ``root`` ({} for data placed by hand), None if empty."""
     record = root / RECORD
     if record.is_file():
-        return json.loads(record.read_text())
+        return _load(
+            record,
+            None,
+            f"delete it to use the data at {root} as placed by hand, or delete {root} and run "
+            f"`{command(source, root)}` to fetch it again",
+        )
     if not root.is_dir() or not any(root.iterdir()):
         return None
     spec = _loader(source, say)
@@ -123,7 +141,8 @@ def _accept(source: Source, stage: Path, accept: bool, confirm, say: Say) -> str
     """The time the licence was accepted: now, or in an earlier, interrupted run."""
     marker = stage / "accepted.json"
     if marker.is_file():
-        return json.loads(marker.read_text())["accepted_at"]
+        remedy = "delete it and re-run the command (the licence is then asked again)"
+        return str(_load(marker, "accepted_at", remedy)["accepted_at"])
     say(licence_text(source))
     if not accept:
         if confirm is None:
@@ -265,15 +284,19 @@ def download(
         return Downloaded(root, found, already=True)
     if source.url is None and archive is None:
         raise ManualDownloadError(manual_instructions(source, root))
+    if archive is not None and not Path(archive).is_file():
+        what = "is a folder, not an archive file" if Path(archive).is_dir() else "does not exist"
+        raise DataError(f"--archive {archive} {what}")
     stage = root.parent / f".{root.name}.download"
     accepted = _accept(source, stage, accept, confirm, say)
-    if archive is None:
-        path = stage / _archive_name(source)
-        if not path.is_file():
-            fetch(source.url, path, _space_check(source, stage, say), retries=retries, say=say)
-    else:
-        path = Path(archive)
-        _space_check(source, stage, say)(path.stat().st_size, path.stat().st_size)
+    path = stage / _archive_name(source) if archive is None else Path(archive)
+    if archive is None and not path.is_file():
+        fetch(source.url, path, _space_check(source, stage, say), retries=retries, say=say)
+    else:  # fetched by hand, or kept from an earlier run: room to unpack it
+        if archive is None:
+            say(f"using {path}, downloaded by an earlier run")
+        size = path.stat().st_size
+        _space_check(source, stage, say)(size, size)
     record = {
         "dataset": source.name,
         "title": source.title,

@@ -3,11 +3,14 @@
 The bytes go to ``<archive>.part``, kept between runs; the next run asks for the rest with an
 HTTP ``Range`` request (``If-Range`` with the server's ETag or Last-Modified, so a file that
 changed on the server is fetched again from zero, as is the whole file from a server that
-ignores ``Range``). The part file becomes ``<archive>`` once every byte has arrived.
+ignores ``Range``, or announces another total size than the one recorded for the part file).
+The part file becomes ``<archive>`` once every byte has arrived. A lost connection is retried;
+a full disk stops the download at once.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -112,7 +115,45 @@ def _open(url: str, offset: int, validator: str | None, timeout: float):
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
-def _attempt(url: str, part: Path, check_space: SpaceCheck, timeout: float, say) -> None:
+class _Restart(Exception):
+    """The part file cannot be continued (the file on the server changed): start from zero."""
+
+
+def _resumed_at(resp, offset: int, state: dict, name: str, say) -> tuple[int, int | None]:
+    """(the byte the reply starts at, the file's total size or None) of a reply to a request
+    for the bytes from ``offset`` on; raises :class:`_Restart` when the part file is stale."""
+    if offset and resp.status == 206:
+        start, total = _content_range(resp.headers.get("Content-Range"))
+        if start != offset:
+            raise _Lost(f"the server resumed at byte {start}, not {offset}")
+        known = state.get("total")
+        if known is not None and total is not None and total != known:
+            raise _Restart(f"the file on the server changed ({total} bytes now, {known} before)")
+        say(f"resuming {name} at {offset / 1e6:.1f} MB")
+        return offset, total
+    if offset:
+        say(
+            f"the server sent the whole file instead of the rest (no HTTP Range, or the file "
+            f"changed): {name} starts over from zero"
+        )
+    length = resp.headers.get("Content-Length")
+    return 0, int(length) if length and length.isdigit() else None
+
+
+def _disk_full(part: Path, total: int | None, err: OSError) -> DataError:
+    have = part.stat().st_size if part.is_file() else 0
+    need = (
+        f"{total - have} more bytes ({(total - have) / 1e9:.2f} GB) are needed for the archive"
+        if total is not None
+        else "the archive's size is unknown"
+    )
+    return DataError(
+        f"no space left in {part.parent} ({err.strerror}): {need}; {part.name} is kept: make "
+        "room and re-run the same command to resume, or pass --root on another disk"
+    )
+
+
+def _transfer(url: str, part: Path, check_space: SpaceCheck, timeout: float, say) -> None:
     """One request: appends the rest of the file to ``part`` (or rewrites it)."""
     meta = part.with_name(part.name + ".json")
     state = _read_meta(meta)
@@ -123,40 +164,43 @@ def _attempt(url: str, part: Path, check_space: SpaceCheck, timeout: float, say)
         resp = _open(url, offset, state.get("validator"), timeout)
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:  # the part is not a prefix of the file any more
-            say(f"the server refused to resume {part.name}: starting over")
-            part.unlink()
-            return _attempt(url, part, check_space, timeout, say)
+            raise _Restart("the server refused to resume") from err
         if err.code >= 500:
             raise _Lost(f"HTTP {err.code} {err.reason}") from err
         raise DataError(f"cannot download {url}: HTTP {err.code} {err.reason}") from err
     with resp:
-        if offset and resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != offset:
-                raise _Lost(f"the server resumed at byte {start}, not {offset}")
-            say(f"resuming {part.name} at {offset / 1e6:.1f} MB")
-        else:
-            if offset:
-                say(
-                    f"the server sent the whole file instead of the rest (no HTTP Range, or the "
-                    f"file changed): {part.name} starts over from zero"
-                )
-            offset = 0
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+        offset, total = _resumed_at(resp, offset, state, part.name, say)
         check_space(total, offset)
         validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-        meta.write_text(json.dumps({"url": url, "total": total, "validator": validator}))
-        with part.open("ab" if offset else "wb") as f, byte_bar(part.stem, total, offset) as bar:
-            while chunk := resp.read(CHUNK):
-                f.write(chunk)
-                bar.advance(len(chunk))
+        try:
+            meta.write_text(json.dumps({"url": url, "total": total, "validator": validator}))
+            with (
+                part.open("ab" if offset else "wb") as f,
+                byte_bar(part.stem, total, offset) as bar,
+            ):
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    bar.advance(len(chunk))
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):  # not worth retrying: stop now
+                raise _disk_full(part, total, err) from err
+            raise
     got = part.stat().st_size
     if total is not None and got < total:
         raise _Lost(f"the connection closed after {got} of {total} bytes")
     if total is not None and got > total:
         part.unlink()
         raise DataError(f"{url} sent {got} bytes, more than the {total} it announced")
+
+
+def _attempt(url: str, part: Path, check_space: SpaceCheck, timeout: float, say) -> None:
+    """One request, and a second one from byte zero where the part file proved stale."""
+    try:
+        _transfer(url, part, check_space, timeout, say)
+    except _Restart as why:
+        say(f"{why}: {part.name} starts over from zero")
+        part.unlink(missing_ok=True)
+        _transfer(url, part, check_space, timeout, say)
 
 
 def fetch(

@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
+import stat
 import tarfile
 import threading
 import zipfile
@@ -21,6 +24,7 @@ import pytest
 from bench.cli import main
 from bench.datasets import DatasetLayoutError, get_dataset, list_datasets, synthetic_visa
 from bench.datasets.download import RECORD, ManualDownloadError, download
+from bench.datasets.extract import UnsafeArchiveError
 from bench.datasets.sources import SOURCES, Source
 from bench.errors import ConfigError, DataError
 
@@ -274,6 +278,172 @@ def test_unsafe_archives_are_refused_and_leave_nothing(server, tree, tmp_path, k
     assert not root.exists() and not (work / ".visa.download" / "unpacked").exists()
     assert list(out.iterdir()) == [] and not (tmp_path / "evil.txt").exists()
     assert not (work / "evil.txt").exists() and (tmp_path / "outside.txt").read_text() == "kept"
+
+
+def _special(name: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    return info, None
+
+
+def _zip_link(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.create_system, info.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+    return info, target.encode()
+
+
+def _snapshot(top: Path) -> dict[str, bytes | None]:
+    """Every path under ``top`` (links not followed) with a regular file's bytes."""
+    found = {}
+    for folder, dirs, files in os.walk(top):
+        for name in dirs + files:
+            p = Path(folder, name)
+            found[p.relative_to(top).as_posix()] = p.read_bytes() if name in files else None
+    return found
+
+
+# The unpacked folder is <tmp>/work/.visa.download/unpacked: a link to "." there has ".." lead
+# to the staging folder, which holds accepted.json while the archive is unpacked.
+ESCAPES = {
+    "symlink-chain": ("tar", [_link("l1", "."), _link("l1/l2", ".."), _member("l1/l2/evil.txt")]),
+    "link-through-link": ("tar", [_link("a", "."), _link("b", "a/.."), _member("b/evil.txt")]),
+    "link-redirected-later": ("tar", [_link("b", "x/.."), _link("x", ".")]),
+    "write-through-link": (
+        "tar",
+        [_link("f", "x/../accepted.json"), _link("x", "."), _member("f")],
+    ),
+    "hardlink-via-link": (
+        "tar",
+        [_link("a", "."), _link("h", "a/../accepted.json", hard=True), _member("h")],
+    ),
+    "hardlink-absolute": ("tar", lambda top: [_link("h", str(top / "outside.txt"), hard=True)]),
+    "hardlink-to-a-link": ("tar", [_link("s", "candle"), _link("h", "s", hard=True)]),
+    "fifo": ("tar", [_special("candle/pipe", tarfile.FIFOTYPE)]),
+    "char-device": ("tar", [_special("candle/null", tarfile.CHRTYPE)]),
+    "zip-symlink-out": ("zip", [_zip_link("candle/up", "../../../outside.txt")]),
+}
+
+
+@pytest.mark.parametrize("stdlib_filter", [True, False], ids=["data-filter", "no-data-filter"])
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_links_and_special_members_cannot_reach_outside(
+    tree, tmp_path, monkeypatch, case, stdlib_filter
+):
+    if not stdlib_filter:  # as on Python 3.11.0 - 3.11.3, where tarfile has no data filter
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    kind, extra = ESCAPES[case]
+    payload = build(tree, kind, extra=extra(tmp_path) if callable(extra) else extra)
+    archive = tmp_path / f"by_hand.{kind}"
+    archive.write_bytes(payload)
+    (tmp_path / "outside.txt").write_text("kept")
+    (tmp_path / "work").mkdir()
+    before = _snapshot(tmp_path)
+    with pytest.raises(UnsafeArchiveError, match="refused member"):
+        download(source(None, payload), tmp_path / "work" / "visa", accept=True, archive=archive)
+    after = _snapshot(tmp_path)
+    marker = after.pop("work/.visa.download/accepted.json")  # the licence step, kept for a re-run
+    assert json.loads(marker)["licence"] == "CC BY 4.0" and after.pop("work/.visa.download") is None
+    assert after == before  # nothing written, linked or changed outside; no partial root
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz"])
+def test_a_damaged_archive_is_reported_as_damaged_not_refused(tree, tmp_path, kind):
+    payload = build(tree, kind)
+    if kind == "tar":  # cut in the middle of the largest member's bytes
+        with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+            big = max(tar.getmembers(), key=lambda m: m.size)
+        cut = big.offset_data + big.size // 2
+    else:
+        cut = len(payload) * 2 // 3
+    archive = tmp_path / f"cut.{kind}"
+    archive.write_bytes(payload[:cut])
+    root = tmp_path / "visa"
+    with pytest.raises(DataError) as err:
+        download(source(None), root, accept=True, archive=archive, say=lambda _: None)
+    assert not isinstance(err.value, UnsafeArchiveError) and "refused" not in str(err.value)
+    assert f"{archive} is damaged (" in str(err.value) and "download it again" in str(err.value)
+    assert not root.exists() and not (tmp_path / ".visa.download" / "unpacked").exists()
+
+
+class _TerminalAtEOF(io.StringIO):
+    """Standard input of a terminal whose user pressed Ctrl-D."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_user_mistakes_are_one_line_errors_naming_the_file(tree, tmp_path, capsys, monkeypatch):
+    root, archive = tmp_path / "v", tmp_path / "visa.tar"
+    cli = ["download", "visa", "--root", str(root), "--archive", str(archive)]
+    assert main([*cli, "--accept-license"]) == 2  # --archive names a missing file
+    assert f"--archive {archive} does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    archive.write_bytes(build(tree))
+    monkeypatch.setattr("sys.stdin", _TerminalAtEOF(""))
+    assert main(cli) == 2  # EOF at the licence prompt: not accepted
+    assert "was not accepted; nothing fetched" in capsys.readouterr().err and not root.exists()
+    marker = tmp_path / ".v.download" / "accepted.json"
+    marker.parent.mkdir()
+    marker.write_text('{"licence": "CC BY')  # cut short
+    assert main([*cli, "--accept-license"]) == 2
+    err = capsys.readouterr().err
+    assert f"{marker} is damaged" in err and "delete it and re-run" in err and not root.exists()
+    marker.unlink()
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert main([*cli, "--accept-license", "--sha256", sha]) == 0
+    capsys.readouterr()
+    record = root / RECORD
+    for damage in ("not json", "[1, 2]"):
+        record.write_text(damage)
+        assert main(cli) == 2
+        err = capsys.readouterr().err
+        assert f"{record} is damaged" in err and f"delete {root} and run `bench download" in err
+        assert err.startswith("bench: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_changed_file_on_the_server_restarts_the_download(server, tree, tmp_path):
+    first, changed = build(tree), build(tree, "tar.gz")
+    assert len(first) != len(changed)
+    server.served.payload, server.served.cuts = first, [len(first) // 2]
+    src, root, said = source(_url(server), changed), tmp_path / "visa", []
+    with pytest.raises(DataError, match="interrupted"):
+        download(src, root, accept=True, retries=0, say=said.append)
+    server.served.payload = changed  # same URL and ETag, another length: not to be spliced
+    download(src, root, retries=0, say=said.append)
+    assert server.served.ranges == [None, f"bytes={len(first) // 2}-", None]
+    assert any(f"({len(changed)} bytes now, {len(first)} before)" in line for line in said)
+    assert json.loads((root / RECORD).read_text())["sha256"] == hashlib.sha256(changed).hexdigest()
+    assert _files(root) == _files(tree)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_stops_the_download_at_once(server, tree, tmp_path):
+    payload = build(tree)
+    server.served.payload = payload
+    stage = tmp_path / ".visa.download"
+    stage.mkdir()
+    (stage / "VisA_test.tar.part").symlink_to("/dev/full")  # every write fails with ENOSPC
+    with pytest.raises(DataError) as err:
+        download(source(_url(server), payload), tmp_path / "visa", accept=True, retries=1)
+    text = str(err.value)
+    assert f"no space left in {stage}" in text and f": {len(payload)} more bytes" in text
+    assert "interrupted" not in text and server.served.ranges == [None]  # not retried
+
+
+def test_a_kept_archive_is_checked_for_room_to_unpack(tree, tmp_path):
+    payload = build(tree)
+    stage = tmp_path / ".visa.download"
+    stage.mkdir()
+    (stage / "VisA_test.tar").write_bytes(payload)  # left by an earlier run
+    url, said = "http://127.0.0.1:9/VisA_test.tar", []  # nothing listens: nothing is fetched
+    huge = source(url, payload, unpack_factor=1e12)
+    assert len(payload) * 1e12 > shutil.disk_usage(stage).free
+    with pytest.raises(DataError, match=f"needs about .* GB free in {re.escape(str(stage))}"):
+        download(huge, tmp_path / "visa", accept=True, retries=0, say=said.append)
+    assert (stage / "VisA_test.tar").read_bytes() == payload and not (tmp_path / "visa").exists()
+    download(source(url, payload), tmp_path / "visa", retries=0, say=said.append)
+    assert any("downloaded by an earlier run" in line for line in said)
+    assert _files(tmp_path / "visa") == _files(tree)
 
 
 def test_the_licence_must_be_accepted_before_anything_is_fetched(server, tree, tmp_path):

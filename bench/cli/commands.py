@@ -212,7 +212,11 @@ def cmd_download(args: argparse.Namespace) -> int:
             raise ConfigError(f"--sha256: {err}") from None
 
     def confirm(prompt: str) -> bool:
-        return input(prompt).strip().lower() in ("y", "yes")
+        try:
+            return input(prompt).strip().lower() in ("y", "yes")
+        except EOFError:  # no answer (Ctrl-D, or input ran out): no
+            print(file=sys.stderr)
+            return False
 
     done = download(
         source,
