@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RESULTS ?= results
+# `make test`: processes running test files side by side (much of the suite waits on servers,
+# Ray and subprocesses); 1 runs it in this process
+TEST_WORKERS ?= 2
 PORT ?= 5000
 SHARED_DATA ?= $(abspath ../shared/data)
 export MVTEC_AD_ROOT ?= $(SHARED_DATA)/mvtec_ad
@@ -169,7 +172,7 @@ report: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
-	ADBENCH_PROGRESS=0 $(BIN)/pytest -q
+	ADBENCH_PROGRESS=0 $(BIN)/pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 test-fast: $(STAMP)
 	ADBENCH_PROGRESS=0 $(BIN)/pytest -q -m "not slow"

@@ -23,6 +23,22 @@ BOTTLE = (
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _share_the_cores():
+    """Under ``make test``'s worker processes (pytest-xdist), each worker's torch gets its share
+    of the cores: intra-op threads of two workers on the same cores only add contention. The
+    processes a test starts get the same count (``OMP_NUM_THREADS``), so that a run in the test's
+    process and one in a subprocess sum floats alike (exact-resume tests compare them bit for
+    bit)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Built-in data and progress bars never touch the user's home during tests."""
     os.environ["ADBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -148,8 +148,9 @@ def test_dataset_registry_knows_the_built_in_data():
     assert spec.loader is MVTec3D and "point_cloud" in spec.modalities
     with pytest.raises(
         KeyError,
-        match="known datasets: anomaly_shapenet, builtin_3d, builtin_ad, builtin_points, "
-        "builtin_visa, mvtec_3d, mvtec_ad, real3d_ad, visa",
+        match="known datasets: anomaly_shapenet, btad, builtin_3d, builtin_ad, builtin_ad2, "
+        "builtin_btad, builtin_folder, builtin_loco, builtin_mpdd, builtin_points, builtin_visa, "
+        "folder, mpdd, mvtec_3d, mvtec_ad, mvtec_ad2, mvtec_loco, real3d_ad, visa",
     ):
         get_dataset("mvtec")
 

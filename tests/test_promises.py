@@ -119,8 +119,26 @@ def _builtin_configs() -> list[str]:
     return builtin_configs()
 
 
+@pytest.fixture(scope="module")
+def tiny_official(tmp_path_factory) -> SimpleNamespace:
+    """Tiny generated MVTec AD 2, MVTec LOCO AD and folder roots (one category each)."""
+    from bench.datasets import synthetic_ad2, synthetic_folder, synthetic_loco
+
+    tmp = tmp_path_factory.mktemp("tiny_official")
+    few = {"n_train": 2, "n_validation": 1, "n_test_good": 1}
+    return SimpleNamespace(
+        ad2=synthetic_ad2.generate(
+            tmp / "ad2", categories=("can",), **few, n_test_bad=1, n_private=1, n_private_mixed=1
+        ),
+        loco=synthetic_loco.generate(
+            tmp / "loco", categories=("pushpins",), **few, n_logical=1, n_structural=1
+        ),
+        folder=synthetic_folder.generate(tmp / "folder", n_normal=6, n_abnormal=2),
+    )
+
+
 @pytest.fixture
-def builtin_env(monkeypatch, tmp_path, tiny_3d, tiny_points):
+def builtin_env(monkeypatch, tmp_path, tiny_3d, tiny_points, tiny_official):
     """The built-in data's cache filled with tiny generated sets, and every dataset's environment
     variable naming a tiny root (MVTec AD: 9 training images, for 3 distinct 8-shot draws)."""
     from bench.datasets import synthetic_visa
@@ -138,6 +156,9 @@ def builtin_env(monkeypatch, tmp_path, tiny_3d, tiny_points):
     monkeypatch.setenv("REAL3D_AD_ROOT", str(tiny_points))
     monkeypatch.setenv("ANOMALY_SHAPENET_ROOT", str(tiny_points))
     monkeypatch.setenv("VISA_ROOT", str(visa))
+    monkeypatch.setenv("MVTEC_AD2_ROOT", str(tiny_official.ad2))
+    monkeypatch.setenv("MVTEC_LOCO_ROOT", str(tiny_official.loco))
+    monkeypatch.setenv("FOLDER_ROOT", str(tiny_official.folder))
     return SimpleNamespace(ad=tiny_ad, d3=tiny_3d, points=tiny_points, visa=visa, tmp=tmp_path)
 
 
