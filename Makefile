@@ -20,6 +20,9 @@ TORCH_SPEC ?= torch===2.13.0 torchvision===0.28.0
 ANOMALIB_VERSION ?= 2.7.0
 PERF_VENV := .venv-perf
 PERF_STAMP := $(PERF_VENV)/.installed
+# `make perf`'s metrics-memory: the revision measured as "before" (the pixel metrics before their
+# memory was cut; empty: none)
+METRICS_BASELINE ?= eafa225
 
 .PHONY: install bench bench-dinomaly bench-dinomaly-offline bench-dinomaly-visa bench-dinomaly2-3d bench-dinomaly2-3d-offline bench-dictas bench-dictas-visa bench-dictas-offline bench-protocols bench-casl-wide casl-curve bench-2d bench-3d bench-points bench-visa bench-ad2 bench-loco bench-folder download report test test-fast lint format ui server gpu-check gpu-wheels perf parity clean help
 
@@ -251,6 +254,7 @@ $(PERF_STAMP): $(STAMP)
 
 perf: $(PERF_STAMP)
 	$(PERF_VENV)/bin/python -m bench.perf metrics --output $(RESULTS)/perf
+	$(PERF_VENV)/bin/python -m bench.perf metrics-memory $(if $(METRICS_BASELINE),--baseline $(METRICS_BASELINE)) --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf curvature --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf category --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf knn --output $(RESULTS)/perf --data $(MVTEC_AD_ROOT)

@@ -2,10 +2,12 @@
 
 Memory: each map is kept once, as float32 at the ground truth's size (official protocol) on the
 device that produced it, and each mask as one byte per pixel on the host: 5 bytes a pixel, about
-550 MiB for 110 maps of 1024x1024. ``compute`` adds the defective pixels' scores and region
-weights (a few percent of the pixels), per-event counts, and work buffers for at most two
-chunks (4 M pixels each by default) per CPU thread; no sort or copy of all pixels is made, so the
-peak stays well under 2 GiB (measured by ``make perf``).
+550 MiB for 110 maps of 1024x1024. ``compute`` adds, on the host, 8 bytes per defective pixel
+(its score and region, sorted together), 4 bytes per group (good, each defect type) and event
+(two events per distinct defective score) and work buffers (about 40 MB per CPU thread); no
+sort or copy of all pixels is made. Measured (``python -m bench.perf metrics-memory``,
+results/perf/metrics-memory.md): 659 MiB for 60 maps of 1100x1600 with 18.8 M defective pixels
+(35 bytes per defective pixel in all) with 2 CPU threads, 1049 MiB with 8.
 """
 
 from __future__ import annotations

@@ -8,7 +8,12 @@ the paper's headline). "all" also holds the official summary, the mean of the lo
 structural value: ``image_auroc_mean`` and ``au_spro_<limit>_mean``.
 
 Memory: what the base keeps (each map at native size, each union mask), plus each channel's
-flat pixel indices (4 bytes per defective pixel and channel) and saturation area.
+flat pixel indices (4 bytes per defective pixel and channel) and saturation area. ``compute``
+scores the base metrics, then AU-sPRO, each adding 35-60 bytes per defective pixel while it
+runs (measured, ``python -m bench.perf metrics-memory``: 659 and 606 MiB for 60 maps of
+1100x1600 with 18.8 M defective pixels with 2 CPU threads, 1049 and 980 MiB with 8;
+results/perf/metrics-memory.md): a whole category, about 173 anomalous images of 1600x1100 or
+more, needs a few GB beyond its maps.
 """
 
 from __future__ import annotations

@@ -340,3 +340,39 @@ def test_curves_run_from_origin_to_one_and_integrate_to_the_auroc():
     assert (fpr[0], tpr[0], pro[0]) == (0, 0, 0) and (fpr[-1], tpr[-1], pro[-1]) == (1, 1, 1)
     assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all() and (np.diff(pro) >= 0).all()
     assert np.trapezoid(tpr, fpr) == pytest.approx(out["all"]["pixel_auroc"], abs=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 6])
+def test_sweeping_in_blocks_changes_no_value_or_curve_point(monkeypatch, block):
+    """Each subset's curves are swept a block of distinct defective scores at a time: tiny
+    blocks give the values and curve points of one block, and scikit-learn's and the
+    definition's values; scores of both signs, +0.0 and -0.0 (one score) included."""
+    from bench.metrics import events, score_metrics
+    from bench.perf.metrics_perf import make_category
+
+    maps, masks, defects = make_category(10, 24, seed=6)
+    maps = maps - 0.9
+    first = int(np.flatnonzero([bool(m.any()) for m in masks])[0])
+    maps[first][masks[first]] = torch.where(
+        torch.arange(int(masks[first].sum())) % 2 == 0, 0.0, -0.0
+    )
+    maps[first][~masks[first]] = -0.0  # defect-free pixels tied with defective ones
+    groups = [0 if d == "good" else 1 + ["crack", "hole", "scratch"].index(d) for d in defects]
+    subsets = {"all": [0, 1, 2, 3], "crack": [0, 1], "hole": [0, 2, 3]}
+    args = (list(maps), list(masks), groups, subsets, 0.3, 100)
+    whole_curves, tiny_curves = {}, {}
+    whole = score_metrics(*args, whole_curves, {"au_pro_05": 0.05})
+    monkeypatch.setattr(events, "BLOCK", block)
+    tiny = score_metrics(*args, tiny_curves, {"au_pro_05": 0.05})
+    assert tiny_curves == whole_curves and len(whole_curves["fpr"]) > 100
+    for name, values in whole.items():
+        assert tiny[name] == pytest.approx(values, abs=1e-12), name
+        idx = [i for i, g in enumerate(groups) if g in subsets[name]]
+        flat_m, flat_s = masks[idx].reshape(-1).numpy(), maps[idx].reshape(-1).numpy()
+        assert tiny[name]["pixel_auroc"] == pytest.approx(roc_auc_score(flat_m, flat_s), abs=1e-12)
+        expected_ap = average_precision_score(flat_m, flat_s)
+        assert tiny[name]["pixel_ap"] == pytest.approx(expected_ap, abs=1e-12)
+        expected = reference_au_pro(maps[idx].numpy(), masks[idx].numpy())
+        assert tiny[name]["au_pro"] == pytest.approx(expected, abs=1e-10)
+        expected = reference_au_pro(maps[idx].numpy(), masks[idx].numpy(), 0.05)
+        assert tiny[name]["au_pro_05"] == pytest.approx(expected, abs=1e-10)

@@ -224,3 +224,23 @@ def test_undefined_and_inconsistent_inputs():
         spro_metrics([amap], [half], [[(np.array([0, 1]), 2)]], [0], {"all": [0]})
     with pytest.raises(ValueError, match="one entry per image"):
         spro_metrics([amap], [half], [], [0], {"all": [0]})
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_sweeping_in_blocks_changes_no_value(monkeypatch, block):
+    """The curve is swept a block of distinct defective scores at a time: tiny blocks give the
+    values of one block, and the definition's, for every subset."""
+    from bench.metrics import events
+
+    maps, dense = _random_case(4, ties=True)
+    groups, subsets = [1, 2, 1, 0], {"all": [0, 1, 2], "one": [0, 1], "two": [0, 2]}
+    whole = _ours(maps, dense, groups, subsets)
+    monkeypatch.setattr(events, "BLOCK", block)
+    tiny = _ours(maps, dense, groups, subsets, chunk=5)
+    f32 = [m.astype(np.float32) for m in maps]
+    for name, members in subsets.items():
+        assert tiny[name] == pytest.approx(whole[name], abs=1e-12), name
+        idx = [i for i, g in enumerate(groups) if g in members]
+        for metric, limit in SPRO_LIMITS.items():
+            expected = reference_au_spro([f32[i] for i in idx], [dense[i] for i in idx], limit)
+            assert tiny[name][metric] == pytest.approx(expected, abs=1e-9), (name, metric)

@@ -15,6 +15,7 @@ and PRO curves exactly without sorting or copying all pixels.
 - :mod:`bench.metrics.curves`: ROC and precision-recall from per-threshold increments (image-
   and point-level metrics), the bounded trapezoid, curves for plotting.
 - :mod:`bench.metrics.events`: the event of each pixel score among the defective pixels' scores.
+- :mod:`bench.metrics.sweep`: the pixel curve metrics, swept over the events block by block.
 - :mod:`bench.metrics.pixel`: pixel-level metrics and AU-PRO.
 - :mod:`bench.metrics.spro`: MVTec LOCO AD's AU-sPRO (saturated per-region overlap).
 """

@@ -1,9 +1,10 @@
 """Pixel AUROC, AP, F1-max and AU-PRO, exactly: only the defective pixels are sorted, every
-other pixel is counted into its event (:mod:`bench.metrics.events`), group by group."""
+other pixel is counted into its event (:mod:`bench.metrics.events`), group by group, and each
+subset's curves are swept a block of events at a time (:mod:`bench.metrics.sweep`)."""
 
 from __future__ import annotations
 
-import math
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,11 +12,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from bench.metrics.curves import _curve_points, _roc_pr, trapezoid_to
-from bench.metrics.events import _binning, _events
+from bench.metrics.events import Positives, Scratch, _binning, _events, event_blocks
+from bench.metrics.sweep import Sweep, at_equal_events, block_negatives
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-CHUNK = 1 << 22
+CHUNK = 1 << 21
 
 
 def label_regions(mask: torch.Tensor | np.ndarray) -> tuple[np.ndarray, int]:
@@ -23,22 +24,6 @@ def label_regions(mask: torch.Tensor | np.ndarray) -> tuple[np.ndarray, int]:
     m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     labels, count = ndimage.label(m.astype(bool), structure=_EIGHT_CONNECTED)
     return labels.astype(np.int32, copy=False), int(count)
-
-
-def _curve_metrics(d_pos, d_neg, d_pro, regions, limit, more_limits=None) -> dict[str, float]:
-    """Pixel metrics from per-event increments given in descending score order (float64);
-    ``more_limits``: further AU-PRO integration limits, metric name -> limit."""
-    auroc_, ap, f1, fp = _roc_pr(d_pos, d_neg)
-    out = {"pixel_auroc": auroc_, "pixel_ap": ap, "pixel_f1max": f1}
-    limits = {"au_pro": limit, **(more_limits or {})}
-    out.update(dict.fromkeys(limits, math.nan))
-    negatives = float(fp[-1])
-    if regions > 0 and negatives > 0:
-        zero = torch.zeros(1, dtype=torch.float64, device=d_pro.device)
-        pro = torch.cat([zero, torch.cumsum(d_pro, 0) / regions]).clamp(0, 1)
-        for name, to in limits.items():
-            out[name] = trapezoid_to((fp / negatives).clamp(0, 1), pro, to) / to
-    return out
 
 
 def _defect_pixels(amap: torch.Tensor, mask: torch.Tensor):
@@ -80,100 +65,136 @@ def score_metrics(
     ``maps``/``masks``: one [H,W] pair per image (sizes may differ between images); ``groups``:
     an int per image (e.g. its defect type); ``subsets``: name -> the groups it contains.
     Only the defective pixels are sorted; every pixel is then counted into its event, group by
-    group, ``chunk`` pixels at a time.
+    group, ``chunk`` pixels at a time, and each subset's curves are swept block by block.
     """
-    device = maps[0].device
     n_groups = max(groups) + 1
-    u, pos, pro, regions_per_group = _positive_events(maps, masks, groups, n_groups)
-    n_events = 2 * u.numel() + 1
-    every = _count_events(maps, groups, u, n_groups, chunk)
-    neg = every.reshape(-1) - pos  # integer counts in float64: exact
-    pos, pro, neg = (t.view(n_groups, n_events) for t in (pos, pro, neg))
+    positives, region_group, region_size = _positive_pixels(maps, masks, groups)
+    neg = minus_positives(positives, region_group, n_groups, sum(m.numel() for m in maps))
+    count_events(neg, maps, groups, positives.u, chunk)
+    n_distinct = positives.u.numel()
+    limits = {"au_pro": limit, **(more_limits or {})}
     out = {}
     for name, members in subsets.items():
-        idx = torch.tensor(sorted(set(members)), dtype=torch.long, device=device)
-        d_pos, d_pro, d_neg = (t[idx].sum(0).flip(0) for t in (pos, pro, neg))
-        regions = sum(regions_per_group[m] for m in set(members))
-        out[name] = _curve_metrics(d_pos, d_neg, d_pro, regions, limit, more_limits)
-        if curves is not None and name == "all":
-            curves.update(_curve_points(d_pos, d_neg, d_pro, regions))
+        chosen = sorted(set(members))
+        mine = np.isin(region_group, chosen)
+        weight = mine / region_size  # 1 / its size per region of the subset, 0 for the others
+        points = 2 * n_distinct + 2 if curves is not None and name == "all" else 0
+        negatives = sum(int(neg[g].sum(dtype=np.int64)) for g in chosen)
+        sweep = Sweep(
+            int(region_size[mine].sum()), negatives, int(mine.sum()), limits, True, points
+        )
+        for k0, k1, a, b in event_blocks(n_distinct):
+            k, region = positives.block(k0, k1)
+            d_pos = np.bincount(k, weights=mine[region], minlength=k1 - k0)
+            d_pro = np.bincount(k, weights=weight[region], minlength=k1 - k0)
+            d_neg = block_negatives(neg, chosen, a, b)
+            sweep.add(d_neg, at_equal_events(d_pos, a, b), at_equal_events(d_pro, a, b))
+        out[name] = {**sweep.roc_metrics(), **sweep.overlap_areas()}
+        if points:
+            curves.update(sweep.curve)
     return out
 
 
-def _positive_events(
-    maps: list[torch.Tensor], masks: list[torch.Tensor], groups: list[int], n_groups: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """The defective pixels as events: (sorted distinct positive scores u, positives and
-    PRO weight (1 / region size) per group and event, flat [group * event], regions per
-    group)."""
-    device = maps[0].device
-    pos_scores, pos_region, region_group = [], [], []
-    for amap, mask, g in zip(maps, masks, groups):
-        found = _defect_pixels(amap, mask)
-        if found is not None:
-            scores, labels, count = found
-            pos_scores.append(scores)
-            pos_region.append(labels + len(region_group) - 1)  # region index over the category
-            region_group += [g] * count
-    regions_per_group = np.bincount(region_group, minlength=n_groups).tolist()
-    if pos_scores:
-        region = torch.from_numpy(np.concatenate(pos_region).astype(np.int64)).to(device)
-        sizes = torch.bincount(region).to(torch.float64)
-        pos_weight = 1.0 / sizes[region]
-        pos_group = torch.tensor(region_group, dtype=torch.int64, device=device)[region]
-        u, k_of_pos = torch.unique(torch.cat(pos_scores), sorted=True, return_inverse=True)
-    else:
-        u = torch.zeros(0, dtype=torch.float32, device=device)
-    n_events = 2 * u.numel() + 1
-    pos = torch.zeros(n_groups * n_events, dtype=torch.float64, device=device)
-    pro = torch.zeros(n_groups * n_events, dtype=torch.float64, device=device)
-    if pos_scores:
-        event = pos_group * n_events + 2 * k_of_pos + 1
-        pos += torch.bincount(event, minlength=pos.numel()).to(torch.float64)
-        pro += torch.bincount(event, weights=pos_weight, minlength=pro.numel())
-    return u, pos, pro, regions_per_group
+def _positive_pixels(
+    maps: list[torch.Tensor], masks: list[torch.Tensor], groups: list[int]
+) -> tuple[Positives, np.ndarray, np.ndarray]:
+    """The defective pixels sorted by score, each with its region (8-connected, numbered over
+    all images), and per region its group and size."""
+    region_group, region_size = [], []
+
+    def parts():
+        for amap, mask, g in zip(maps, masks, groups):
+            found = _defect_pixels(amap, mask)
+            if found is not None:
+                scores, labels, count = found
+                first = len(region_group)
+                region_group.extend([g] * count)
+                region_size.extend(np.bincount(labels, minlength=count + 1)[1:].tolist())
+                yield scores.cpu().numpy(), labels + (first - 1)
+
+    total = sum(int(np.count_nonzero(m.cpu().numpy())) for m in masks)
+    positives = Positives(parts(), total)
+    return positives, np.asarray(region_group, dtype=np.int64), np.asarray(region_size)
 
 
-def _count_events(
-    maps: list[torch.Tensor], groups: list[int], u: torch.Tensor, n_groups: int, chunk: int
-) -> torch.Tensor:
-    """Every pixel (defective or not) counted into its event: [group, event], float64."""
+def minus_positives(
+    positives: Positives, group_of: np.ndarray, n_groups: int, pixels: int
+) -> np.ndarray:
+    """Minus the positives per group and event [group, event] (``group_of``: the group of each
+    payload), to which :func:`count_events` adds every pixel: int32, or int64 where a count
+    could pass 2^31 (``pixels`` in all)."""
+    n_distinct = positives.u.numel()
+    dtype = np.int64 if pixels >= 2**31 else np.int32
+    neg = np.zeros((n_groups, 2 * n_distinct + 1), dtype=dtype)
+    for k0, k1, _, _ in event_blocks(n_distinct):
+        k, payload = positives.block(k0, k1)
+        width = k1 - k0
+        counts = np.bincount(group_of[payload] * width + k, minlength=n_groups * width)
+        neg[:, 2 * k0 + 1 : 2 * k1 : 2] -= counts.reshape(n_groups, width).astype(neg.dtype)
+    return neg
+
+
+def count_events(
+    neg: np.ndarray, maps: list[torch.Tensor], groups: list[int], u: torch.Tensor, chunk: int
+) -> None:
+    """Adds every pixel (defective or not) to ``neg`` [group, event], group by group."""
     device = maps[0].device
-    n_events = 2 * u.numel() + 1
+    u = u.to(device)
     bins = _binning(u)
-    every = torch.zeros(n_groups, n_events, dtype=torch.float64, device=device)
+    local, lock = threading.local(), threading.Lock()
 
-    def count(part: torch.Tensor) -> torch.Tensor:
-        return torch.bincount(_events(part.float(), u, bins), minlength=n_events)
+    def count(pieces: list[torch.Tensor], acc: torch.Tensor) -> None:
+        n = sum(p.numel() for p in pieces)
+        if device.type == "cpu":  # into this thread's buffers, reused from chunk to chunk
+            local.scratch = getattr(local, "scratch", None) or Scratch(chunk)
+            x = local.scratch.get("x", n, np.float32)
+            _copy(pieces, x)
+            events = _events(torch.from_numpy(x), u, bins, local.scratch)
+        else:
+            events = _events(torch.cat(pieces).float(), u, bins)
+        with lock:
+            acc.index_add_(0, events, torch.ones(1, dtype=acc.dtype, device=device).expand(n))
 
-    # Counting is partly single-threaded in torch (bincount, nonzero): on the CPU, chunks are
-    # counted concurrently (torch releases the GIL), at most two chunks in flight per worker.
+    # On the CPU, chunks are counted concurrently (torch and NumPy release the GIL), at most two
+    # in flight per worker; adding a chunk's events to the group's counts takes the lock.
     workers = 1 if device.type != "cpu" else max(1, torch.get_num_threads())
     with ThreadPoolExecutor(workers) as pool:
         for g in sorted(set(groups)):
+            acc = torch.from_numpy(neg[g]).to(device)  # on the CPU: neg[g] itself
             members = [m.reshape(-1) for m, gm in zip(maps, groups) if gm == g]
             pending: deque = deque()
-            for part in _chunks(members, chunk):
-                pending.append(pool.submit(count, part))
+            for pieces in _chunks(members, chunk):
+                pending.append(pool.submit(count, pieces, acc))
                 if len(pending) >= 2 * workers:
-                    every[g] += pending.popleft().result()
+                    pending.popleft().result()
             while pending:
-                every[g] += pending.popleft().result()
-    return every
+                pending.popleft().result()
+            if device.type != "cpu":
+                neg[g] = acc.cpu().numpy()
+
+
+def _copy(pieces: list[torch.Tensor], out: np.ndarray) -> None:
+    """The (host) pieces one after another into ``out``, converted to its dtype."""
+    at = 0
+    for p in pieces:
+        np.copyto(out[at : at + p.numel()], p.detach().numpy(), casting="same_kind")
+        at += p.numel()
 
 
 def _chunks(flat_maps: list[torch.Tensor], chunk: int):
-    """Concatenations of consecutive flat maps of about ``chunk`` pixels (large maps split)."""
+    """Consecutive pieces of the flat maps, ``chunk`` pixels at a time (the last fewer)."""
     buffer, size = [], 0
     for m in flat_maps:
-        for piece in m.split(chunk):
-            buffer.append(piece)
-            size += piece.numel()
-            if size >= chunk:
-                yield torch.cat(buffer)
+        at = 0
+        while at < m.numel():
+            take = min(chunk - size, m.numel() - at)
+            buffer.append(m[at : at + take])
+            size, at = size + take, at + take
+            if size == chunk:
+                yield buffer
                 buffer, size = [], 0
     if buffer:
-        yield torch.cat(buffer)
+        yield buffer
 
 
 def pixel_metrics(

@@ -19,12 +19,12 @@ together add (min(K + k, s) - min(K, s)) / s after K higher ones).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from bench.metrics.pixel import CHUNK, _count_events
+from bench.metrics.events import Positives, event_blocks
+from bench.metrics.pixel import CHUNK, count_events, minus_positives
+from bench.metrics.sweep import Sweep, at_equal_events, block_negatives
 
 #: metric name -> FPR integration limit: the official ``MAX_FPRS`` (0.05 is the paper's headline)
 SPRO_LIMITS = {
@@ -58,15 +58,27 @@ def spro_metrics(
     if not len(maps) == len(masks) == len(channels) == len(groups):
         raise ValueError("maps, masks, channels and groups must have one entry per image")
     n_groups = max(groups) + 1
-    u, pos = _union_events(maps, masks, groups, n_groups)
-    every = _count_events(maps, groups, u.to(maps[0].device), n_groups, chunk).cpu()
-    neg = every - pos  # integer counts in float64: exact
-    spro, counts = _spro_events(maps, masks, channels, groups, u, n_groups)
+    positives = _union_pixels(maps, masks, groups)
+    u = positives.u
+    gains, per_group = _channel_gains(maps, masks, channels, groups, u, n_groups)
+    pixels = sum(m.numel() for m in maps)
+    neg = minus_positives(positives, np.arange(n_groups), n_groups, pixels)
+    del positives  # only the distinct scores are needed from here on
+    count_events(neg, maps, groups, u, chunk)
     out = {}
     for name, members in subsets.items():
-        idx = torch.tensor(sorted(set(members)), dtype=torch.long)
-        d_neg, d_spro = neg[idx].sum(0).flip(0), spro[idx].sum(0).flip(0)
-        out[name] = _areas(d_neg, d_spro, int(counts[idx].sum()), limits)
+        chosen = sorted(set(members))
+        d_spro = np.zeros(u.numel())
+        for g, k, gain in gains:
+            if g in chosen:
+                d_spro[k] += gain  # k: distinct within a channel
+        negatives = sum(int(neg[g].sum(dtype=np.int64)) for g in chosen)
+        sweep = Sweep(0, negatives, int(per_group[chosen].sum()), limits, roc=False)
+        for k0, k1, a, b in event_blocks(u.numel()):
+            sweep.add(
+                block_negatives(neg, chosen, a, b), None, at_equal_events(d_spro[k0:k1], a, b)
+            )
+        out[name] = sweep.overlap_areas()
     return out
 
 
@@ -86,88 +98,51 @@ def au_spro(maps: torch.Tensor, channels: list[list[Channel]], limit: float = 0.
     ]
 
 
-def _areas(d_neg, d_spro, count: int, limits: dict[str, float]) -> dict[str, float]:
-    """Normalised areas under the sPRO curve from per-event increments (descending scores):
-    trapezoids up to each limit, sPRO interpolated there (the official rule, as
-    :func:`bench.metrics.curves.trapezoid_to`), from one cumulative sum for all limits."""
-    negatives = float(d_neg.sum())
-    if count == 0 or negatives == 0:
-        return {name: math.nan for name in limits}
-    zero = torch.zeros(1, dtype=torch.float64)
-    x = (torch.cat([zero, torch.cumsum(d_neg, 0)]) / negatives).clamp(0, 1)
-    y = (torch.cat([zero, torch.cumsum(d_spro, 0)]) / count).clamp(0, 1)
-    area = torch.cat([zero, torch.cumsum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1]), 0)])
-    out = {}
-    for name, limit in limits.items():
-        j = int(torch.searchsorted(x, torch.tensor([limit], dtype=x.dtype), right=True)) - 1
-        total = float(area[j])
-        if float(x[j]) < limit and j + 1 < x.numel():  # the segment crossing the limit, cut
-            x0, x1, y0, y1 = float(x[j]), float(x[j + 1]), float(y[j]), float(y[j + 1])
-            total += 0.5 * (y0 + y0 + (y1 - y0) * (limit - x0) / (x1 - x0)) * (limit - x0)
-        out[name] = total / limit
-    return out
-
-
 def _flat_scores(amap: torch.Tensor, pixels: np.ndarray) -> torch.Tensor:
     """float32 scores (host) of the flat ``pixels`` of one map."""
     where = torch.from_numpy(pixels.astype(np.int64, copy=False)).to(amap.device)
     return amap.reshape(-1).index_select(0, where).float().cpu()
 
 
-def _union_events(maps, masks, groups, n_groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted distinct scores u of the defective pixels, defective pixels per group and
-    event [group, event]), on the host."""
-    scores, owner = [], []
-    for amap, mask, g in zip(maps, masks, groups):
-        pixels = np.flatnonzero(mask.cpu().numpy())
-        if pixels.size:
-            scores.append(_flat_scores(amap, pixels))
-            owner.append(torch.full((pixels.size,), g, dtype=torch.long))
-    if not scores:
-        return torch.zeros(0), torch.zeros(n_groups, 1, dtype=torch.float64)
-    u, k = torch.unique(torch.cat(scores), sorted=True, return_inverse=True)
-    n_events = 2 * u.numel() + 1
-    event = torch.cat(owner) * n_events + 2 * k + 1
-    pos = torch.bincount(event, minlength=n_groups * n_events).to(torch.float64)
-    return u, pos.view(n_groups, n_events)
+def _union_pixels(maps, masks, groups) -> Positives:
+    """The defective pixels (of the union masks) sorted by score, each with its group."""
+
+    def parts():
+        for amap, mask, g in zip(maps, masks, groups):
+            pixels = np.flatnonzero(mask.cpu().numpy())
+            if pixels.size:
+                yield _flat_scores(amap, pixels).numpy(), np.full(pixels.size, g)
+
+    return Positives(parts(), sum(int(np.count_nonzero(m.cpu().numpy())) for m in masks))
 
 
-def _spro_events(maps, masks, channels, groups, u, n_groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the sum over channels of sPRO increments per group and event [group, event], channels
-    per group)."""
-    ids, ks, saturation, channel_group = [], [], [], []
+def _channel_gains(maps, masks, channels, groups, u, n_groups):
+    """(per channel: its group, the indices of its distinct scores among ``u`` and the sPRO
+    each adds; channels per group), every mask checked to be the union of its channels."""
+    gains = []
     for i, (amap, mask, mine, g) in enumerate(zip(maps, masks, channels, groups)):
         union = np.zeros(amap.numel(), dtype=bool)
         for pixels, s in mine:
             if pixels.size == 0 or int(s) < 1:
                 raise ValueError(f"image {i}: a channel has no pixel or a saturation area below 1")
             union[pixels] = True
-            k = torch.searchsorted(u, _flat_scores(amap, pixels)).numpy()
-            ids.append(np.full(pixels.size, len(saturation), dtype=np.int64))
-            ks.append(k)
-            saturation.append(min(int(s), pixels.size))
-            channel_group.append(g)
+            scores = np.sort(_flat_scores(amap, pixels).numpy())[::-1]
+            k = np.searchsorted(u.numpy(), scores)  # sorted: the search stays in cache
+            gains.append((g, *_gains(k, min(int(s), pixels.size))))
         if not np.array_equal(union, mask.cpu().numpy().reshape(-1)):
             raise ValueError(f"image {i}: its mask is not the union of its ground-truth channels")
-    n_events = 2 * u.numel() + 1
-    counts = torch.bincount(torch.tensor(channel_group, dtype=torch.long), minlength=n_groups)
-    if not ids:
-        return torch.zeros(n_groups, n_events, dtype=torch.float64), counts
-    channel, k, gain = _gains(np.concatenate(ids), np.concatenate(ks), saturation, u.numel())
-    event = np.asarray(channel_group, dtype=np.int64)[channel] * n_events + 2 * k + 1
-    spro = np.bincount(event, weights=gain, minlength=n_groups * n_events)
-    return torch.from_numpy(spro).view(n_groups, n_events), counts
+    per_group = np.bincount([g for g, _, _ in gains], minlength=n_groups)
+    return gains, per_group
 
 
-def _gains(ids: np.ndarray, ks: np.ndarray, saturation: list[int], n_distinct: int):
-    """Per (channel, distinct score) of the channels' pixels (channel ids ``ids``, score index
-    ``ks`` into the distinct scores): (channel, score index, the sPRO it adds), the k pixels of
-    a channel reaching a score after its K higher ones adding (min(K + k, s) - min(K, s)) / s."""
-    top = n_distinct - 1
-    key, size = np.unique(ids * n_distinct + (top - ks), return_counts=True)  # scores descending
-    channel, k = key // n_distinct, top - key % n_distinct
-    reached = np.cumsum(size)  # pixels of this and every earlier group, of all channels
-    first = np.searchsorted(channel, np.arange(len(saturation)))  # each channel's first group
-    upto = reached - (reached - size)[first][channel]  # ... of this channel only
-    s = np.asarray(saturation, dtype=np.int64)[channel]
-    return channel, k, (np.minimum(upto, s) - np.minimum(upto - size, s)) / s
+def _gains(k: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct score indices, sPRO added) of one channel whose pixels have score indices
+    ``k`` (descending), saturated at ``s`` pixels: the n pixels reaching a score after its K
+    higher ones add (min(K + n, s) - min(K, s)) / s, nothing once K >= s."""
+    last = np.flatnonzero(np.append(k[1:] != k[:-1], True))  # each score's last pixel
+    distinct, reached = k[last], last + 1
+    size = np.diff(reached, prepend=0)
+    live = reached - size < s
+    reached, size = reached[live], size[live]
+    gain = (np.minimum(reached, s) - np.minimum(reached - size, s)) / s
+    return distinct[live].astype(np.int32), gain

@@ -15,6 +15,7 @@ parser.add_argument(
     "suite",
     choices=[
         "metrics",
+        "metrics-memory",
         "knn",
         "curvature",
         "category",
@@ -34,9 +35,16 @@ parser.add_argument(
 )
 parser.add_argument("--data", default="../shared/data/mvtec_ad", help="MVTec AD root (knn)")
 parser.add_argument("--category", default="bottle", help="MVTec AD category (knn)")
+parser.add_argument(
+    "--baseline", help="metrics-memory: a git revision whose bench/ is measured too, as 'before'"
+)
 args = parser.parse_args()
 if args.suite == "metrics":
     metrics_perf.main(args.output, args.quick, args.anomalib_budget or 600.0)
+if args.suite == "metrics-memory":
+    from bench.perf import metrics_memory
+
+    metrics_memory.main(args.output, args.quick, args.baseline)
 if args.suite == "knn":
     knn_perf.main(args.output, args.data, args.category, args.anomalib_budget or 5400.0)
 if args.suite == "curvature":
