@@ -13,7 +13,13 @@ from bench.errors import DataError
 
 from . import mvtec_ad
 from .builtin import GeneratedRoot
-from .common import DatasetLayoutError, ImageCategoryDataset, list_images, scan_categories
+from .common import (
+    DatasetLayoutError,
+    ImageCategoryDataset,
+    list_images,
+    mask_of_image,
+    scan_categories,
+)
 from .mvtec_ad import MVTecAD
 from .registry import env_root, register_dataset
 
@@ -52,11 +58,7 @@ def read_white_mask(path: Path, shape: tuple[int, int], image: Path) -> torch.Te
             mask = np.asarray(img.convert("L")) == 255
     except Exception as err:
         raise DataError(f"cannot read ground-truth mask {path}: {err}") from err
-    if mask.shape != tuple(shape):
-        raise DataError(
-            f"ground-truth mask {path} is {mask.shape}, expected {tuple(shape)} as its image {image}"
-        )
-    return torch.from_numpy(mask.copy())
+    return mask_of_image(mask, path, shape, image)
 
 
 @register_dataset(

@@ -42,6 +42,17 @@ def read_mask(path: Path, shape: tuple[int, int] | None = None) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
+def mask_of_image(
+    mask: np.ndarray, path: Path, shape: tuple[int, int], image: Path
+) -> torch.Tensor:
+    """bool [H,W] ``mask`` read from ``path``, checked to have its image's size ``shape``."""
+    if mask.shape != tuple(shape):
+        raise DataError(
+            f"ground-truth mask {path} is {mask.shape}, expected {tuple(shape)} as its image {image}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(mask))
+
+
 #: sub-folders that make a folder of a dataset root look like a category
 CATEGORY_MARKERS = ("train", "test", "ground_truth", "validation", "gt", "GT")
 

@@ -14,7 +14,7 @@ from PIL import Image
 from bench.errors import DataError
 
 from .builtin import GeneratedRoot
-from .common import DatasetLayoutError, ImageCategoryDataset
+from .common import DatasetLayoutError, ImageCategoryDataset, mask_of_image
 from .registry import env_root, register_dataset
 
 LAYOUT = """expected VisA layout (the official release with its split file):
@@ -112,11 +112,7 @@ def read_nonzero_mask(path: Path, shape: tuple[int, int], image: Path) -> torch.
     if array.ndim == 3:
         array = (array[..., :-1] if alpha else array).any(axis=2)
     mask = array != 0
-    if mask.shape != tuple(shape):
-        raise DataError(
-            f"ground-truth mask {path} is {mask.shape}, expected {tuple(shape)} as its image {image}"
-        )
-    return torch.from_numpy(mask.copy())
+    return mask_of_image(mask, path, shape, image)
 
 
 @register_dataset(
