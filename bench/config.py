@@ -140,6 +140,16 @@ class BenchConfig:
     num_workers: int = flag(2, type="int", help="data-loading worker processes (default 2)")
     protocol: str = flag("official", choices=PROTOCOLS, help="metric protocol (default official)")
     output: str = flag("results", help="results folder (default: results)")
+    #: resamples of the stratified bootstrap behind each job's 95% intervals (0: none)
+    bootstrap: int = flag(
+        1000,
+        type="int",
+        metavar="B",
+        help="bootstrap resamples of each job's 95%% confidence intervals (default 1000; 0: none)",
+    )
+    bootstrap_seed: int = flag(
+        0, type="int", metavar="SEED", help="seed of the bootstrap resamples (default 0)"
+    )
     #: write every anomaly map (float32 tiff, native size, official layout) under this folder
     export_maps: str | None = flag(
         metavar="DIR",
@@ -293,6 +303,17 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
         where = f"{source}: {kind} {getattr(entry, 'display', entry.name)!r}"
         _check_size(entry.image_size, f"{where} image_size", ("native", "none"))
         _check_size(entry.crop_size, f"{where} crop_size", ("none", "native"))
+    for name in ("bootstrap", "bootstrap_seed"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            raise ConfigError(
+                f"{source}: {name} must be an integer from 0 to 2^31 - 1, got {value!r}"
+            )
+    if 0 < cfg.bootstrap < 50:
+        raise ConfigError(
+            f"{source}: bootstrap must be 0 (no intervals) or at least 50 resamples for a 95% "
+            f"interval, got {cfg.bootstrap}"
+        )
     if not _positive(cfg.train_log_every):
         raise ConfigError(
             f"{source}: train_log_every must be a positive integer, got {cfg.train_log_every!r}"

@@ -29,6 +29,7 @@ from bench.metrics import (
     point_metrics,
     score_metrics,
 )
+from bench.metrics.aupimo import FPR_BOUNDS, AupimoUndefined, aupimo_scores
 from bench.types import Batch, Prediction
 
 
@@ -74,6 +75,9 @@ class Evaluator:
         self.scores: list[float] = []
         self.labels: list[int] = []
         self.defects: list[str] = []
+        self.ids: list[str] = []  # "<defect>/<file stem>" of each test image
+        self.paths: list[str] = []
+        self.aupimo: np.ndarray | None = None  # per image, after compute()
         self.categories: set[str] = set()
         self.maps: list[torch.Tensor] = []
         self.curves: dict = {}  # ROC and PRO curves of the whole category, after compute()
@@ -125,8 +129,7 @@ class Evaluator:
             self.masks.append(mask.contiguous())
             self.scores.append(float(scores[i]))
             self.labels.append(int(batch.label[i]))
-            self.defects.append(str(meta.get("defect", "unknown")))
-            self.categories.add(str(meta.get("category", "unknown category")))
+            _identify(self, meta)
 
     def replace_scores(self, scores: torch.Tensor) -> None:
         """Replaces every image score (in the order given), e.g. by scores normalised over the
@@ -191,14 +194,42 @@ class Evaluator:
         for name, members in subsets.items():
             sel = torch.tensor([g in members for g in groups])
             out[name] = {**image_metrics(scores[sel], labels[sel]), **pixel[name]}
+        self._add_aupimo(out, groups, group_of)
         if math.isnan(out["all"]["au_pro"]):
             self.warnings.append(
                 f"{self.category}: no ground-truth region or no defect-free pixel; AU-PRO is undefined (NaN)"
             )
         return out
 
+    def _add_aupimo(self, out: dict, groups: list[int], group_of: dict[str, int]) -> None:
+        """Per-image AUPIMO (``self.aupimo``) and its mean over the anomalous images of each
+        subset (``aupimo``); NaN where it is undefined, with a warning unless the test set
+        has fewer than 1 / 1e-5 normal pixels (then the shared FPR cannot reach the range)."""
+        try:
+            self.aupimo = aupimo_scores(self.maps, self.masks, self.labels).aupimo
+        except AupimoUndefined as err:
+            self.aupimo = np.full(len(self.labels), np.nan)
+            normal = sum(m.numel() for m, y in zip(self.maps, self.labels) if y == 0)
+            if normal >= 1 / FPR_BOUNDS[0]:  # a test set this small is expected to lack it
+                self.warnings.append(f"{self.category}: AUPIMO is undefined (NaN): {err}")
+        groups_ = np.asarray(groups)
+        for name, values in out.items():
+            chosen = self.aupimo[groups_ == group_of[name]] if name != "all" else self.aupimo
+            finite = chosen[np.isfinite(chosen)]
+            values["aupimo"] = float(finite.mean()) if finite.size else math.nan
+
     def record(self) -> dict:
         return {**record(self), "pro_limit": self.pro_limit}
+
+
+def _identify(evaluator, meta: dict) -> None:
+    """Keeps a test image's defect type, id ("<defect>/<file stem>") and path."""
+    defect = str(meta.get("defect", "unknown"))
+    path = str(meta.get("path", f"sample {len(evaluator.ids)}"))
+    evaluator.defects.append(defect)
+    evaluator.ids.append(f"{defect}/{Path(path).stem}")
+    evaluator.paths.append(path)
+    evaluator.categories.add(str(meta.get("category", "unknown category")))
 
 
 def write_scores(export_dir: Path | None, rows: list[tuple[str, str, str, float]]) -> None:
@@ -260,6 +291,8 @@ class PointEvaluator:
         self.scores: list[float] = []
         self.labels: list[int] = []
         self.defects: list[str] = []
+        self.ids: list[str] = []
+        self.paths: list[str] = []
         self.point_scores: list[torch.Tensor] = []
         self.point_labels: list[torch.Tensor] = []
         self.categories: set[str] = set()
@@ -295,8 +328,7 @@ class PointEvaluator:
             self.point_labels.append(labels.reshape(-1).bool().cpu())
             self.scores.append(float(prediction.score[i]))
             self.labels.append(int(batch.label[i]))
-            self.defects.append(str(meta.get("defect", "unknown")))
-            self.categories.add(str(meta.get("category", "unknown category")))
+            _identify(self, meta)
 
     def compute(self) -> dict[str, dict[str, float]]:
         if not self.scores:

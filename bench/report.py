@@ -6,18 +6,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bench.intervals import mean_intervals, row_intervals, significance_marks
 from bench.metrics import HEADLINE
-from bench.results import ResultStore
+from bench.results import (  # noqa: F401 (the marks: re-exported for the report's users)
+    SUBSTITUTE_MARK,
+    TRANSDUCTIVE_MARK,
+    ResultStore,
+    dataset_labels,
+    row_name,
+)
 
 METRICS = (
     "image_auroc",
     "pixel_auroc",
     "au_pro",
+    "aupimo",
     "image_ap",
     "pixel_ap",
     "image_f1max",
@@ -43,20 +52,6 @@ def _present(frame: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
 ROW = ["detector", "fit"]
 #: one repetition of a setting: a seed and, for few-shot fits, a draw of references
 REPLICATE = ["seed", "draw"]
-
-
-#: appended to the leaderboard name of a row whose setting has offline substitutes
-SUBSTITUTE_MARK = "†"
-#: appended to the leaderboard name of a row whose image scores use the whole test set
-TRANSDUCTIVE_MARK = "‡"
-
-
-def row_name(record: dict[str, Any]) -> str:
-    """The leaderboard name of a record's detector, with its marks."""
-    marks = (SUBSTITUTE_MARK if record.get("substitutes") else "") + (
-        TRANSDUCTIVE_MARK if record.get("transductive") else ""
-    )
-    return f"{record['detector']} {marks}" if marks else record["detector"]
 
 
 def notes_markdown(records: list[dict[str, Any]], key: str) -> str:
@@ -101,11 +96,7 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     for metric in METRICS:
         if metric not in frame:
             frame[metric] = float("nan")
-    kinds = frame.groupby("dataset")[["protocol", "metric_version"]].nunique().max(axis=1)
-    mixed = frame["dataset"].map(kinds) > 1
-    frame.loc[mixed, "dataset"] = (
-        frame["dataset"] + " [" + frame["protocol"] + ", v" + frame["metric_version"] + "]"
-    )[mixed]
+    frame["dataset"] = dataset_labels(records)
     return frame
 
 
@@ -183,25 +174,74 @@ def metric_table(records: list[dict[str, Any]], metric: str, std: bool = False) 
     return pd.DataFrame(out)
 
 
-def _markdown(table: pd.DataFrame, spread: pd.DataFrame | None = None) -> str:
+#: appended to a cell not significantly different from the best of its column
+TIED_MARK = "≈"
+
+
+def _markdown(
+    table: pd.DataFrame,
+    spread: pd.DataFrame | None = None,
+    low: pd.DataFrame | None = None,
+    high: pd.DataFrame | None = None,
+    marks: pd.DataFrame | None = None,
+) -> str:
+    """A Markdown table of ``table``'s values, each with its interval ``[low, high]``, its
+    ``± spread`` and its mark: bold the best of the column, ``≈`` not significantly different
+    from it (``marks``: "best", "tied" or ""; without marks the highest value is bold)."""
     names = list(table.index.names)
     header = "| " + " | ".join(names) + " | " + " | ".join(table.columns) + " |"
     lines = [header, "|" + "---|" * (len(table.columns) + len(names))]
     best = table.max(axis=0)
+
+    def at(frame: pd.DataFrame | None, key, col):
+        if frame is None or col not in frame.columns or key not in frame.index:
+            return None
+        return frame.loc[key, col]
+
     for key, row in table.iterrows():
         cells = []
         for col, v in row.items():
             if v != v:
                 cells.append("–")
-            else:
-                text = f"{v:.4f}"
-                if v == best[col] and table[col].notna().sum() > 1:
-                    text = f"**{text}**"
-                sd = None if spread is None else spread.loc[key, col]
-                cells.append(text if sd is None or sd != sd else f"{text} ± {sd:.4f}")
+                continue
+            mark = at(marks, key, col)
+            text = f"{v:.4f}"
+            several = table[col].notna().sum() > 1
+            if several and (mark == "best" or (mark is None and v == best[col])):
+                text = f"**{text}**"
+            lo, hi = at(low, key, col), at(high, key, col)
+            if lo is not None and lo == lo:
+                text += f" [{lo:.3f}, {hi:.3f}]"
+            sd = at(spread, key, col)
+            if sd is not None and sd == sd:
+                text += f" ± {sd:.4f}"
+            if mark == "tied":
+                text += f" {TIED_MARK}"
+            cells.append(text)
         keys = key if isinstance(key, tuple) else (key,)
         lines.append("| " + " | ".join(map(str, keys)) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def interval_tables(records: list[dict[str, Any]], root: Path, metric: str):
+    """(low, high, marks) shaped like :func:`metric_table`: each cell's test-set interval and
+    its significance mark ("best", "tied" or "")."""
+    frame = row_intervals(records, root, metric)
+    signif = significance_marks(records, root, metric)
+
+    def shaped(series: pd.Series) -> pd.DataFrame:
+        flat = series.reset_index()
+        flat["where"] = flat["dataset"] + "/" + flat["column"]
+        return flat.pivot_table(
+            index=ROW, columns="where", values=series.name, aggfunc="first", dropna=False
+        )
+
+    mark = pd.Series(
+        np.where(signif["best"], "best", np.where(signif["tied"], "tied", "")),
+        index=signif.index,
+        name="mark",
+    )
+    return shaped(frame["low"]), shaped(frame["high"]), shaped(mark) if len(mark) else None
 
 
 def _runs_markdown(summary: pd.DataFrame) -> str:
@@ -219,7 +259,9 @@ def _runs_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
+def leaderboard_markdown(records: list[dict[str, Any]], root: Path | None = None) -> str:
+    """The Markdown leaderboard; with ``root`` (the benchmark folder, holding the per-image
+    files) every cell also shows its 95% test-set interval and significance mark."""
     frame = records_frame(records)
     protocols = ", ".join(sorted(set(frame["protocol"])))
     versions = ", ".join(sorted(set(frame["metric_version"])))
@@ -261,10 +303,24 @@ def leaderboard_markdown(records: list[dict[str, Any]]) -> str:
             f"## Transductive scores ({TRANSDUCTIVE_MARK})\n\nRows marked {TRANSDUCTIVE_MARK} "
             f"score each image with the whole test set of its category:\n\n{notes}\n"
         )
+    if root is not None:
+        parts.append(
+            "## How to read the cells\n\n`value [low, high]`: the 95% interval from the finite "
+            "test set (stratified bootstrap over test images, per-image files in `per_image/`; "
+            "a dataset's mean resamples each category independently)"
+            + ("; `± sd`: the spread over seeds x draws" if repeated else "")
+            + f". **Bold**: the best of the column; {TIED_MARK}: not significantly different "
+            "from it (paired on the same test images: DeLong for image AUROC, the paired "
+            "bootstrap otherwise; Holm-adjusted over the column, alpha 0.05). `bench compare` "
+            "prints every difference.\n"
+        )
     for metric in _present(frame, METRICS):
         table = metric_table(records, metric).dropna(axis=1, how="all")
         spread = metric_table(records, metric, std=True).reindex_like(table) if repeated else None
-        parts.append(f"## {metric}\n\n{_markdown(table, spread)}\n")
+        low = high = marks = None
+        if root is not None:
+            low, high, marks = interval_tables(records, root, metric)
+        parts.append(f"## {metric}\n\n{_markdown(table, spread, low, high, marks)}\n")
     return "\n".join(parts)
 
 
@@ -319,20 +375,28 @@ def write_report(
             f"no finished jobs under {store.root / 'jobs'}; run `bench run` first"
         )
     md = store.root / "leaderboard.md"
-    md.write_text(leaderboard_markdown(records))
+    md.write_text(leaderboard_markdown(records, store.root))
     csv = store.root / "leaderboard.csv"
     records_frame(records).to_csv(csv, index=False)
     summary = store.root / "summary.csv"
-    summary_frame(records).to_csv(summary)
+    summary_frame(records).join(mean_intervals(records, store.root)).to_csv(summary)
     figure = leaderboard_figure(records, store.root / "leaderboard.png")
     return {"markdown": md, "csv": csv, "summary": summary, "figure": figure}
 
 
-def print_leaderboard(records: list[dict[str, Any]], console: Console | None = None) -> None:
+def print_leaderboard(
+    records: list[dict[str, Any]], console: Console | None = None, root: Path | None = None
+) -> None:
+    """The leaderboard in the terminal; with ``root`` (the benchmark folder) each mean with its
+    95% test-set interval."""
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     summary = summary_frame(records)
+    if root is not None:
+        summary = summary.join(mean_intervals(records, root))
     frame = records_frame(records)
-    table = Table(title="Leaderboard (mean over categories; ± std over seeds x draws)")
+    title = "Leaderboard (mean over categories"
+    title += "; [95% test-set interval]" if root is not None else ""
+    table = Table(title=title + "; ± std over seeds x draws)")
     headline = _present(frame, HEADLINE)
     for col in ("detector", "fit", "dataset", "categories", "runs", *headline):
         table.add_column(
@@ -342,8 +406,13 @@ def print_leaderboard(records: list[dict[str, Any]], console: Console | None = N
     def cell(row, m: str) -> str:
         if row[m] != row[m]:
             return "–"
+        text = f"{row[m]:.4f}"
+        low, high = row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high")
         sd = row[f"{m}_std"]
-        return f"{row[m]:.4f}" if sd != sd else f"{row[m]:.4f} ± {sd:.4f}"
+        text = text if sd != sd else f"{text} ± {sd:.4f}"
+        if low is not None and low == low:  # on a line of its own: the table stays narrow
+            text += f"\n[{low:.3f}, {high:.3f}]"
+        return text
 
     for (detector, fit, dataset), row in summary.iterrows():
         runs = f"{int(row['seeds'])} seed(s)" + (

@@ -10,7 +10,37 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import ConfigError
+from bench.per_image import PerImage
+from bench.per_image import save as save_per_image
 from bench.plan import Fit, Job
+
+#: appended to the leaderboard name of a row whose setting has offline substitutes
+SUBSTITUTE_MARK = "†"
+#: appended to the leaderboard name of a row whose image scores use the whole test set
+TRANSDUCTIVE_MARK = "‡"
+
+
+def row_name(record: dict[str, Any]) -> str:
+    """The leaderboard name of a record's detector, with its marks."""
+    marks = (SUBSTITUTE_MARK if record.get("substitutes") else "") + (
+        TRANSDUCTIVE_MARK if record.get("transductive") else ""
+    )
+    return f"{record['detector']} {marks}" if marks else record["detector"]
+
+
+def dataset_labels(records: list[dict[str, Any]]) -> list[str]:
+    """Each record's dataset as the leaderboards name it: ``name [protocol, vX]`` where results
+    of one dataset were scored under different protocols or metric versions (never averaged or
+    compared in one column), else the name."""
+    kinds: dict[str, set] = {}
+    for r in records:
+        kinds.setdefault(r["dataset"], set()).add((r["protocol"], r["metric_version"]))
+    return [
+        f"{r['dataset']} [{r['protocol']}, v{r['metric_version']}]"
+        if len(kinds[r["dataset"]]) > 1
+        else r["dataset"]
+        for r in records
+    ]
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -68,6 +98,16 @@ class ResultStore:
         failure = self.failure_path(record["run_name"])
         failure.unlink(missing_ok=True)
         return path
+
+    def per_image_path(self, run_name: str) -> Path:
+        return self.root / "per_image" / f"{run_name.replace('/', '__')}.npz"
+
+    def save_per_image(self, job: Job, data: PerImage) -> str:
+        """Writes a job's per-image file (:mod:`bench.per_image`); its path relative to the
+        benchmark folder."""
+        path = self.per_image_path(job.run_name)
+        save_per_image(path, data)
+        return path.relative_to(self.root).as_posix()
 
     def failure_path(self, run_name: str) -> Path:
         return self.root / "failed" / f"{run_name.replace('/', '__')}.txt"

@@ -37,6 +37,8 @@ def run_local(
         cfg.export_maps,
         cfg.train_log_every,
         None if tracker is None else tracker.fit_logger,
+        cfg.bootstrap,
+        cfg.bootstrap_seed,
     )
     records, failed = [], []
     live = LiveFit()

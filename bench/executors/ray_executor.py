@@ -187,6 +187,7 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
             ctx = TaskContext(
                 str(output), cfg.name, os.getcwd(), "cpu" if gpus == 0 else "cuda",
                 cfg.num_workers, export, cfg.train_log_every, token, force, tracking,
+                cfg.bootstrap, cfg.bootstrap_seed,
             )  # fmt: skip
             options = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": cfg.max_retries,
                        "retry_exceptions": False}  # fmt: skip

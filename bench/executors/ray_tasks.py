@@ -56,6 +56,8 @@ class TaskContext:
     force: bool
     #: (tracking URI, experiment id, parent run id); None: no tracking
     tracking: tuple[str, str, str] | None
+    bootstrap: int = 1000
+    bootstrap_seed: int = 0
 
 
 def worker_info(device: torch.device) -> dict[str, Any]:
@@ -176,7 +178,14 @@ def run_task_job(
 
 def job_options(ctx: TaskContext, tracker) -> JobOptions:
     logger_for = None if tracker is None else tracker.fit_logger
-    return JobOptions(ctx.num_workers, ctx.export_maps, ctx.train_log_every, logger_for)
+    return JobOptions(
+        ctx.num_workers,
+        ctx.export_maps,
+        ctx.train_log_every,
+        logger_for,
+        ctx.bootstrap,
+        ctx.bootstrap_seed,
+    )
 
 
 def fit_task(ctx: TaskContext, fit: Fit, *needed: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from bench.evaluation_ad2 import AD2Evaluator
 from bench.evaluation_loco import LocoEvaluator
 from bench.job.data import JobData
 from bench.overlays import OverlayCollector
+from bench.per_image import collect
 from bench.plan import Job
 from bench.progress import console, progress_bar
 from bench.results import ResultStore
@@ -155,11 +156,20 @@ def drop_kept_predictions(state_dir: Path) -> None:
         pass
 
 
-def score(pred: Predictions) -> dict[str, Any]:
-    """Every metric from the collected predictions, with its time."""
+def score(pred: Predictions, root: str | None, resamples: int, seed: int) -> dict[str, Any]:
+    """Every metric from the collected predictions, then (``resamples`` > 0) the per-image
+    data and the bootstrap intervals, with their times."""
     start = time.perf_counter()
     metrics = pred.evaluator.compute()
-    return {"metrics": metrics, "eval_seconds": time.perf_counter() - start, "discovery": None}
+    scored = {"metrics": metrics, "eval_seconds": time.perf_counter() - start, "discovery": None}
+    scored.update(per_image=None, ci=None, bootstrap_seconds=None)
+    known = getattr(pred.evaluator, "ids", None)  # predictions kept by an older version: none
+    if resamples > 0 and known is not None and len(known) == len(pred.evaluator.scores):
+        start = time.perf_counter()
+        per_image, boot = collect(pred.evaluator, root, resamples, seed)
+        scored.update(per_image=per_image, ci=boot.record())
+        scored["bootstrap_seconds"] = time.perf_counter() - start
+    return scored
 
 
 def discover(detector: Detector, pred: Predictions, seed: int) -> dict[str, Any] | None:

@@ -63,6 +63,10 @@ def job_record(
         "protocol": evaluator.protocol_label,
         "metric_version": METRIC_VERSION,
         "metrics": scored["metrics"],
+        #: 95% intervals of metrics["all"] (bench.metrics.bootstrap); None when turned off
+        "ci": scored.get("ci"),
+        #: the per-image file (bench.per_image), relative to the benchmark folder
+        "per_image": None,
         "curves": evaluator.curves,
         "discovery": scored["discovery"],
         "warnings": job_warnings(fit, data) + evaluator.warnings,
@@ -111,6 +115,7 @@ def timings(fit: FitResult, pred: Predictions, scored: dict, n_test: int) -> dic
         "predict_images_per_second": n_test / predict if predict else None,
         "model_images_per_second": n_test / model if model else None,
         "eval_seconds": scored["eval_seconds"],
+        "bootstrap_seconds": scored.get("bootstrap_seconds"),
     }
 
 

@@ -39,6 +39,7 @@ from bench.job.predicting import (
 )
 from bench.job.record import check_unchanged, job_record
 from bench.metrics import headline
+from bench.metrics.bootstrap import DEFAULT_RESAMPLES
 from bench.plan import Fit, Job
 from bench.progress import console
 from bench.results import ResultStore
@@ -71,6 +72,9 @@ class JobOptions:
     log_every: int = 1
     #: ``logger_for(fit, resuming)``: a trained fit stage's step logger (MLflow), or None
     logger_for: Callable[[Fit, bool], Any] | None = None
+    #: bootstrap resamples of each job's confidence intervals (0: none), and their seed
+    bootstrap: int = DEFAULT_RESAMPLES
+    bootstrap_seed: int = 0
 
 
 def run_job(
@@ -103,7 +107,7 @@ def run_job(
     pred = load_predictions(kept_at, evaluator.export_dir)
     if pred is None:
         pred = predict_all(detector, job, data, device, evaluator)
-    record = score_and_save(job, store, detector, data, modality, fit, pred, device)
+    record = score_and_save(job, store, detector, data, modality, fit, pred, device, options)
     drop_kept_predictions(store.state_dir(job))
     check_unchanged(job, data, record)
     return record
@@ -118,14 +122,18 @@ def score_and_save(
     fit: FitResult,
     pred: Predictions,
     device: torch.device,
+    options: JobOptions = JobOptions(),
 ) -> dict[str, Any]:
-    """Scores the predictions and saves the job's record and overlay figure; on a failure the
-    predictions are kept for the next run (:class:`FailedAfterPrediction`)."""
+    """Scores the predictions (metrics, per-image data, bootstrap intervals) and saves the
+    job's record, per-image file and overlay figure; on a failure the predictions are kept for
+    the next run (:class:`FailedAfterPrediction`)."""
     scored = None
     try:
-        scored = score(pred)
+        scored = score(pred, job.root, options.bootstrap, options.bootstrap_seed)
         scored["discovery"] = discover(detector, pred, job.seed)
         record = job_record(job, data, modality, fit, pred, scored, device)
+        if scored["per_image"] is not None:
+            record["per_image"] = store.save_per_image(job, scored["per_image"])
         overlays = pred.overlays.save(store.root / "figures" / f"{job.slug}.png", job.run_name)
         record["overlays"] = None if overlays is None else str(overlays)
         store.save(record)

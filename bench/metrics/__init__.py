@@ -18,6 +18,10 @@ and PRO curves exactly without sorting or copying all pixels.
 - :mod:`bench.metrics.sweep`: the pixel curve metrics, swept over the events block by block.
 - :mod:`bench.metrics.pixel`: pixel-level metrics and AU-PRO.
 - :mod:`bench.metrics.spro`: MVTec LOCO AD's AU-sPRO (saturated per-region overlap).
+- :mod:`bench.metrics.aupimo`: AUPIMO, the per-image overlap in a low-FPR range.
+- :mod:`bench.metrics.curve_stats`, :mod:`bench.metrics.resample_sweep`,
+  :mod:`bench.metrics.bootstrap`: every metric on bootstrap resamples of the test images.
+- :mod:`bench.metrics.significance`: DeLong, the paired bootstrap, Holm, Wilcoxon.
 """
 
 from bench.metrics.curves import (

@@ -129,14 +129,17 @@ def per_defect_table(record: dict[str, Any]):
 
 
 def flat_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """Every metric of a job as one MLflow metric each (``defect.<type>.*`` per defect type),
-    with the type-discovery scores, timings, peak memory and skipped training steps."""
+    """Every metric of a job as one MLflow metric each (``defect.<type>.*`` per defect type;
+    ``<metric>_ci_low`` / ``_ci_high`` its 95% interval), with the type-discovery scores, timings, peak memory and skipped training steps."""
     out = {}
     for group, values in record["metrics"].items():
         prefix = "" if group == "all" else f"defect.{group}."
         for k, v in values.items():
             if v == v:  # MLflow rejects NaN in some stores; undefined values are left out
                 out[prefix + k] = float(v)
+    for k, (low, high) in ((record.get("ci") or {}).get("metrics") or {}).items():
+        if low == low and high == high:  # the 95% interval of an overall metric
+            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = float(low), float(high)
     for k in ("nmi", "ari", "f1", "n_types"):
         value = (record.get("discovery") or {}).get(k)
         if value is not None:
