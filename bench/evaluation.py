@@ -212,6 +212,9 @@ class Evaluator:
             normal = sum(m.numel() for m, y in zip(self.maps, self.labels) if y == 0)
             if normal >= 1 / FPR_BOUNDS[0]:  # a test set this small is expected to lack it
                 self.warnings.append(f"{self.category}: AUPIMO is undefined (NaN): {err}")
+        except ValueError as err:  # e.g. a good image whose mask is not empty: the rest stands
+            self.aupimo = np.full(len(self.labels), np.nan)
+            self.warnings.append(f"{self.category}: AUPIMO not computed (NaN): {err}")
         groups_ = np.asarray(groups)
         for name, values in out.items():
             chosen = self.aupimo[groups_ == group_of[name]] if name != "all" else self.aupimo

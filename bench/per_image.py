@@ -17,7 +17,7 @@ Format 1 (``numpy.savez_compressed``; every array in the order of ``ids``, sorte
   on ``labels``), so two jobs' rows are paired.
 
 No maps and no per-pixel data are kept: 96 x 96 bytes per image for the report, and B x M
-values. A bottle job (83 images, 1000 resamples) takes about 0.9 MB.
+values. A bottle job (83 images, 1000 resamples) takes about 0.4 MB.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ parser.add_argument(
     choices=[
         "metrics",
         "metrics-memory",
+        "aupimo",
+        "bootstrap",
         "knn",
         "curvature",
         "category",
@@ -31,13 +33,15 @@ parser.add_argument("--quick", action="store_true", help="small sizes (smoke run
 parser.add_argument(
     "--anomalib-budget",
     type=float,
-    help="seconds allowed per anomalib run (default: 600 for metrics, 5400 for knn)",
+    help="seconds allowed per anomalib run (default: 600 for metrics and aupimo, 5400 for knn)",
 )
 parser.add_argument("--data", default="../shared/data/mvtec_ad", help="MVTec AD root (knn)")
 parser.add_argument("--category", default="bottle", help="MVTec AD category (knn)")
 parser.add_argument(
     "--baseline", help="metrics-memory: a git revision whose bench/ is measured too, as 'before'"
 )
+parser.add_argument("--maps", help="bootstrap: exported maps of bottle (official layout)")
+parser.add_argument("--resamples", type=int, default=1000, help="bootstrap: B (default 1000)")
 args = parser.parse_args()
 if args.suite == "metrics":
     metrics_perf.main(args.output, args.quick, args.anomalib_budget or 600.0)
@@ -45,6 +49,14 @@ if args.suite == "metrics-memory":
     from bench.perf import metrics_memory
 
     metrics_memory.main(args.output, args.quick, args.baseline)
+if args.suite == "aupimo":
+    from bench.perf import aupimo_perf
+
+    aupimo_perf.main(args.output, args.quick, args.anomalib_budget or 600.0)
+if args.suite == "bootstrap":
+    from bench.perf import bootstrap_perf
+
+    bootstrap_perf.main(args.output, args.quick, args.data, args.maps, args.resamples)
 if args.suite == "knn":
     knn_perf.main(args.output, args.data, args.category, args.anomalib_budget or 5400.0)
 if args.suite == "curvature":
