@@ -1,5 +1,5 @@
-"""Command line: ``bench list``, ``run``, ``evaluate``, ``report``, ``sync``, ``links`` and
-``download``."""
+"""Command line: ``bench list``, ``run``, ``evaluate``, ``report``, ``compare``, ``sync``,
+``links`` and ``download``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from bench.cli.commands import (
+    cmd_compare,
     cmd_download,
     cmd_evaluate,
     cmd_links,
@@ -27,6 +28,7 @@ COMMANDS = {
     "run": cmd_run,
     "evaluate": cmd_evaluate,
     "report": cmd_report,
+    "compare": cmd_compare,
     "sync": cmd_sync,
     "links": cmd_links,
     "download": cmd_download,

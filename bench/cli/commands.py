@@ -74,8 +74,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     records, failed = run_benchmark(cfg, force=args.force, track=not args.no_tracking)
     if records:
-        print_leaderboard(records)
         paths = write_report(cfg.output, cfg.name)
+        print_leaderboard(records, root=Path(cfg.output) / cfg.name)
         console.print(f"leaderboard: {paths['markdown']}  ({paths['csv']})")
     if failed:
         console.print(f"[red]{len(failed)} job(s) failed:[/] {', '.join(failed)}")
@@ -87,10 +87,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bench.report import print_leaderboard, write_report
     from bench.results import ResultStore
 
-    records = ResultStore(args.output, args.name).records()  # read once: one warning a file
+    store = ResultStore(args.output, args.name)
+    records = store.records()  # read once: one warning a file
     paths = write_report(args.output, args.name, records)
-    print_leaderboard(records)
+    print_leaderboard(records, root=store.root)
     print(f"leaderboard: {paths['markdown']}  ({paths['csv']})")
+    if args.html:
+        from bench.report_html import write_html_report
+
+        print(f"html report: {write_html_report(args.output, args.name, records)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.compare import compare_table, print_comparison
+
+    folder = Path(args.results)
+    if not (folder / "jobs").is_dir():
+        raise ConfigError(
+            f"{folder} holds no jobs/ folder: give a benchmark folder such as results/default"
+        )
+    table = compare_table(folder, args.metric, args.baseline, args.dataset, args.level)
+    csv = folder / f"compare-{args.metric}.csv"
+    table.to_csv(csv, index=False)
+    print_comparison(table, args.metric, args.level)
+    print(f"written to {csv}")
     return 0
 
 

@@ -163,6 +163,24 @@ def add_store_parsers(sub) -> None:
     rep = sub.add_parser("report", help="leaderboard (Markdown, CSV) from the results folder")
     rep.add_argument("--name", default="default")
     rep.add_argument("--output", default="results")
+    rep.add_argument(
+        "--html",
+        action="store_true",
+        help="also write report.html: one self-contained page (intervals, plots, images)",
+    )
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="paired differences between detectors scored on the same test images, with "
+        "intervals and Holm-adjusted p-values",
+    )
+    cmp_.add_argument("results", help="a benchmark folder (results/<name>, holding jobs/)")
+    cmp_.add_argument("--metric", default="image_auroc", help="metric (default image_auroc)")
+    cmp_.add_argument(
+        "--baseline", help="compare every detector with this one (default: every pair)"
+    )
+    cmp_.add_argument("--dataset", help="only this dataset (as the leaderboard names it)")
+    cmp_.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
 
     lnk = sub.add_parser(
         "links", help="MLflow UI links (model-training view) of the latest benchmark run"

@@ -17,6 +17,13 @@ Any page works the same way, e.g. a fit run's training chart: ``--shot
 "<base>/#/experiments/<id>/runs/<fit run id>/model-metrics?workflowType=machine_learning"
 fit.png "train/loss"``.
 
+A local file works as a ``file://`` URL, e.g. ``bench report --html``'s page, a section by its
+anchor (how ``results/figures/report-*.png`` were made; ``--full-page``: the whole scrolled page,
+not the viewport)::
+
+    /tmp/pw/bin/python bench/perf/screenshots.py --size 1500x1000 \
+        --shot "file://$PWD/results/<name>/report.html#images" report-images.png "Test images"
+
 Each ``--shot URL OUTPUT TEXT`` loads URL in its own fresh context, waits until TEXT is shown
 (a run name, a metric: proof that the page has rendered its data), lets the page settle and
 writes the PNG; when TEXT does not show, it writes what the page showed to
@@ -38,6 +45,7 @@ def capture(
     executable: str | None = None,
     timeout_s: float = 60.0,
     settle_s: float = 2.0,
+    full_page: bool = False,
 ) -> list[Path]:
     """Writes one PNG per (url, output path, text to wait for); returns the paths."""
     from playwright.sync_api import sync_playwright
@@ -65,7 +73,7 @@ def capture(
                 except Exception:  # a page that polls never idles; the text is there already
                     pass
                 time.sleep(settle_s)  # charts and column widths animate in
-                page.screenshot(path=str(path))
+                page.screenshot(path=str(path), full_page=full_page)
                 written.append(path)
                 print(f"{path}  ({url})")
                 context.close()
@@ -91,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Chromium binary (default: chromium on PATH, else Playwright's own)",
     )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each TEXT")
+    p.add_argument("--full-page", action="store_true", help="the whole page, not the viewport")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     shots = [(url, out, text) for url, out, text in args.shot]
-    capture(shots, (width, height), args.executable, args.timeout)
+    capture(shots, (width, height), args.executable, args.timeout, full_page=args.full_page)
     return 0
 
 

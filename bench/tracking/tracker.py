@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from bench.config import BenchConfig
+from bench.intervals import mean_intervals
 from bench.progress import console
 from bench.scopes import references_text
 from bench.tracking.fit_run import FitRunLogger, find_fit_run, fit_params, supersede_unfinished
@@ -312,16 +313,23 @@ class Tracker:
         try:
             from bench.report import leaderboard_figure, leaderboard_markdown, summary_frame
 
-            summary = summary_frame(records)
+            # the benchmark folder (per-image files): output/<name>, as in from_config
+            root = self.artifact_root.parent / self.benchmark
+            summary = summary_frame(records).join(mean_intervals(records, root))
             for (detector, fit, dataset), row in summary.iterrows():
                 row_name = detector if fit == "per-category" else f"{detector}.{fit}"
                 for metric, value in row.items():
                     if value == value:
                         key = _METRIC_NAME_UNSAFE.sub("", f"{row_name}.{dataset}.{metric}")
                         self.client.log_metric(self.parent_id, key, float(value))
-            self.client.log_text(self.parent_id, leaderboard_markdown(records), "leaderboard.md")
+            self.client.log_text(
+                self.parent_id, leaderboard_markdown(records, root), "leaderboard.md"
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 figure = leaderboard_figure(records, Path(tmp) / "leaderboard.png")
                 self.client.log_artifact(self.parent_id, str(figure))
+            from bench.report_html import log_html_report
+
+            log_html_report(self.client, self.parent_id, root, records)
         except Exception as err:
             self._fail(err)
