@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 from plotly.offline import get_plotlyjs
 
-from bench.intervals import compare, row_intervals, significance_marks
+from bench.intervals import compare, load_per_image, row_intervals, significance_marks
 from bench.metrics import HEADLINE
 from bench.report import SUBSTITUTE_MARK, TRANSDUCTIVE_MARK, notes_markdown, records_frame
 from bench.report_images import image_rows, number
 from bench.report_plots import (
+    aupimo_figure,
     colours,
     cost_figure,
     curve_figure,
@@ -182,6 +183,8 @@ def dataset_section(
     section = dict(label=label, tested=tested, metrics=[label_of(m) for m in metrics])
     section["table"] = leaderboard(cells, costs(records))
     section["dots"] = [to_html(dot_plot(cells[m], m, palette)) for m in metrics]
+    aupimo = aupimo_values(root, records)
+    section["aupimo"] = to_html(aupimo_figure(aupimo, palette)) if aupimo else None
     section["diffs"] = None
     if tested and len(cells[metrics[0]].xs("mean", level="column")) > 1:
         order = [row[0]["text"] for row in section["table"]["rows"]]  # the leaderboard's
@@ -207,6 +210,19 @@ def first_replicates(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[
         label = row_label(frame["detector"][i], frame["fit"][i])
         out.setdefault(records[i]["category"], {}).setdefault(label, records[i])
     return dict(sorted(out.items()))
+
+
+def aupimo_values(root: Path, records: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+    """Category -> row label -> per-image AUPIMO of its anomalous images (first replicate),
+    where a per-image file holds some."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for category, rows in first_replicates(records).items():
+        for label, record in rows.items():
+            data = load_per_image(root, record)
+            if data is None or data.aupimo is None or not np.isfinite(data.aupimo).any():
+                continue
+            out.setdefault(category, {})[label] = data.aupimo[data.labels == 1]
+    return out
 
 
 def category_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, dict]]:

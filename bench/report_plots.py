@@ -140,6 +140,40 @@ def _dot(label: str, column: str, c: pd.Series, colour: str, first: bool) -> go.
     )
 
 
+def aupimo_figure(values: dict[str, dict[str, np.ndarray]], palette: dict[str, str]) -> go.Figure:
+    """Per category, the distribution of per-image AUPIMO (anomalous images) of every row: a box
+    with every image as a point. ``values``: category -> row label -> per-image AUPIMO."""
+    columns = sorted(values)
+    labels = sorted({label for rows in values.values() for label in rows})
+    n_rows, n_cols = _grid(len(columns), 4)
+    fig = make_subplots(
+        n_rows, n_cols, subplot_titles=columns, shared_yaxes=True, horizontal_spacing=0.03,
+        vertical_spacing=min(0.12, 0.5 / n_rows),
+    )  # fmt: skip
+    for i, column in enumerate(columns):
+        row, col = i // n_cols + 1, i % n_cols + 1
+        for label in labels:
+            v = values[column].get(label)
+            if v is None or not np.isfinite(v).any():
+                continue
+            v = np.round(v[np.isfinite(v)], DIGITS)
+            fig.add_trace(
+                go.Box(x=v, name=label, marker_color=palette[label], boxpoints="all",
+                       jitter=0.4, pointpos=0, boxmean=True, showlegend=False,
+                       hovertemplate=f"{label}: %{{x:.3f}}<extra></extra>"),
+                row, col,
+            )  # fmt: skip
+        fig.update_xaxes(range=[-0.02, 1.02], nticks=5, row=row, col=col)
+    fig.update_yaxes(categoryorder="array", categoryarray=labels, tickfont=dict(size=10))
+    fig.update_layout(
+        BASE,
+        title="AUPIMO per anomalous image (box: quartiles, dashed: mean; FPR 1e-5 to 1e-4 on the normal images)",
+        height=90 + n_rows * (40 + 22 * len(labels)),
+        margin=dict(l=_left(labels), r=10, t=80, b=30),
+    )
+    return fig
+
+
 def diff_heatmaps(diffs: dict[str, pd.DataFrame], p_adj: dict[str, pd.DataFrame]) -> go.Figure:
     """Per headline metric, a row x row heatmap of the mean difference (row minus column) over
     the categories, with p_adj in each cell's text; blue: the row is better."""

@@ -78,7 +78,7 @@ def make_job(root, data_root, category, c_index, detector, rng_maps, resample) -
         root / per_image, format=np.array([1]), ids=ids, paths=paths, labels=labels,
         defects=defects, scores=scores, thumbs=thumbs, thumb_range=np.array([lo, hi]),
         mask_thumbs=masks, boot_metrics=np.array(["image_auroc", "pixel_auroc"]), boot=boot,
-        boot_seed=np.array([c_index]),
+        boot_seed=np.array([c_index]), aupimo=aupimo_of(scores, labels),
     )  # fmt: skip
     for path, mask in zip(paths, masks):  # the test images (beta's: never written)
         if category != "beta" and not (data_root / path).exists():
@@ -109,6 +109,12 @@ def make_job(root, data_root, category, c_index, detector, rng_maps, resample) -
     (root / "jobs").mkdir(exist_ok=True)
     (root / "jobs" / f"{slug}.json").write_text(json.dumps(record))
     return record
+
+
+def aupimo_of(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Stand-in per-image AUPIMO in [0, 1] for the anomalous images, NaN for the good ones."""
+    spread = (scores - scores.min()) / (np.ptp(scores) + 1e-9)
+    return np.where(labels == 1, spread, np.nan)
 
 
 def make_benchmark(tmp: Path) -> tuple[Path, list[dict]]:
@@ -164,7 +170,8 @@ def test_the_page_is_one_file_that_fetches_nothing(bench_folder):
     assert "<link" not in outside_scripts and "@import" not in outside_scripts
     srcs = re.findall(r'<img src="([^"]*)"', html)
     assert srcs and all(s.startswith("data:image/jpeg;base64,") for s in srcs)
-    assert html.count('class="plotly-graph-div"') == 2 + 1 + 1 + 1  # dots x2, diffs, curves, cost
+    # dots x2, AUPIMO, diffs, curves, cost
+    assert html.count('class="plotly-graph-div"') == 2 + 1 + 1 + 1 + 1
 
 
 def test_the_leaderboard_holds_each_mean_and_its_interval(bench_folder):
@@ -360,8 +367,21 @@ def test_the_page_in_headless_chromium(bench_folder, tmp_path):
     if "skip" in out:
         pytest.skip(out["skip"])
     assert out["errors"] == [] and out["requests"] == []
-    assert len(out["plots"]) == 5 and all(n > 0 for n in out["plots"])  # every plot rendered
+    assert len(out["plots"]) == 6 and all(n > 0 for n in out["plots"])  # every plot rendered
     assert sorted(out["before"]) == ["close †", "strong", "weak"]
     values = [float(v) for v in out["desc"]]
     assert values == sorted(values, reverse=True) and len(set(values)) == 3
     assert [float(v) for v in out["asc"]] == sorted(values) and out["aria"] == "ascending"
+
+
+def test_the_aupimo_distribution_of_each_category(bench_folder):
+    from bench.report_html import aupimo_values
+
+    root, records, html = bench_folder
+    assert "AUPIMO per anomalous image" in html
+    values = aupimo_values(root, records)
+    assert sorted(values) == sorted({r["category"] for r in records})
+    for r in records:
+        with np.load(root / r["per_image"]) as z:
+            expected = z["aupimo"][z["labels"] == 1]
+        np.testing.assert_array_equal(values[r["category"]][name_of(r)], expected)
