@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,7 +156,9 @@ def test_shot_draws_record_their_references_and_the_report_spreads_over_draws(
     leaderboard = pd.read_csv(store.root / "leaderboard.csv")
     assert sorted(leaderboard["draw"]) == [0, 0, 1, 1, 2, 2]  # every draw kept
     markdown = (store.root / "leaderboard.md").read_text()
-    assert f"{per_draw.mean():.4f} ± {np.std(per_draw.values, ddof=1):.4f}" in markdown
+    # the mean over draws, its test-set interval, the spread over draws
+    mean, spread = f"{per_draw.mean():.4f}", f"{np.std(per_draw.values, ddof=1):.4f}"
+    assert re.search(rf"{mean} \[[01]\.\d{{3}}, [01]\.\d{{3}}\] ± {spread}", markdown)
 
     # the reference list is an MLflow artifact that replays the draw exactly
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")

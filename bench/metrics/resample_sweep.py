@@ -17,6 +17,10 @@ import torch
 
 from bench.metrics.curve_stats import CurveStats
 
+# numba's own thread pool, not OpenMP: an OpenMP runtime it shared with torch could change the
+# threads (and so the float summation order) of the detectors' computations after a bootstrap
+numba.config.THREADING_LAYER = "workqueue"
+
 #: resamples swept together over one pass of the entries: reading the entries is most of the
 #: sweep's time, so each is read once per block (on bottle, 64 lanes: 2.7x faster than 16)
 BLOCK = 64
