@@ -22,6 +22,7 @@ values. A bottle job (83 images, 1000 resamples) takes about 0.4 MB.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.evaluation import Evaluator, PointEvaluator
-from bench.metrics.bootstrap import Bootstrap, bootstrap_metrics
+from bench.evaluation_ad2 import AD2Evaluator
+from bench.metrics.bootstrap import Bootstrap, bootstrap_metrics, resample_weights
 
 FORMAT = 1
 THUMB = 96
@@ -88,6 +90,15 @@ def collect(
         point_labels=None if pixel else [evaluator.point_labels[i] for i in order],
         aupimo=aupimo,
     )
+    if isinstance(evaluator, AD2Evaluator):  # MVTec AD 2's metrics at the chosen threshold
+        names, values = threshold_replicates(
+            [evaluator.maps[i] for i in order],
+            [evaluator.masks[i] for i in order],
+            labels,
+            evaluator.threshold,
+            resample_weights(labels, resamples, seed),
+        )
+        boot.names, boot.values = boot.names + names, np.hstack([boot.values, values])
     per_image = PerImage(
         ids=ids,
         paths=np.array([_relative(evaluator.paths[i], root) for i in order], dtype=str),
@@ -104,6 +115,36 @@ def collect(
             [evaluator.maps[i] for i in order], [evaluator.masks[i] for i in order]
         )
     return per_image, boot
+
+
+def threshold_replicates(maps, masks, labels, threshold: float, weights: np.ndarray):
+    """SegF1, its precision and recall, and ClassF1 (:mod:`bench.metrics.segf1`) at a fixed
+    threshold on each resample: pooled pixel counts and image counts are weighted sums of
+    per-image counts, so each resample is exact."""
+    names = ["seg_f1", "seg_precision", "seg_recall", "class_f1"]
+    if math.isnan(threshold):
+        return names, np.full((weights.shape[0], len(names)), np.nan)
+    counts = np.zeros((len(maps), 4))  # per image: TP, FP, FN pixels; called anomalous
+    for i, (amap, mask) in enumerate(zip(maps, masks)):
+        pred = amap > threshold
+        gt = mask.to(pred.device, torch.bool)
+        hit = int((pred & gt).sum())
+        counts[i] = hit, int(pred.sum()) - hit, int(gt.sum()) - hit, bool(pred.any())
+    tp, fp, fn = (weights @ counts[:, k] for k in range(3))
+    y, called = labels.astype(bool), counts[:, 3].astype(bool)
+    itp, ifp, ifn = (weights @ (a & b) for a, b in ((called, y), (called, ~y), (~called, y)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        defined = tp + fn > 0
+        out = np.stack(
+            [
+                np.where(defined, 2 * tp / (2 * tp + fp + fn), np.nan),
+                np.where(tp + fp > 0, tp / (tp + fp), 0.0),
+                np.where(defined, tp / (tp + fn), np.nan),
+                np.where(weights @ y > 0, 2 * itp / (2 * itp + ifp + ifn), np.nan),
+            ],
+            axis=1,
+        )
+    return names, out
 
 
 def _relative(path: str, root: str | None) -> str:

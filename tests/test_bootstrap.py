@@ -157,3 +157,21 @@ def test_interval_coverage_of_a_known_auroc():
         low, high = percentile_interval(values)
         hits += low <= truth <= high
     assert 0.88 <= hits / 200 <= 0.99, hits
+
+
+def test_segf1_and_classf1_resamples_equal_the_metrics_on_the_resampled_images():
+    from bench.metrics.segf1 import class_f1, seg_metrics
+    from bench.per_image import threshold_replicates
+
+    rng = np.random.default_rng(9)
+    maps, masks, labels = _category(rng, 4, 6)
+    weights = resample_weights(labels, 5, seed=2)
+    names, out = threshold_replicates(maps, masks, labels, 0.9, weights)
+    for b, w in enumerate(weights):
+        idx = np.repeat(np.arange(labels.size), w.astype(int))
+        seg = seg_metrics([maps[i] for i in idx], [masks[i] for i in idx], 0.9)
+        cls = class_f1([maps[i] for i in idx], labels[idx].tolist(), 0.9)
+        expected = [seg["seg_f1"], seg["seg_precision"], seg["seg_recall"], cls]
+        np.testing.assert_allclose(out[b], expected, atol=1e-12)
+    assert names == ["seg_f1", "seg_precision", "seg_recall", "class_f1"]
+    assert np.isnan(threshold_replicates(maps, masks, labels, math.nan, weights)[1]).all()
