@@ -324,8 +324,12 @@ def leaderboard_markdown(records: list[dict[str, Any]], root: Path | None = None
     return "\n".join(parts)
 
 
-def leaderboard_figure(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Per-category bars of the headline metrics, one panel per metric, detectors side by side."""
+def leaderboard_figure(
+    records: list[dict[str, Any]], path: str | Path, root: Path | None = None
+) -> Path:
+    """Per-category dots of the headline metrics, one panel per metric, detectors side by side,
+    each with its 95% test-set interval as a whisker (with ``root``, the benchmark folder), on an
+    axis zoomed to the data (0.97 and 0.99 must look different)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,13 +351,26 @@ def leaderboard_figure(records: list[dict[str, Any]], path: str | Path) -> Path:
     width = 0.8 / max(1, len(detectors))
     for ax, metric in zip(axes[:, 0], metrics):
         table = frame.groupby(["detector", "column"])[metric].mean().unstack("column")
+        bounds = _figure_intervals(records, root, metric)
+        seen = []
         for i, det in enumerate(detectors):
-            values = [table.loc[det, c] if c in table.columns else float("nan") for c in columns]
-            ax.bar([x + i * width for x in range(len(columns))], values, width, label=det)
+            values = np.array(
+                [table.loc[det, c] if c in table.columns else np.nan for c in columns]
+            )
+            low = np.array([bounds.get((det, c), (np.nan, np.nan))[0] for c in columns])
+            high = np.array([bounds.get((det, c), (np.nan, np.nan))[1] for c in columns])
+            err = np.vstack([values - np.where(np.isnan(low), values, low),
+                             np.where(np.isnan(high), values, high) - values])  # fmt: skip
+            x = [c + i * width for c in range(len(columns))]
+            ax.errorbar(x, values, yerr=err, fmt="o", capsize=3, markersize=5, label=det)
+            seen += [v for v in (*values, *low, *high) if v == v]
         ax.set_xticks([x + width * (len(detectors) - 1) / 2 for x in range(len(columns))])
         ax.set_xticklabels(columns, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(metric)
-        ax.set_ylim(0, 1)
+        if seen:  # zoomed to the values and their intervals
+            lo, hi = min(seen), max(seen)
+            pad = max(0.05 * (hi - lo), 0.002)
+            ax.set_ylim(max(0.0, lo - pad), hi + pad)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(6, len(detectors)), fontsize=8)
@@ -362,6 +379,19 @@ def leaderboard_figure(records: list[dict[str, Any]], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _figure_intervals(records, root: Path | None, metric: str) -> dict:
+    """(figure detector label, dataset/category) -> (low, high) of each category's interval."""
+    if root is None:
+        return {}
+    frame = row_intervals(records, root, metric).reset_index()
+    frame = frame[frame["column"] != "mean"]
+    out = {}
+    for _, r in frame.iterrows():
+        label = r["detector"] if r["fit"] == "per-category" else f"{r['detector']} [{r['fit']}]"
+        out[(label, f"{r['dataset']}/{r['column']}")] = (r["low"], r["high"])
+    return out
 
 
 def write_report(
@@ -380,7 +410,7 @@ def write_report(
     records_frame(records).to_csv(csv, index=False)
     summary = store.root / "summary.csv"
     summary_frame(records).join(mean_intervals(records, store.root)).to_csv(summary)
-    figure = leaderboard_figure(records, store.root / "leaderboard.png")
+    figure = leaderboard_figure(records, store.root / "leaderboard.png", store.root)
     return {"markdown": md, "csv": csv, "summary": summary, "figure": figure}
 
 

@@ -326,7 +326,7 @@ class Tracker:
                 self.parent_id, leaderboard_markdown(records, root), "leaderboard.md"
             )
             with tempfile.TemporaryDirectory() as tmp:
-                figure = leaderboard_figure(records, Path(tmp) / "leaderboard.png")
+                figure = leaderboard_figure(records, Path(tmp) / "leaderboard.png", root)
                 self.client.log_artifact(self.parent_id, str(figure))
             from bench.report_html import log_html_report
 
