@@ -399,11 +399,7 @@ def write_report(
 ) -> dict[str, Path]:
     """Leaderboard files in ``output/name``, from ``records`` or the readable job files."""
     store = ResultStore(output, name)
-    records = store.records() if records is None else records
-    if not records:
-        raise FileNotFoundError(
-            f"no finished jobs under {store.root / 'jobs'}; run `bench run` first"
-        )
+    records = store.finished(records)
     md = store.root / "leaderboard.md"
     md.write_text(leaderboard_markdown(records, store.root))
     csv = store.root / "leaderboard.csv"

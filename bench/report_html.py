@@ -284,11 +284,7 @@ def write_html_report(
 ) -> Path:
     """Writes ``output/name/report.html`` from ``records`` or the readable job files."""
     store = ResultStore(output, name)
-    records = store.records() if records is None else records
-    if not records:
-        raise FileNotFoundError(
-            f"no finished jobs under {store.root / 'jobs'}; run `bench run` first"
-        )
+    records = store.finished(records)
     path = store.root / "report.html"
     path.write_text(render_html_report(store.root, records, f"Benchmark {name}"), encoding="utf-8")
     return path

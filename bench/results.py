@@ -99,6 +99,15 @@ class ResultStore:
         failure.unlink(missing_ok=True)
         return path
 
+    def finished(self, records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """``records``, or the readable job files; FileNotFoundError when there are none."""
+        records = self.records() if records is None else records
+        if not records:
+            raise FileNotFoundError(
+                f"no finished jobs under {self.root / 'jobs'}; run `bench run` first"
+            )
+        return records
+
     def per_image_path(self, run_name: str) -> Path:
         return self.root / "per_image" / f"{run_name.replace('/', '__')}.npz"
 
