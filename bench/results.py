@@ -100,10 +100,11 @@ class ResultStore:
         return path
 
     def finished(self, records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-        """``records``, or the readable job files; FileNotFoundError when there are none."""
+        """``records``, or the readable job files; a ConfigError (the user's: a wrong name or
+        folder) when there are none."""
         records = self.records() if records is None else records
         if not records:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"no finished jobs under {self.root / 'jobs'}; run `bench run` first"
             )
         return records
