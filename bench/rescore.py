@@ -43,6 +43,7 @@ from bench.evaluation import CROP_FILE, Evaluator, PointEvaluator, export_path
 from bench.evaluation_ad2 import VALIDATION, AD2Evaluator, validation_path
 from bench.evaluation_loco import LocoEvaluator
 from bench.exported import Key, _check_known, read_map, read_point_scores, read_scores
+from bench.per_image import collect
 from bench.types import Batch, Prediction
 
 #: each kind of root (``dataset_kind``): the module listing its categories, its test loader and
@@ -199,7 +200,12 @@ def _check_complete(maps: Path, category: str, expected: set, missing: list, n: 
 
 
 def evaluate_point_category(
-    maps: Path, root: Path, category: str, scores: dict | None, device: str = "cpu"
+    maps: Path,
+    root: Path,
+    category: str,
+    scores: dict | None,
+    device: str = "cpu",
+    bootstrap: int = 0,
 ) -> dict:
     """Object- and point-level metrics of per-point score files for one category."""
     dataset = PointCloudSet(root, category, "test")
@@ -220,7 +226,13 @@ def evaluate_point_category(
         )
         evaluator.update(Prediction(score=torch.tensor([score]), point_scores=[point]), batch)
     _check_complete(maps, category, expected, missing, len(dataset.items), points=True)
-    return {"category": category, "dataset": "points", **evaluator.record()}
+    record = evaluator.record()
+    return {
+        "category": category,
+        "dataset": "points",
+        **record,
+        **_intervals(evaluator, root, bootstrap),
+    }
 
 
 def _read_target(
@@ -293,6 +305,7 @@ def evaluate_category(
     protocol: str = "official",
     pro_limit: float = 0.3,
     device: str = "cpu",
+    bootstrap: int = 0,
 ) -> dict:
     """Metrics of one category's maps by its dataset's evaluator (``EVALUATORS``); only each
     image's ROI when ``crop.json`` records one. MVTec AD 2: the validation maps first."""
@@ -317,7 +330,20 @@ def evaluate_category(
     _check_complete(maps, category, expected, missing, len(items), points=False)
     record = evaluator.record()
     record["warnings"] += _resize_warning(category, resized, len(dataset.items))
-    return {"category": category, "dataset": kind, **record}
+    return {
+        "category": category,
+        "dataset": kind,
+        **record,
+        **_intervals(evaluator, root, bootstrap),
+    }
+
+
+def _intervals(evaluator, root: Path, resamples: int) -> dict:
+    """``{"ci": ...}``: the 95% intervals a run records (:mod:`bench.per_image`), seed 0, so a
+    re-scored export pairs with the run's resamples; nothing when ``resamples`` is 0."""
+    if resamples <= 0:
+        return {}
+    return {"ci": collect(evaluator, str(root), resamples, 0)[1].record()}
 
 
 def evaluate_maps(
@@ -328,7 +354,10 @@ def evaluate_maps(
     protocol: str = "official",
     pro_limit: float = 0.3,
     device: str = "cpu",
+    bootstrap: int = 0,
 ) -> list[dict]:
+    """Every category's metrics (with ``bootstrap`` > 0 their 95% intervals from that many
+    resamples, the record's ``ci``)."""
     maps, root = Path(maps), Path(root)
     if not maps.is_dir():
         raise FileNotFoundError(f"anomaly-map folder {maps} does not exist")
@@ -353,9 +382,11 @@ def evaluate_maps(
         known = set().union(*(_test_keys(kind, root, c) for c in categories))
         _check_known(scores, known, categories, sorted(set(available) - set(categories)))
     if kind == "points":
-        return [evaluate_point_category(maps, root, c, scores, device) for c in categories]
+        return [
+            evaluate_point_category(maps, root, c, scores, device, bootstrap) for c in categories
+        ]
     return [
-        evaluate_category(maps, root, c, kind, scores, protocol, pro_limit, device)
+        evaluate_category(maps, root, c, kind, scores, protocol, pro_limit, device, bootstrap)
         for c in categories
     ]
 

@@ -166,9 +166,16 @@ def test_2d_export_without_crop_rescoring_reproduces_the_run(exported_2d, ad_roo
     amap = tifffile.imread(maps / "washer" / "test" / "hole" / "000.tiff")
     assert amap.dtype == np.float32 and amap.shape == (128, 128)
     assert not (maps / "washer" / "crop.json").exists() and record["protocol"] == "official"
-    (rescored,) = evaluate_maps(maps, ad_root, score_files=[maps / "washer" / "scores.csv"])
+    (rescored,) = evaluate_maps(
+        maps, ad_root, score_files=[maps / "washer" / "scores.csv"], bootstrap=1000
+    )
     assert_same_metrics(rescored, record)
     assert rescored["warnings"] == []
+    # the run's intervals too: the same maps, resamples and metrics on each resample
+    assert rescored["ci"]["resamples"] == record["ci"]["resamples"] == 1000
+    for metric, (low, high) in record["ci"]["metrics"].items():
+        found = rescored["ci"]["metrics"][metric]
+        assert found == pytest.approx([low, high], abs=1e-9, nan_ok=True), metric
     scores, labels = pixels(maps, ad_root, None)
     assert record["metrics"]["all"]["pixel_auroc"] == pytest.approx(
         roc_auc_score(labels, scores), abs=1e-9

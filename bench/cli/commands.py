@@ -124,8 +124,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bench.system import resolve_device
 
     device = str(resolve_device(args.device))
+    if args.bootstrap < 0 or 0 < args.bootstrap < 50:
+        raise ConfigError(f"--bootstrap must be 0 or at least 50 resamples, got {args.bootstrap}")
     records = evaluate_maps(
-        args.maps, args.data, args.categories, args.scores, args.protocol, args.pro_limit, device
+        args.maps,
+        args.data,
+        args.categories,
+        args.scores,
+        args.protocol,
+        args.pro_limit,
+        device,
+        args.bootstrap,
     )
     table = records_table(records)
     stem = Path(args.output) if args.output else Path(args.maps) / "metrics"

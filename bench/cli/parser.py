@@ -144,6 +144,13 @@ def add_evaluate_parser(sub) -> None:
     )
     ev.add_argument("--protocol", choices=PROTOCOLS, default="official")
     ev.add_argument("--pro-limit", type=float, default=0.3, help="AU-PRO integration limit (FPR)")
+    ev.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="B",
+        help="bootstrap resamples of the 95%% intervals (default 1000, seed 0 as bench run; 0: none)",
+    )
     ev.add_argument("--device", default="auto")
     ev.add_argument(
         "--output", help="metrics file stem (default: <maps>/metrics -> .json and .csv)"
