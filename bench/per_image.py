@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from bench.evaluation import Evaluator, PointEvaluator
 from bench.evaluation_ad2 import AD2Evaluator
+from bench.evaluation_loco import LocoEvaluator
 from bench.metrics.bootstrap import Bootstrap, bootstrap_metrics, resample_weights
 
 FORMAT = 1
@@ -75,6 +76,7 @@ def collect(
     labels = np.array([evaluator.labels[i] for i in order], dtype=np.int8)
     scores = np.array([evaluator.scores[i] for i in order], dtype=np.float64)
     pixel = isinstance(evaluator, Evaluator)
+    loco = isinstance(evaluator, LocoEvaluator)
     aupimo = None
     if pixel and evaluator.aupimo is not None:
         aupimo = np.asarray(evaluator.aupimo, dtype=np.float64)[order]
@@ -89,6 +91,8 @@ def collect(
         point_scores=None if pixel else [evaluator.point_scores[i] for i in order],
         point_labels=None if pixel else [evaluator.point_labels[i] for i in order],
         aupimo=aupimo,
+        channels=[evaluator.channels[i] for i in order] if loco else None,
+        spro_limits=evaluator.spro_limits if loco else None,
     )
     if isinstance(evaluator, AD2Evaluator):  # MVTec AD 2's metrics at the chosen threshold
         names, values = threshold_replicates(

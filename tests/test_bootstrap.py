@@ -175,3 +175,31 @@ def test_segf1_and_classf1_resamples_equal_the_metrics_on_the_resampled_images()
         np.testing.assert_allclose(out[b], expected, atol=1e-12)
     assert names == ["seg_f1", "seg_precision", "seg_recall", "class_f1"]
     assert np.isnan(threshold_replicates(maps, masks, labels, math.nan, weights)[1]).all()
+
+
+def test_spro_resamples_equal_the_metric_on_the_resampled_images():
+    """MVTec LOCO's AU-sPRO: each ground-truth channel saturating at its own area."""
+    from bench.metrics.spro import spro_metrics
+
+    rng = np.random.default_rng(13)
+    maps, masks, labels = _category(rng, 4, 6)
+    channels = []
+    for k in masks:
+        flat = np.flatnonzero(k.numpy().reshape(-1)).astype(np.int32)
+        parts = [flat[: flat.size // 2], flat[flat.size // 2 :]] if flat.size > 1 else [flat]
+        channels.append([(p, max(1, p.size // 2)) for p in parts if p.size])
+    limits = {"au_spro_05": 0.05, "au_spro_30": 0.3}
+    weights = resample_weights(labels, 4, seed=5)
+    stats = pixel_curve_stats(maps, masks, channels=channels)
+    out = sweep_resamples(stats, weights, tuple(limits.values()))[:, 3:]
+    for b, w in enumerate(weights):
+        idx = np.repeat(np.arange(labels.size), w.astype(int))
+        ref = spro_metrics(
+            [maps[i] for i in idx],
+            [masks[i] for i in idx],
+            [channels[i] for i in idx],
+            [0] * idx.size,
+            {"all": [0]},
+            limits,
+        )["all"]
+        np.testing.assert_allclose(out[b], [ref[m] for m in limits], atol=1e-12)

@@ -87,11 +87,14 @@ def bootstrap_metrics(
     point_labels: list[torch.Tensor] | None = None,
     aupimo: np.ndarray | None = None,
     level: float = LEVEL,
+    channels: list | None = None,
+    spro_limits: dict[str, float] | None = None,
 ) -> Bootstrap:
     """Every metric of the test set on ``resamples`` stratified resamples: image AUROC, AP and
     F1-max; with ``maps``/``masks`` the pixel ones and AU-PRO to each of ``pro_limits`` (name ->
     FPR limit); with ``point_scores``/``point_labels`` the point ones; with ``aupimo`` (per
-    image, NaN for good images) its mean."""
+    image, NaN for good images) its mean; with ``channels`` (MVTec LOCO) AU-sPRO to each of
+    ``spro_limits``."""
     weights = resample_weights(labels, resamples, seed)
     names = ["image_auroc", "image_ap", "image_f1max"]
     columns = [sweep_resamples(image_curve_stats(scores, labels), weights)]
@@ -100,6 +103,10 @@ def bootstrap_metrics(
         stats = pixel_curve_stats(maps, masks)
         columns.append(sweep_resamples(stats, weights, tuple(limits.values())))
         names += ["pixel_auroc", "pixel_ap", "pixel_f1max", *limits]
+    if channels is not None:  # MVTec LOCO: AU-sPRO to each limit (name -> FPR limit)
+        stats = pixel_curve_stats(maps, masks, channels=channels)
+        columns.append(sweep_resamples(stats, weights, tuple(spro_limits.values()))[:, 3:])
+        names += list(spro_limits)
     if point_scores is not None:
         stats = pixel_curve_stats(point_scores, point_labels, regions=False)
         columns.append(sweep_resamples(stats, weights))

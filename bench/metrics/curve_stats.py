@@ -146,13 +146,20 @@ def image_curve_stats(scores: np.ndarray, labels: np.ndarray) -> CurveStats:
 
 
 def pixel_curve_stats(
-    maps: list[torch.Tensor], masks: list[torch.Tensor], regions: bool = True
+    maps: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    regions: bool = True,
+    channels: list | None = None,
 ) -> CurveStats:
     """Every pixel of every image: defective pixels per (image, distinct score) with their
     overlap weight (1 / the size of their 8-connected region, when ``regions``), the others per
     (image, event). Maps and masks: one pair per image, [H, W] (any shape without ``regions``),
-    on the host."""
+    on the host. With ``channels`` (MVTec LOCO's ground-truth channels per image,
+    :mod:`bench.metrics.spro`) the overlap is the saturated per-region overlap instead: each
+    channel's sPRO gains, one "region" per channel."""
     n = len(maps)
+    if channels is not None:
+        regions = False
     if regions:
         positives, region_image, region_size = _positive_pixels(maps, masks, list(range(n)))
         region_count = np.bincount(region_image, minlength=n)
@@ -178,6 +185,13 @@ def pixel_curve_stats(
                 np.bincount(inverse, weights=weight, minlength=uniq.size),
             )
         )
+    if channels is not None:
+        from bench.metrics.spro import _channel_gains
+
+        gains, region_count = _channel_gains(maps, masks, channels, list(range(n)), u, n)
+        for image, k, gain in gains:
+            zero = np.zeros(k.size)
+            pos_parts.append((2 * k.astype(np.int64) + 1, np.full(k.size, image), zero, gain))
     bins, local = _binning(u), threading.local()
     neg_total = np.zeros(n)
 
