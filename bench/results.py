@@ -104,9 +104,7 @@ class ResultStore:
         folder) when there are none."""
         records = self.records() if records is None else records
         if not records:
-            raise ConfigError(
-                f"no finished jobs under {self.root / 'jobs'}; run `bench run` first"
-            )
+            raise ConfigError(f"no finished jobs under {self.root / 'jobs'}; run `bench run` first")
         return records
 
     def per_image_path(self, run_name: str) -> Path:
