@@ -1,7 +1,9 @@
 """MVTec 3D-AD folders (real or generated): organised xyz point clouds with rgb and masks.
 
-xyz is an organised float32 HxWx3 tiff aligned pixel for pixel with rgb and gt; missing points
-are (0,0,0). Sizes vary per category, so nothing assumes 800x800.
+xyz is an organised float32 HxWx3 tiff aligned pixel for pixel with rgb and gt (sizes checked:
+a mismatch or an unreadable, e.g. truncated, tiff is an error naming the file); missing points
+are (0,0,0), and NaN or infinite coordinates are taken as missing too. Sizes vary per category,
+so nothing assumes 800x800.
 """
 
 from __future__ import annotations
@@ -57,14 +59,18 @@ def read_xyz(path: Path) -> np.ndarray:
     try:
         xyz = tifffile.imread(path)
     except Exception as err:
-        raise DataError(f"cannot read point-cloud tiff {path}: {err}") from err
+        raise DataError(
+            f"cannot read point-cloud tiff {path} (truncated or not a tiff?): {err}; "
+            "re-download or re-extract it"
+        ) from err
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise DataError(
             f"point-cloud tiff {path} has shape {xyz.shape}, expected HxWx3 (organised xyz)"
         )
     if not np.issubdtype(xyz.dtype, np.floating):
         raise DataError(f"point-cloud tiff {path} has dtype {xyz.dtype}, expected float32")
-    xyz = np.nan_to_num(xyz.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    xyz = xyz.astype(np.float32)
+    xyz[~np.isfinite(xyz).all(axis=2)] = 0.0  # a point with any NaN / inf coordinate is missing
     return xyz
 
 
@@ -132,7 +138,8 @@ class MVTec3D(CategoryDataset):
         rgb = read_rgb(item["rgb_path"])
         if tuple(rgb.shape[1:]) != native:
             raise DataError(
-                f"rgb image {item['rgb_path']} is {tuple(rgb.shape[1:])}, expected {native} like its xyz"
+                f"rgb image {item['rgb_path']} is {tuple(rgb.shape[1:])} (HxW) but its point "
+                f"cloud {item['path']} is {native}; an organised scan and its image must match"
             )
         size, box, roi = input_geometry(native, self.image_size, self.crop_size)
         valid = (xyz != 0).any(0)

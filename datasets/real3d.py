@@ -9,7 +9,8 @@ a defective cloud's points are read from its ground-truth file (the labelled poi
 evaluated ones). The defect type is the last alphabetic token of the file name that is not a
 view suffix (``1_bulge`` -> bulge, ``482_sink_cut`` -> sink, ``ashtray0_bulge2`` -> bulge).
 Items hold ``points`` [N,3] float32, ``point_labels`` [N] bool, ``label`` and ``meta``; clouds
-keep their own sizes (no batching into one tensor).
+keep their own sizes (no batching into one tensor). Every .pcd is checked against its header
+(``pcd.py``: a truncated or inconsistent file, or a NaN coordinate, is an error naming it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from bench.errors import DataError
 
 from .common import DatasetLayoutError, scan_categories
+from .pcd import check_finite, check_pcd, read_pcd
 
 LAYOUT = """expected Real3D-AD / Anomaly-ShapeNet layout:
   <root>/<category>/train/<id>.pcd
@@ -61,18 +63,6 @@ def defect_of(stem: str) -> str:
     return words[-1]
 
 
-def read_pcd(path: Path) -> np.ndarray:
-    """Points [N,3] float32 of a .pcd file (ASCII or binary); errors name the file."""
-    import open3d as o3d
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"point cloud {path} does not exist")
-    points = np.asarray(o3d.io.read_point_cloud(str(path), format="pcd").points, np.float32)
-    if points.ndim != 2 or points.shape[0] == 0:
-        raise DataError(f"point cloud {path} holds no points (expected a .pcd with x y z fields)")
-    return points
-
-
 def read_labelled_points(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Points [N,3] float32 and labels [N] bool of a ground-truth file of 'x y z label' lines."""
     try:
@@ -86,6 +76,7 @@ def read_labelled_points(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     if not np.isin(table[:, 3], (0, 1)).all():
         raise DataError(f"ground truth {path}: labels (4th column) must be 0 or 1")
+    check_finite(table[:, :3], f"ground truth {path}")
     return table[:, :3].astype(np.float32), table[:, 3] > 0.5
 
 
@@ -142,7 +133,8 @@ class PointCloudSet:
         if item["gt_path"] is None:
             points = read_pcd(item["path"])
             labels = np.zeros(len(points), dtype=bool)
-        else:
+        else:  # the labelled points are scored; the cloud itself must still be whole
+            check_pcd(item["path"])
             points, labels = read_labelled_points(item["gt_path"])
         return {
             "points": torch.from_numpy(points),
