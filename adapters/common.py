@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from bench.backbones import feature_stages, timm_problem, weights_problem
+from bench.params import ParamError
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -77,3 +82,23 @@ def patch_features(extractor: torch.nn.Module, image: torch.Tensor) -> torch.Ten
         for m in maps
     ]
     return torch.cat(maps, 1).float()
+
+
+def check_timm_backbone(params: dict[str, Any], default: str) -> None:
+    """Plan-time check of a CNN feature extractor's ``backbone`` (a timm name, offline),
+    ``weights`` and ``layers`` (timm ``out_indices``: its feature stages, negative from the
+    end), raising ParamError for the first that cannot work."""
+    name, weights, layers = params["backbone"], params["weights"], params["layers"]
+    problem = timm_problem(name, weights, default)
+    if problem:
+        raise ParamError.bad("backbone", name, problem)
+    problem = weights_problem(weights)
+    if problem:
+        raise ParamError.bad("weights", weights, problem)
+    stages = feature_stages(name)
+    if stages is not None and any(not -stages <= i < stages for i in layers):
+        raise ParamError.bad(
+            "layers",
+            layers,
+            f"are not feature stages of {name} (0..{stages - 1}, or -{stages}..-1)",
+        )

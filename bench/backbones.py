@@ -8,10 +8,15 @@
   ``state_dict``/``model``);
 - ``"random"``: random initialisation, only when asked for explicitly (tests, ablations).
 A name whose weights cannot be found is an error, never a silent fallback to random weights.
+
+:func:`timm_problem`, :func:`weights_problem` and :func:`skeleton` check names and structure at
+plan time, offline (timm's registry and a weightless model on the meta device).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 from pathlib import Path
 
 import timm
@@ -26,6 +31,78 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class WeightsNotFoundError(ConfigError, FileNotFoundError):
     """Pretrained weights that are neither at the configured path nor reachable."""
+
+
+#: names that load without the hub: the packaged EfficientNet-Lite0 (``weights="pretrained"``)
+OFFLINE = ("efficientnet_lite0",)
+#: file endings of checkpoints: a ``weights`` value with one (or a folder in it) is a path
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
+
+
+def did_you_mean(name: str, candidates: list[str], default: str | None = None) -> str:
+    """``; did you mean 'x'?`` for the closest of ``candidates``, else for the default."""
+    close = difflib.get_close_matches(name, candidates, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; did you mean {default!r} (the default)?" if default else ""
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_names() -> tuple[list[str], frozenset[str]]:
+    return timm.list_models(), frozenset(timm.list_pretrained())
+
+
+def timm_problem(name: str, weights: str | None = None, default: str | None = None) -> str | None:
+    """Why timm cannot build ``name`` (an architecture, or ``architecture.tag``) with
+    ``weights``, offline: an unknown name or pretrained tag (with a did-you-mean), or no
+    pretrained weights at all; None when it can."""
+    names, pretrained = _timm_names()
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        return f"is not a timm model{did_you_mean(name, names, default)}"
+    if tag and name not in pretrained:
+        tags = sorted(p.partition(".")[2] for p in pretrained if p.partition(".")[0] == arch)
+        hint = did_you_mean(tag, tags) or f"; its tags: {', '.join(tags) or 'none'}"
+        return f"names a pretrained tag {tag!r} that timm does not have{hint}"
+    has_weights = any(p.partition(".")[0] == arch for p in pretrained) or arch in OFFLINE
+    if weights == "pretrained" and not has_weights:
+        return (
+            "has no pretrained weights in timm; pass weights='random' or weights=<path to a "
+            "checkpoint>"
+        )
+    return None
+
+
+def weights_problem(weights: str, words: tuple[str, ...] = ("pretrained", "random")) -> str | None:
+    """Why ``weights`` is neither one of ``words`` nor a checkpoint path (an existing file, or a
+    value with a folder or a checkpoint ending: the file may exist only where the job runs)."""
+    path = Path(weights)
+    if weights in words or path.is_file():
+        return None
+    if len(path.parts) > 1 or path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return None
+    expected = ", ".join(repr(w) for w in words)
+    return f"is not one of {expected} nor a checkpoint file{did_you_mean(weights, list(words))}"
+
+
+@functools.lru_cache(maxsize=32)
+def skeleton(name: str, features_only: bool = False, depth: int | None = None) -> nn.Module | None:
+    """timm's ``name`` on the meta device: its structure (blocks, widths, feature stages) without
+    weights or memory; None for a model timm cannot build there (its checks are then skipped)."""
+    kwargs = {"features_only": True} if features_only else {}
+    if depth is not None:
+        kwargs["depth"] = depth
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception:  # an unknown name is reported by timm_problem; anything else: unchecked
+        return None
+
+
+def feature_stages(name: str) -> int | None:
+    """How many feature maps a ``features_only`` timm model of ``name`` offers (None: unknown)."""
+    model = skeleton(name, features_only=True)
+    return None if model is None else len(model.feature_info)
 
 
 def packaged_efficientnet_lite0() -> Path:

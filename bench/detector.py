@@ -57,6 +57,9 @@ class Detector:
     frozen: ClassVar[tuple[str, ...]] = ()
     #: state names older versions saved and that are now rebuilt: ignored by :meth:`load_state`
     dropped_state: ClassVar[tuple[str, ...]] = ()
+    #: the fewest training images a fit is defined for (e.g. 2 for a variance); the plan
+    #: refuses fits with fewer (``shots = 1``) before any job starts
+    min_train_images: ClassVar[int] = 1
 
     device: torch.device = torch.device("cpu")
     #: folder for checkpoints and caches of this job; set by the harness, None when unused
@@ -74,6 +77,15 @@ class Detector:
         setting (e.g. an offline backbone for hub weights), one sentence each; recorded with
         every result and marked on its leaderboard rows. Empty: the paper's own setting."""
         return []
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> None:
+        """Checks what the constructor's type hints cannot express (a layer below the encoder's
+        depth, warmup <= iterations, a known backbone name, parameters that exclude each other)
+        and raises ``bench.params.ParamError.bad(name, value, why)`` for the first that fails.
+        ``params`` holds every constructor argument (defaults filled in, each already checked
+        against its hint; not yet resolved). The plan calls it before any job starts and names
+        the detector; it must stay offline and cheap (no weights loaded)."""
 
     @classmethod
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,11 @@ applies with ``typing.Annotated``::
                  score: Literal["max", "topk"] = "max", ks: tuple[int, ...] = (16, 32)): ...
 
 :func:`check_params` reads those hints (``int``, ``float``, ``bool``, ``str``, ``None``,
-``Literal``, unions, ``tuple``/``list`` of a type, ``Annotated`` ranges) and names the detector,
-parameter, value and what is expected for the first value that does not fit.
+``Literal``, unions, ``tuple``/``list`` of a type, ``Annotated`` ranges and :class:`Length`)
+and names the detector, parameter, value and what is expected for the first value that does not
+fit. What a hint cannot express (a layer below the encoder's depth, warmup <= iterations, a
+known backbone name) a detector checks in ``Detector.validate_params``, raising
+:meth:`ParamError.bad`; the plan runs both before any job starts.
 """
 
 from __future__ import annotations
@@ -21,11 +24,25 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from bench.errors import ConfigError
 
-__all__ = ["Annotated", "Literal", "ParamError", "Range", "check_params", "describe"]
+__all__ = [
+    "Annotated",
+    "Length",
+    "Literal",
+    "NonEmpty",
+    "ParamError",
+    "Range",
+    "check_params",
+    "describe",
+]
 
 
 class ParamError(ConfigError):
     """A detector parameter does not fit its declared type or range."""
+
+    @classmethod
+    def bad(cls, name: str, value: Any, why: str) -> ParamError:
+        """``parameter NAME = VALUE WHY``; the plan prefixes the detector's name."""
+        return cls(f"parameter {name} = {value!r} {why}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,28 @@ class Range:
         return " and ".join(p for p in (low, high) if p)
 
 
+@dataclass(frozen=True)
+class Length:
+    """How many items a list parameter holds: at least ``min``, at most ``max`` (None: any)."""
+
+    min: int = 0
+    max: int | None = None
+
+    def holds(self, n: int) -> bool:
+        return n >= self.min and (self.max is None or n <= self.max)
+
+    def __str__(self) -> str:
+        if self.max is None:
+            return {0: "", 1: "non-empty"}.get(self.min, f"of at least {self.min}")
+        if self.min == self.max:
+            return f"of exactly {self.min}"
+        return f"of {self.min} to {self.max}"
+
+
+#: a list parameter that must hold at least one item
+NonEmpty = Length(min=1)
+
+
 def _is_union(origin: Any) -> bool:
     return origin is typing.Union or origin is types.UnionType
 
@@ -76,6 +115,9 @@ def conforms(value: Any, hint: Any) -> bool:
     if origin is Annotated:
         ranges = [a for a in hint.__metadata__ if isinstance(a, Range)]
         if not conforms(value, args[0]):
+            return False
+        lengths = [a for a in hint.__metadata__ if isinstance(a, Length)]
+        if isinstance(value, (list, tuple)) and not all(n.holds(len(value)) for n in lengths):
             return False
         numbers = value if isinstance(value, (list, tuple)) else [value]
         return all(r.holds(x) for r in ranges for x in numbers if isinstance(x, (int, float)))
@@ -112,6 +154,9 @@ def describe(hint: Any) -> str:
     """The expected value in words, e.g. ``a number >= 0`` or ``one of 'max', 'topk'``."""
     origin, args = get_origin(hint), get_args(hint)
     if origin is Annotated:
+        length = next((a for a in hint.__metadata__ if isinstance(a, Length)), None)
+        if length is not None:
+            return _describe_list(args[0], str(length))
         ranges = " and ".join(str(a) for a in hint.__metadata__ if isinstance(a, Range))
         return f"{describe(args[0])} {ranges}".strip()
     if _is_union(origin):
@@ -125,18 +170,31 @@ def describe(hint: Any) -> str:
     if hint in names:
         return names[hint]
     if origin in (tuple, list):
-        if not args:
-            return "a list"
-        inner = args[0]
-        bounds = ""
-        if get_origin(inner) is Annotated:
-            bounds = ", each " + " and ".join(
-                str(a) for a in inner.__metadata__ if isinstance(a, Range)
-            )
-            inner = get_args(inner)[0]
-        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
-        return f"a list of {plural.get(inner, describe(inner))}{bounds}"
+        return _describe_list(hint)
     return getattr(hint, "__name__", str(hint))
+
+
+def _describe_list(hint: Any, length: str = "") -> str:
+    """``a list of integers, each >= 0``; with ``length`` e.g. ``a non-empty list of ...`` or
+    ``a list of exactly 2 numbers``."""
+    args = get_args(hint)
+    if not args:
+        return (
+            f"a list {length} items"
+            if length.startswith("of ")
+            else f"a {length} list".replace("  ", " ")
+        )
+    inner, bounds = args[0], ""
+    if get_origin(inner) is Annotated:
+        bounds = ", each " + " and ".join(
+            str(a) for a in inner.__metadata__ if isinstance(a, Range)
+        )
+        inner = get_args(inner)[0]
+    plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+    items = plural.get(inner, describe(inner))
+    if length.startswith("of "):
+        return f"a list {length} {items}{bounds}"
+    return f"a {length + ' ' if length else ''}list of {items}{bounds}"
 
 
 def param_hints(cls: type) -> dict[str, Any]:

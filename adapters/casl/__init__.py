@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from bench.detector import FIT_SCOPES
-from bench.params import Range
+from bench.params import Length, NonEmpty, ParamError, Range
 from bench.registry import register_detector
 from bench.training import TrainableDetector
 from bench.types import Batch, Prediction
@@ -22,6 +22,10 @@ from .synthesis import median_spacing, normalise, prepared_inputs
 #: the fixed seed of the subsample a test cloud larger than ``max_points`` is scored on
 _TEST_SEED = 0
 _Parts = Annotated[int, Range(ge=2)]
+#: MinkUNet's four encoder or decoder widths, its eight block counts, a (low, high) range
+_Widths = Annotated[tuple[Annotated[int, Range(ge=1)], ...], Length(4, 4)]
+_Blocks = Annotated[tuple[Annotated[int, Range(ge=1)], ...], Length(8, 8)]
+_LowHigh = Annotated[tuple[Annotated[float, Range(ge=0)], ...], Length(2, 2)]
 #: PO3AD's voxel edge on clouds normalised to radius 1 (its clouds hold many points per voxel)
 PAPER_VOXEL = 0.03
 #: ``voxel_size="auto"``: the voxel edge in median nearest-neighbour distances, at least
@@ -65,10 +69,10 @@ class CASL(TrainableDetector):
     def __init__(
         self,
         voxel_size: Annotated[float, Range(gt=0)] | Literal["auto"] = "auto",
-        ks: tuple[Annotated[int, Range(ge=3)], ...] = (16, 32, 64),
-        encoder_channels: tuple[Annotated[int, Range(ge=1)], ...] = (32, 64, 128, 256),
-        decoder_channels: tuple[Annotated[int, Range(ge=1)], ...] = (256, 128, 96, 96),
-        layers: tuple[Annotated[int, Range(ge=1)], ...] = (2, 3, 4, 6, 2, 2, 2, 2),
+        ks: Annotated[tuple[Annotated[int, Range(ge=3)], ...], NonEmpty] = (16, 32, 64),
+        encoder_channels: _Widths = (32, 64, 128, 256),
+        decoder_channels: _Widths = (256, 128, 96, 96),
+        layers: _Blocks = (2, 3, 4, 6, 2, 2, 2, 2),
         stem_channels: Annotated[int, Range(ge=1)] = 32,
         stem_kernel: Annotated[int, Range(ge=1)] = 5,
         pretrain_iterations: Annotated[int, Range(ge=0)] = 4000,
@@ -76,8 +80,8 @@ class CASL(TrainableDetector):
         lr: Annotated[float, Range(gt=0)] = 1e-3,
         weight_decay: Annotated[float, Range(ge=0)] = 0.0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
-        patch_parts: _Parts | tuple[_Parts, ...] = (8, 64),
-        displacement: tuple[Annotated[float, Range(ge=0)], ...] = (0.06, 0.12),
+        patch_parts: _Parts | Annotated[tuple[_Parts, ...], Length(2, 2)] = (8, 64),
+        displacement: _LowHigh = (0.06, 0.12),
         rotate: Literal["xyz", "none"] = "xyz",
         partial_views: Annotated[float, Range(ge=0, le=1)] = 0.0,
         density_jitter: Annotated[float, Range(ge=0, lt=1)] = 0.5,
@@ -118,6 +122,15 @@ class CASL(TrainableDetector):
         self.neighbourhoods = neighbourhoods
         self.sigma, self.knn = sigma, knn
         self.amp, self.grad_clip, self.checkpoint_every = amp, grad_clip, checkpoint_every
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> None:
+        """The (low, high) ranges ``displacement`` and ``patch_parts`` in order (their lengths,
+        like those of ``ks`` and the network's widths, are in the type hints)."""
+        for name in ("displacement", "patch_parts"):
+            value = params[name]
+            if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] > value[1]:
+                raise ParamError.bad(name, value, "must be (low, high) with low <= high")
 
     # -- inputs ------------------------------------------------------------------------------
     def _subsample(self, n: int, generator: torch.Generator) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import torch
 
 from bench.detector import FIT_SCOPES, Detector
-from bench.params import Range
+from bench.params import NonEmpty, Range
 from bench.pointcloud import knn_indices, multiscale_surface_variation
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
@@ -40,7 +40,7 @@ class Curvature(Detector):
 
     def __init__(
         self,
-        ks: tuple[Annotated[int, Range(ge=3)], ...] = (16, 32, 64),
+        ks: Annotated[tuple[Annotated[int, Range(ge=3)], ...], NonEmpty] = (16, 32, 64),
         normalize: Literal["scale", "none"] = "scale",
         sigma: Annotated[float, Range(ge=0)] = 4.0,
         score: Literal["max", "topk"] = "max",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.capabilities import ReferenceStage, TransductiveScores
-from bench.params import Range
+from bench.params import Length, NonEmpty, Range
 from bench.registry import register_detector
 from bench.training import TrainableDetector, amp_dtype
 from bench.types import Batch, Prediction
@@ -24,11 +24,14 @@ from .backbone import (
     default_layers,
     is_open_clip,
 )
+from .checks import check_dictas
 from .lookup import Dictionary, map_tokens, pool, token_map
 from .synthesis import TextureFolder, augment_references, rotate, synthesize_anomalies
 from .validation import Validation
 
 SUBSTITUTE = "efficientnet_lite0"
+#: Adam's (beta1, beta2)
+_Betas = Annotated[tuple[Annotated[float, Range(ge=0, lt=1)], ...], Length(2, 2)]
 #: the official extra references of "screw" (k <= 4): copies rotated by these angles
 REFERENCE_ANGLES = tuple(range(-180, 181, 45))
 
@@ -83,16 +86,16 @@ class DictAS(TrainableDetector, ReferenceStage, TransductiveScores):
         backbone: str = PAPER_BACKBONE,
         weights: str | None = None,
         input_size: Annotated[int, Range(ge=14)] = 336,
-        layers: tuple[Annotated[int, Range(ge=1)], ...] | None = None,
-        test_layers: tuple[Annotated[int, Range(ge=1)], ...] | None = None,
-        scales: tuple[Annotated[int, Range(ge=1)], ...] = (1, 3),
+        layers: Annotated[tuple[Annotated[int, Range(ge=1)], ...], NonEmpty] | None = None,
+        test_layers: Annotated[tuple[Annotated[int, Range(ge=1)], ...], NonEmpty] | None = None,
+        scales: Annotated[tuple[Annotated[int, Range(ge=1)], ...], NonEmpty] = (1, 3),
         backbone_depth: Annotated[int, Range(ge=1)] | None = None,
         backbone_width: Annotated[int, Range(ge=8)] | None = None,
         heads: Annotated[int, Range(ge=1)] = 4,
         dropout: Annotated[float, Range(ge=0, lt=1)] = 0.1,
         epochs: Annotated[int, Range(ge=1)] = 30,
         lr: Annotated[float, Range(gt=0)] = 1e-4,
-        betas: tuple[Annotated[float, Range(ge=0, lt=1)], ...] = (0.5, 0.999),
+        betas: _Betas = (0.5, 0.999),
         plateau_factor: Annotated[float, Range(gt=0, lt=1)] = 0.8,
         plateau_patience: Annotated[int, Range(ge=0)] = 2,
         anomaly_probability: Annotated[float, Range(ge=0, le=1)] = 0.3,
@@ -151,6 +154,13 @@ class DictAS(TrainableDetector, ReferenceStage, TransductiveScores):
         self._text: dict[str, torch.Tensor | None] = {}
         self._entries: list | None = None
         self._test_parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> None:
+        """The backbone and its weights known to open_clip or timm (offline), layers and test
+        layers that are blocks of it, heads dividing its width, backbone_depth/backbone_width
+        only for a randomly initialised test network (``checks.py``)."""
+        check_dictas(params)
 
     @classmethod
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.backbones import WeightsNotFoundError, normalize
+from bench.backbones import WeightsNotFoundError, normalize, skeleton
+from bench.params import ParamError
 
 from ..dinomaly.encoder import SUBSTITUTE, create_encoder
 from .prompts import prompt_sentences
@@ -52,9 +54,12 @@ def _depth(backbone: str) -> int:
         import open_clip
 
         return int(open_clip.get_model_config(backbone)["vision_cfg"]["layers"])
-    import timm
-
-    return len(timm.create_model(backbone, pretrained=False, pretrained_cfg_overlay={}).blocks)
+    vit = skeleton(backbone)  # its structure on the meta device: no weights built
+    if vit is None:  # a model timm cannot build there: the real one, without weights
+        vit = timm.create_model(backbone, pretrained=False, pretrained_cfg_overlay={})
+    if not hasattr(vit, "blocks"):
+        raise ParamError.bad("backbone", backbone, "is not a ViT with blocks (timm or open_clip)")
+    return len(vit.blocks)
 
 
 def create_token_source(

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from bench.backbones import normalize
 from bench.detector import FIT_SCOPES
-from bench.params import Range
+from bench.params import Length, Range
 from bench.registry import register_detector
 from bench.training import TrainableDetector
 from bench.types import Batch, Prediction
 
+from .checks import check_dinomaly
 from .depth import rgb_and_depth
 from .encoder import SUBSTITUTE, create_encoder
 from .loss import anomaly_maps, global_cosine_hard_mining, mining_fraction, top_mean
@@ -73,7 +74,7 @@ class Dinomaly(TrainableDetector):
         depth_fill: Annotated[int, Range(ge=0)] = 3,
         encoder: str | None = None,
         weights: str = "pretrained",
-        layers: tuple[Annotated[int, Range(ge=0)], ...] | None = None,
+        layers: Annotated[tuple[Annotated[int, Range(ge=0)], ...], Length(min=2)] | None = None,
         encoder_depth: Annotated[int, Range(ge=1)] | None = None,
         decoder_depth: Annotated[int, Range(ge=1)] = 8,
         decoder_heads: Annotated[int, Range(ge=1)] | None = None,
@@ -133,6 +134,13 @@ class Dinomaly(TrainableDetector):
         self.compile, self.amp, self.checkpoint_every = compile, amp, checkpoint_every
         self._encoder: torch.nn.Module | None = None
         self._compiled: dict[str, Any] = {}
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> None:
+        """The encoder and its weights known to timm (offline), layers that are blocks of it,
+        two groups (even layers and decoder depth), heads dividing its width, warmup <=
+        iterations, an odd smoothing kernel, ``narrow_lr`` only with a narrow bottleneck."""
+        check_dinomaly(params, paper_encoder(params["variant"], params["inputs"]))
 
     @classmethod
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:

@@ -166,6 +166,7 @@ class EfficientNetEncoder(nn.Module):
     substitute = True
     width, heads = 128, 8
     stages = (2, 3, 4)
+    depth = 8  # the blocks of stages 2-4 (2 + 3 + 3)
 
     def __init__(self, weights: str, layers: tuple[int, ...] | None) -> None:
         super().__init__()

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from bench.backbones import create_backbone, normalize
 from bench.detector import FIT_SCOPES, Detector
-from bench.params import Range
+from bench.params import NonEmpty, Range
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
-from ..common import gaussian_blur, image_score, patch_features
+from ..common import check_timm_backbone, gaussian_blur, image_score, patch_features
 
 
 @register_detector("feature_stats")
@@ -33,12 +33,14 @@ class FeatureStats(Detector):
     #: the pretrained backbone, rebuilt from the parameters (older fitted states saved it)
     frozen = ("extractor",)
     dropped_state = ("extractor_",)
+    #: a variance needs two images: the plan refuses a 1-shot fit
+    min_train_images = 2
 
     def __init__(
         self,
         backbone: str = "efficientnet_lite0",
         weights: str = "pretrained",
-        layers: tuple[int, ...] = (2, 3),  # timm out_indices (negative: from the end)
+        layers: Annotated[tuple[int, ...], NonEmpty] = (2, 3),  # timm out_indices (<0: from end)
         variance_floor: Annotated[float, Range(ge=0)] = 0.01,
         sigma: Annotated[float, Range(ge=0)] = 4.0,
         score: Literal["max", "topk"] = "max",
@@ -46,6 +48,11 @@ class FeatureStats(Detector):
         self.backbone, self.weights, self.layers = backbone, weights, tuple(layers)
         self.variance_floor, self.sigma, self.score = variance_floor, sigma, score
         self.extractor = create_backbone(backbone, weights, self.layers)
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> None:
+        """The backbone, its weights and its feature stages known to timm (offline)."""
+        check_timm_backbone(params, "efficientnet_lite0")
 
     @torch.no_grad()
     def features(self, image: torch.Tensor) -> torch.Tensor:
@@ -60,8 +67,8 @@ class FeatureStats(Detector):
             total = f.sum(0) if total is None else total + f.sum(0)
             total_sq = (f**2).sum(0) if total_sq is None else total_sq + (f**2).sum(0)
             count += f.shape[0]
-        if not count:
-            raise ValueError("feature_stats.fit got no training images")
+        if count < self.min_train_images:
+            raise ValueError(f"feature_stats.fit needs 2 training images (a variance), got {count}")
         mean = total / count
         var = (total_sq / count - mean**2).clamp_min(0)
         self.mean_ = mean.float()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from bench.backbones import create_backbone, normalize
 from bench.capabilities import TypeDiscovery
 from bench.detector import FIT_SCOPES, Detector
-from bench.params import Range
+from bench.params import NonEmpty, Range
 from bench.registry import register_detector
 from bench.types import Batch, Prediction
 
-from ..common import gaussian_blur, image_score
+from ..common import check_timm_backbone, gaussian_blur, image_score
 from .aggregation import patch_embedding
 from .coreset import coreset_projection, greedy_coreset, random_projection, start_distances
 from .neighbours import nearest
@@ -58,7 +58,7 @@ class KNNPatchDistance(Detector, TypeDiscovery):
         self,
         backbone: str = PAPER_BACKBONE,
         weights: str = "pretrained",
-        layers: tuple[int, ...] = (2, 3),  # timm out_indices (negative: from the end)
+        layers: Annotated[tuple[int, ...], NonEmpty] = (2, 3),  # timm out_indices (<0: from end)
         pretrain_embed_dim: Annotated[int, Range(ge=1)] = 1024,
         embed_dim: Annotated[int, Range(ge=1)] | None = 1024,
         projection_dim: Annotated[int, Range(ge=1)] | None = None,
@@ -86,6 +86,11 @@ class KNNPatchDistance(Detector, TypeDiscovery):
         self.num_neighbors, self.max_pairs, self.seed = num_neighbors, max_pairs, seed
         self.discover_types, self.n_types = discover_types, n_types
         self.extractor = create_backbone(backbone, weights, self.layers)
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> None:
+        """The backbone, its weights and its feature stages known to timm (offline)."""
+        check_timm_backbone(params, PAPER_BACKBONE)
 
     @classmethod
     def substitutes(cls, params: dict) -> list[str]:

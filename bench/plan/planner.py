@@ -3,6 +3,7 @@ receives)."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from bench.capabilities import ReferenceStage
 from bench.config import BenchConfig, DatasetEntry, DetectorEntry
 from bench.datasets import get_dataset
 from bench.errors import ConfigError
-from bench.params import check_params
+from bench.params import ParamError, check_params
 from bench.plan.jobs import (
     Fit,
     Job,
@@ -36,17 +37,27 @@ def resolved_params(entry: DetectorEntry) -> dict[str, Any]:
     names = cls.param_names()
     unknown = set(entry.params) - set(names)
     if unknown:
+        close = {u: difflib.get_close_matches(u, names, n=1) for u in sorted(unknown)}
+        hint = "".join(f"; {u}: did you mean {c[0]!r}?" for u, c in close.items() if c)
         raise ConfigError(
-            f"detector {entry.display!r}: unknown parameter(s) {sorted(unknown)}; {entry.name} takes {names}"
+            f"detector {entry.display!r}: unknown parameter(s) {sorted(unknown)}{hint}; "
+            f"{entry.name} takes {names}"
         )
     out = {
         n: sig.parameters[n].default
         for n in names
         if sig.parameters[n].default is not inspect.Parameter.empty
     }
-    check_params(cls, entry.params, f"detector {entry.display!r}")
+    where = f"detector {entry.display!r}"
+    check_params(cls, entry.params, where)
     out.update(entry.params)
-    out = cls.resolve_params(out)
+    try:  # what the hints cannot say, then the defaults that depend on other arguments
+        cls.validate_params(out)
+        out = cls.resolve_params(out)
+    except ParamError as err:
+        if str(err).startswith(where):
+            raise
+        raise ParamError(f"{where}: {err}") from err
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -225,6 +236,31 @@ class Entry:
     shot_lists: ShotLists | None
 
 
+def check_enough_images(det: DetectorEntry, cls, scope: FitScope, parts: tuple[Part, ...]) -> None:
+    """A fit receives at least the detector's ``min_train_images`` (one image has no variance)."""
+    need = cls.min_train_images
+    if need <= 1:
+        return
+    n = sum(
+        len(p.files) if p.files is not None
+        else len(open_split(p.dataset, p.root, p.category, p.options, "train").items)
+        for p in parts
+    )  # fmt: skip
+    if n >= need:
+        return
+    if scope.shots is not None:
+        got, fix = f"shots = {scope.shots} gives {n}", f"; use shots >= {need}"
+    elif scope.few_shot:
+        got, fix = f"its shot file lists {n}", f"; list at least {need}"
+    else:
+        got, fix = f"its training split holds {n}", ""
+    where = ", ".join(f"{p.dataset}/{p.category}" for p in parts)
+    raise ConfigError(
+        f"detector {det.display!r} ({det.name}) needs at least {need} training images per fit, "
+        f"but {got} ({where}){fix}"
+    )
+
+
 def scope_jobs(
     entry: Entry, ds: DatasetEntry, root: str, categories: list[str], seed: int
 ) -> list[Job]:
@@ -239,6 +275,8 @@ def scope_jobs(
 
     def make_fit(parts, slug, label, stage="fit", parent=None, by_content=False) -> Fit:
         parts = tuple(parts)
+        if stage == "fit":
+            check_enough_images(det, cls, scope, parts)
         return Fit(det, params, seed, batch_size, *sizes, parts, parts_fingerprint(parts),
                    slug, label, stage, parent, by_content)  # fmt: skip
 
