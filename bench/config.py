@@ -33,7 +33,7 @@ scope = "unified"           # per_category (default) | unified: one fit over eve
 train_on = "visa:candle,pcb1"   # fit on another dataset's training split (or a table:
                             # { dataset = "visa", root = "...", categories = [...] })
 shots = 4                   # k normal training images per category ...
-shot_draws = 5              # ... drawn 5 times (seeded by category and draw index)
+shot_draws = 5              # ... drawn 5 times (seeded by category and draw index; <= 1000)
 shot_files = ["refs.txt"]   # or the reference images listed in files, one file per draw
 train_log_every = 1         # trained detectors log loss, lr and images/s every N steps
 ```
@@ -43,10 +43,12 @@ Where the jobs run (bench.executors):
 ```toml
 executor = "ray"            # local (default): this process, one job at a time
 ray_address = "head:6379"   # optional: a running Ray cluster (default: a local Ray instance)
-gpus_per_job = 0.25         # optional: GPUs a job requests (fractional: light jobs share one);
-                            # default 1 when the cluster has GPUs, else 0
-cpus_per_job = 1            # CPUs a job requests
-max_retries = 3             # retries of a job whose worker was lost (its own errors: none)
+gpus_per_job = 0.25         # optional: GPUs a job requests (a fraction from 0.0001 to 1: light
+                            # jobs share one; or whole GPUs, at most 16); default 1 when the
+                            # cluster has GPUs, else 0
+cpus_per_job = 1            # CPUs a job requests (up to 1024; 0 only with gpus_per_job > 0)
+max_retries = 3             # retries of a job whose worker was lost (0 to 100; its own errors:
+                            # none)
 ```
 """
 
@@ -59,15 +61,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from bench import value_checks as checks
 from bench.datasets.common import RESAMPLINGS
 from bench.errors import ConfigError
 from bench.metrics import PROTOCOLS
 from bench.scopes import SCOPES, check_scope_fields
+from bench.value_checks import Check, Naming, integer, one_of, optional
 
 __all__ = ["BenchConfig", "ConfigError", "DatasetEntry", "DetectorEntry", "load_config"]
 
 #: where jobs run (bench.executors): this process, or tasks on a Ray cluster
 EXECUTORS = ("local", "ray")
+#: the largest batch and the most data-loading workers: more is a typo
+MAX_BATCH_SIZE, MAX_WORKERS = 65_536, 1024
 
 
 @dataclass
@@ -176,7 +182,10 @@ class BenchConfig:
         group="fit scope", type="int", help="k normal training images per category"
     )
     shot_draws: int = flag(
-        1, group="fit scope", type="int", help="seeded draws of the k shots (default 1)"
+        1,
+        group="fit scope",
+        type="int",
+        help="seeded draws of the k shots (default 1, at most 1000)",
     )
     shot_files: list[str] | None = flag(
         group="fit scope",
@@ -213,19 +222,22 @@ class BenchConfig:
     gpus_per_job: float | None = flag(
         group="executor",
         type="float",
-        help="GPUs a Ray job requests (0.25: four jobs share a GPU; default 1 on a cluster "
-        "with GPUs, else 0)",
+        help="GPUs a Ray job requests (0.25: four jobs share a GPU; whole GPUs up to 16; "
+        "default 1 on a cluster with GPUs, else 0)",
     )
     cpus_per_job: float = flag(
-        1.0, group="executor", type="float", help="CPUs a Ray job requests (default 1)"
+        1.0,
+        group="executor",
+        type="float",
+        help="CPUs a Ray job requests (default 1; 0 only with --gpus-per-job > 0)",
     )
     #: retries of a Ray job whose worker process or node was lost
     max_retries: int = flag(
         3,
         group="executor",
         type="int",
-        help="retries of a Ray job whose worker or node was lost (default 3); a job failing "
-        "by itself is recorded as failed, never retried",
+        help="retries of a Ray job whose worker or node was lost (default 3, at most 100); a job "
+        "failing by itself is recorded as failed, never retried",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,60 +280,61 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> BenchConfig:
     return cfg
 
 
-def validate(cfg: BenchConfig, source: str = "config") -> None:
-    if cfg.protocol not in PROTOCOLS:
-        raise ConfigError(f"{source}: protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ConfigError(
-            f"{source}: batch_size must be a positive integer, got {cfg.batch_size!r}"
-        )
-    if not cfg.seeds or not all(isinstance(s, int) for s in cfg.seeds):
-        raise ConfigError(
-            f"{source}: seeds must be a non-empty list of integers, got {cfg.seeds!r}"
-        )
-    if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
-        raise ConfigError(
-            f"{source}: num_workers must be a non-negative integer, got {cfg.num_workers!r}"
-        )
+#: each field's flag on the ``bench run`` command line
+FLAGS = {
+    f.name: f.metadata["cli"].get("flag", "--" + f.name.replace("_", "-"))
+    for f in BenchConfig.__dataclass_fields__.values()
+    if "cli" in f.metadata
+}
+
+#: the checks of the top-level fields (bench.value_checks; the scope fields: bench.scopes)
+CHECKS: dict[str, Check] = {
+    "name": checks.text,
+    "seeds": checks.seeds,
+    "batch_size": integer(1, MAX_BATCH_SIZE),
+    "num_workers": integer(0, MAX_WORKERS),
+    "protocol": one_of(PROTOCOLS),
+    "bootstrap": checks.resamples,
+    "bootstrap_seed": integer(0, 2**31 - 1),
+    "train_log_every": integer(1),
+    "executor": one_of(EXECUTORS),
+    "ray_address": optional(checks.address),
+    "gpus_per_job": optional(checks.gpus),
+    "cpus_per_job": checks.cpus,
+    "max_retries": integer(0, checks.MAX_RETRIES),
+}
+
+
+def validate(cfg: BenchConfig, source: str = "config", cli: bool = False) -> None:
+    """Checks every field before anything runs; a ConfigError names the first bad one: its
+    flag (``cli``: the config was merged with the command line's flags, after the file's own
+    checks) or its key in ``source``."""
+    name = Naming(source, FLAGS if cli else None)
+    name.check(cfg, CHECKS)
     if not isinstance(cfg.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
         raise ConfigError(
             f"{source}: device must be auto, cpu, cuda or cuda:N (or mps), got {cfg.device!r}"
         )
+    if cfg.cpus_per_job == 0 and (not cfg.gpus_per_job or cfg.device == "cpu"):
+        raise ConfigError(
+            f"{name('cpus_per_job', 0)} is not valid without GPUs per job (every job would "
+            "start at once); expected a number > 0, or 0 with gpus_per_job > 0 on a GPU device"
+        )
     for det in cfg.detectors:
-        if det.batch_size is not None and not _positive(det.batch_size):
-            raise ConfigError(
-                f"{source}: detector {det.display!r} batch_size must be a positive integer, "
-                f"got {det.batch_size!r}"
-            )
+        where = f"{source}: detector {det.display!r}"
+        Naming(where).check(det, DETECTOR_CHECKS)
+        check_scope_fields(det, Naming(where))
         if det.resampling is not None and det.resampling not in RESAMPLINGS:
             raise ConfigError(
-                f"{source}: detector {det.display!r} resampling must be one of {RESAMPLINGS} "
-                f"(or left out for the detector's own), got {det.resampling!r}"
+                f"{where} resampling must be one of {RESAMPLINGS} (or left out for the "
+                f"detector's own), got {det.resampling!r}"
             )
-    for entry in (*cfg.detectors, *cfg.datasets):
-        kind = "detector" if isinstance(entry, DetectorEntry) else "dataset"
-        where = f"{source}: {kind} {getattr(entry, 'display', entry.name)!r}"
-        _check_size(entry.image_size, f"{where} image_size", ("native", "none"))
-        _check_size(entry.crop_size, f"{where} crop_size", ("none", "native"))
-    for name in ("bootstrap", "bootstrap_seed"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
-            raise ConfigError(
-                f"{source}: {name} must be an integer from 0 to 2^31 - 1, got {value!r}"
-            )
-    if 0 < cfg.bootstrap < 50:
-        raise ConfigError(
-            f"{source}: bootstrap must be 0 (no intervals) or at least 50 resamples for a 95% "
-            f"interval, got {cfg.bootstrap}"
-        )
-    if not _positive(cfg.train_log_every):
-        raise ConfigError(
-            f"{source}: train_log_every must be a positive integer, got {cfg.train_log_every!r}"
-        )
-    check_executor(cfg, source)
-    check_scope_fields(cfg, f"{source}:")
-    for det in cfg.detectors:
-        check_scope_fields(det, f"{source}: detector {det.display!r}")
+        for key, words in (("image_size", ("native", "none")), ("crop_size", ("none", "native"))):
+            _check_size(getattr(det, key), f"{where} {key}", words)
+    for ds in cfg.datasets:
+        for key, words in (("image_size", ("native", "none")), ("crop_size", ("none", "native"))):
+            _check_size(getattr(ds, key), f"{source}: dataset {ds.name!r} {key}", words)
+    check_scope_fields(cfg, name)
     labels = [d.display for d in cfg.detectors]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
@@ -330,32 +343,10 @@ def validate(cfg: BenchConfig, source: str = "config") -> None:
         )
 
 
-def check_executor(cfg: BenchConfig, source: str) -> None:
-    """The executor fields: a known executor and non-negative resource requests."""
-    if cfg.executor not in EXECUTORS:
-        raise ConfigError(f"{source}: executor must be one of {EXECUTORS}, got {cfg.executor!r}")
-
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-
-    if cfg.gpus_per_job is not None and not number(cfg.gpus_per_job):
-        raise ConfigError(
-            f"{source}: gpus_per_job must be a number >= 0 (e.g. 0.5 to share a GPU), "
-            f"got {cfg.gpus_per_job!r}"
-        )
-    if not number(cfg.cpus_per_job):
-        raise ConfigError(f"{source}: cpus_per_job must be a number >= 0, got {cfg.cpus_per_job!r}")
-    if not (isinstance(cfg.max_retries, int) and not isinstance(cfg.max_retries, bool)) or (
-        cfg.max_retries < 0
-    ):
-        raise ConfigError(
-            f"{source}: max_retries must be a non-negative integer, got {cfg.max_retries!r}"
-        )
-    if cfg.ray_address is not None and not (isinstance(cfg.ray_address, str) and cfg.ray_address):
-        raise ConfigError(
-            f"{source}: ray_address must be a cluster address such as 'auto' or 'HOST:6379', "
-            f"got {cfg.ray_address!r}"
-        )
+#: the checks of a detector entry's own settings
+DETECTOR_CHECKS: dict[str, Check] = {
+    "batch_size": optional(integer(1, MAX_BATCH_SIZE)),
+}
 
 
 def _positive(v: Any) -> bool:

@@ -164,7 +164,9 @@ def mean_intervals(records: list[dict[str, Any]], root: Path) -> pd.DataFrame:
         frame = row_intervals(records, root, metric).xs(MEAN, level="column")
         named = {"low": f"{metric}_ci_low", "high": f"{metric}_ci_high"}
         parts.append(frame[["low", "high"]].rename(columns=named))
-    return pd.concat(parts, axis=1) if parts else pd.DataFrame()
+    if not parts:  # no intervals (bootstrap = 0): no columns, the summary's index
+        return pd.DataFrame(index=pd.MultiIndex.from_tuples([], names=INDEX[:-1]))
+    return pd.concat(parts, axis=1)
 
 
 def pair_test(a: list[_Cell], b: list[_Cell], metric: str, level: float = 0.95) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import ConfigError
+from bench.value_checks import Check, Naming, integer, one_of, optional, paths
 
 SCOPES = ("per_category", "unified")
 
@@ -88,67 +89,70 @@ class FitScope:
         return "-".join(parts)
 
 
-def parse_train_on(value: Any, where: str) -> TrainSource | None:
-    """``"visa"``, ``"visa:candle,pcb1"`` or a table ``{dataset, root, categories, options}``."""
+def parse_train_on(value: Any, name: Naming) -> TrainSource | None:
+    """``"visa"``, ``"visa:candle,pcb1"`` or a table ``{dataset, root, categories, options}``;
+    ``name`` says where it was set."""
     if value is None:
         return None
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{name('train_on', value)} is not valid; expected {expected}")
+
     if isinstance(value, str):
-        name, _, cats = value.partition(":")
+        dataset, _, cats = value.partition(":")
         categories = tuple(c.strip() for c in cats.split(",") if c.strip()) or None
-        if not name.strip():
-            raise ConfigError(f"{where} train_on: expected DATASET[:CATEGORY,...], got {value!r}")
-        return TrainSource(name.strip(), categories=categories)
-    if isinstance(value, dict):
-        allowed = {"dataset", "root", "categories", "options"}
-        unknown = set(value) - allowed
-        if unknown or "dataset" not in value:
-            raise ConfigError(
-                f"{where} train_on: a table needs 'dataset' and may hold {sorted(allowed)}, "
-                f"got {sorted(value)}"
-            )
-        cats = value.get("categories")
-        if cats is not None and not (
-            isinstance(cats, list) and all(isinstance(c, str) for c in cats)
-        ):
-            raise ConfigError(
-                f"{where} train_on.categories: expected a list of names, got {cats!r}"
-            )
-        return TrainSource(
-            str(value["dataset"]),
-            value.get("root"),
-            tuple(cats) if cats else None,
-            tuple(sorted((value.get("options") or {}).items())),
-        )
-    raise ConfigError(f"{where} train_on: expected a string or a table, got {value!r}")
+        if not dataset.strip():
+            raise bad("DATASET[:CATEGORY,...], e.g. visa:candle,pcb1")
+        return TrainSource(dataset.strip(), categories=categories)
+    if not isinstance(value, dict):
+        raise bad("DATASET[:CATEGORY,...] or a table { dataset = ..., root = ... }")
+    allowed = {"dataset", "root", "categories", "options"}
+    if set(value) - allowed or not isinstance(value.get("dataset"), str):
+        raise bad(f"a table with a 'dataset' name, and optionally {sorted(allowed - {'dataset'})}")
+    cats = value.get("categories")
+    if cats is not None and not (isinstance(cats, list) and all(isinstance(c, str) for c in cats)):
+        raise bad("its categories as a list of names")
+    return TrainSource(
+        value["dataset"],
+        value.get("root"),
+        tuple(cats) if cats else None,
+        tuple(sorted((value.get("options") or {}).items())),
+    )
 
 
-def _positive(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+#: the most seeded draws of k shots (each draw is a job per category and seed)
+MAX_SHOT_DRAWS = 1000
+
+#: the checks of the scope fields of a BenchConfig or a DetectorEntry (None: left out)
+SCOPE_CHECKS: dict[str, Check] = {
+    "scope": optional(one_of(SCOPES)),
+    "shots": optional(integer(1)),
+    "shot_draws": optional(integer(1, MAX_SHOT_DRAWS)),
+    "shot_files": optional(paths),
+}
 
 
-def check_scope_fields(obj: Any, where: str) -> None:
-    """Type and value checks of the scope fields of a BenchConfig or a DetectorEntry."""
-    scope = obj.scope
-    if scope is not None and scope not in SCOPES:
-        raise ConfigError(f"{where} scope must be one of {SCOPES}, got {scope!r}")
-    train_on = parse_train_on(obj.train_on, where)
-    if obj.shots is not None and not _positive(obj.shots):
-        raise ConfigError(f"{where} shots must be a positive integer, got {obj.shots!r}")
-    if obj.shot_draws is not None and not _positive(obj.shot_draws):
-        raise ConfigError(f"{where} shot_draws must be a positive integer, got {obj.shot_draws!r}")
-    files = obj.shot_files
-    if files is not None and not (
-        isinstance(files, list) and files and all(isinstance(f, str) for f in files)
-    ):
-        raise ConfigError(f"{where} shot_files must be a non-empty list of paths, got {files!r}")
-    if files and (obj.shot_draws or 1) > 1:
+def check_scope_fields(obj: Any, name: Naming) -> None:
+    """Type and value checks of the scope fields of a BenchConfig or a DetectorEntry; ``name``
+    says where they were set (a flag, or a file's key)."""
+    name.check(obj, SCOPE_CHECKS)
+    train_on = parse_train_on(obj.train_on, name)
+    if train_on is not None:
+        from bench.datasets import get_dataset
+
+        try:
+            get_dataset(train_on.dataset)
+        except ConfigError as err:  # an unknown dataset
+            raise ConfigError(f"{name('train_on', obj.train_on)} is not valid: {err}") from None
+    if obj.shot_files and (obj.shot_draws or 1) > 1:
         raise ConfigError(
-            f"{where} shot_files and shot_draws exclude each other: each listed file is one draw"
+            f"{name.where}: shot_files and shot_draws exclude each other: each listed file is "
+            "one draw"
         )
-    if train_on is not None and scope == "unified":
+    if train_on is not None and obj.scope == "unified":
         raise ConfigError(
-            f"{where} scope 'unified' and train_on exclude each other: a train_on fit is already "
-            "one fit shared by every category"
+            f"{name.where}: scope 'unified' and train_on exclude each other: a train_on fit is "
+            "already one fit shared by every category"
         )
 
 
@@ -167,7 +171,7 @@ def resolve_scope(cfg: Any, det: Any) -> FitScope:
     else:
         shots, draws, files = cfg.shots, cfg.shot_draws or 1, cfg.shot_files
     listed = tuple(str(Path(f).resolve()) for f in files or ())
-    train_on = parse_train_on(source.train_on, f"detector {det.display!r}")
+    train_on = parse_train_on(source.train_on, Naming(f"detector {det.display!r}"))
     scope = source.scope or "per_category"
     if train_on is not None and scope == "unified":
         raise ConfigError(
@@ -199,6 +203,10 @@ def read_shot_file(path: str | Path) -> list[tuple[int, str]]:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"shot file {path}: cannot be read ({err.strerror or err})") from err
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"shot file {path}: not a text file; expected one image path per line"
+        ) from None
     entries = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()

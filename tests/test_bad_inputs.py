@@ -411,3 +411,187 @@ def test_mixed_image_sizes_name_the_odd_file(tmp_path, weave):
     records, failed = run_benchmark(cfg, track=False)
     text = next((tmp_path / "out" / "bad" / "failed").glob("*.txt")).read_text()
     assert failed and f"but {odd} (128x96)" in text and "most are 128x128" in text
+
+
+# -- issue 29, item 5: absurd values of every flag, one line before any job -------------------
+GPUS = "expected 0, a fraction from 0.0001 to 1 (jobs share a GPU) or a whole number of GPUs"
+ADDRESS = "expected a Ray address: auto, HOST:PORT or ray://HOST:PORT (port 1 to 65535)"
+RESAMPLES = "expected 0 (no intervals) or from 50 to 100000 resamples"
+FLAG_ROWS = [
+    (["--gpus-per-job", "inf"], f"bench: error: --gpus-per-job inf is not valid; {GPUS} up to 16"),
+    (["--gpus-per-job", "nan"], f"--gpus-per-job nan is not valid; {GPUS}"),
+    (["--gpus-per-job=-inf"], f"--gpus-per-job -inf is not valid; {GPUS}"),
+    (
+        ["--gpus-per-job", "-inf"],
+        "argument --gpus-per-job: expected one argument (a value "
+        "starting with '-' is written --FLAG=VALUE)",
+    ),
+    (["--gpus-per-job", "1e30"], f"--gpus-per-job 1e+30 is not valid; {GPUS}"),
+    (["--gpus-per-job", "17"], f"--gpus-per-job 17 is not valid; {GPUS}"),
+    (["--gpus-per-job", "1.5"], f"--gpus-per-job 1.5 is not valid; {GPUS}"),
+    (["--gpus-per-job", "0.00001"], f"--gpus-per-job 1e-05 is not valid; {GPUS}"),
+    (["--gpus-per-job", "-1"], f"--gpus-per-job -1 is not valid; {GPUS}"),
+    (["--gpus-per-job", "abc"], "argument --gpus-per-job: expected a number, got 'abc'"),
+    (["--gpus-per-job", ""], "argument --gpus-per-job: expected a number, got ''"),
+    (["--cpus-per-job", "inf"], "--cpus-per-job inf is not valid; expected a number of CPUs"),
+    (["--cpus-per-job", "nan"], "--cpus-per-job nan is not valid; expected a number of CPUs"),
+    (["--cpus-per-job", "1e30"], "--cpus-per-job 1e+30 is not valid; expected a number of CPUs"),
+    (["--cpus-per-job", "-1"], "--cpus-per-job -1 is not valid; expected a number of CPUs"),
+    (["--cpus-per-job", "0"], "--cpus-per-job 0 is not valid without GPUs per job"),
+    (["--max-retries", "-1"], "--max-retries -1 is not valid; expected an integer from 0 to 100"),
+    (["--max-retries", "1000000000"], "--max-retries 1000000000 is not valid; expected an integer"),
+    (["--max-retries", str(10**20)], f"--max-retries {10**20} is not valid; expected an integer"),
+    (["--max-retries", "inf"], "argument --max-retries: expected an integer, got 'inf'"),
+    (["--max-retries", "1.5"], "argument --max-retries: expected an integer, got '1.5'"),
+    (
+        ["--scope", "nonsense"],
+        "argument --scope: 'nonsense' is not valid; expected one of per_category, unified",
+    ),
+    (["--scope", "unifed"], "expected one of per_category, unified (did you mean 'unified'?)"),
+    (
+        ["--executor", "nonsense"],
+        "argument --executor: 'nonsense' is not valid; expected one of local, ray",
+    ),
+    (["--executor", "rya"], "'rya' is not valid; expected one of local, ray (did you mean 'ray'?)"),
+    (["--executor", ""], "argument --executor: '' is not valid; expected one of local, ray"),
+    (["--protocol", "fats"], "expected one of official, fast (did you mean 'fast'?)"),
+    (["--train-on", ""], "--train-on '' is not valid; expected DATASET[:CATEGORY,...]"),
+    (["--train-on", ":pcb1"], "--train-on ':pcb1' is not valid; expected DATASET[:CATEGORY,...]"),
+    (
+        ["--train-on", "mvtc_ad"],
+        "--train-on 'mvtc_ad' is not valid: unknown dataset 'mvtc_ad' (did you mean 'mvtec_ad'?)",
+    ),
+    (["--shots", "0"], "--shots 0 is not valid; expected an integer >= 1"),
+    (["--shots", "-1"], "--shots -1 is not valid; expected an integer >= 1"),
+    (["--shots", "1.5"], "argument --shots: expected an integer, got '1.5'"),
+    (["--shots", "inf"], "argument --shots: expected an integer, got 'inf'"),
+    (["--shot-draws", "0"], "--shot-draws 0 is not valid; expected an integer from 1 to 1000"),
+    (["--shots", "2", "--shot-draws", "1000000000"], "--shot-draws 1000000000 is not valid"),
+    (["--shot-file", ""], "--shot-file '' is not valid; expected one or more file paths"),
+    (["--address", ""], f"--address '' is not valid; {ADDRESS}"),
+    (["--address", "host:notaport"], f"--address 'host:notaport' is not valid; {ADDRESS}"),
+    (["--address", "host:99999"], f"--address 'host:99999' is not valid; {ADDRESS}"),
+    (["--executor", "ray", "--address", ":6379"], f"--address ':6379' is not valid; {ADDRESS}"),
+    (["--bootstrap", "10"], f"--bootstrap 10 is not valid; {RESAMPLES}"),
+    (["--bootstrap", "-1"], f"--bootstrap -1 is not valid; {RESAMPLES}"),
+    (["--bootstrap", str(10**20)], f"--bootstrap {10**20} is not valid; {RESAMPLES}"),
+    (["--bootstrap", "inf"], "argument --bootstrap: expected an integer, got 'inf'"),
+    (["--bootstrap-seed", "-1"], "--bootstrap-seed -1 is not valid; expected an integer from 0"),
+    (["--bootstrap-seed", str(10**20)], f"--bootstrap-seed {10**20} is not valid"),
+    (["--batch-size", str(10**20)], f"--batch-size {10**20} is not valid; expected an integer"),
+    (["--num-workers", str(10**20)], f"--num-workers {10**20} is not valid; expected an integer"),
+    (["--seeds", "0,-1"], "--seeds 0,-1 is not valid; expected one or more integer seeds"),
+    (["--seeds", str(10**20)], f"--seeds {10**20} is not valid; expected one or more integer"),
+    (["--train-log-every", "0"], "--train-log-every 0 is not valid; expected an integer >= 1"),
+    (["--name", ""], "--name '' is not valid; expected a non-empty name"),
+]
+
+
+@pytest.mark.parametrize(("flags", "expected"), FLAG_ROWS, ids=[" ".join(r[0]) for r in FLAG_ROWS])
+def test_absurd_flag_values_are_one_line_before_any_job(tmp_path, capsys, flags, expected):
+    """No data is read: each value is refused as the command line is read."""
+    out = tmp_path / "out"
+    args = ["run", "--detectors", "feature_stats", "--datasets", "builtin_ad", "--no-tracking",
+            "--output", str(out), *flags]  # fmt: skip
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse: a value of the wrong type or an unknown choice
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists(), "nothing ran"
+
+
+TOML_ROWS = [
+    ("gpus_per_job = inf", f"gpus_per_job = inf is not valid; {GPUS}"),
+    ("gpus_per_job = -inf", f"gpus_per_job = -inf is not valid; {GPUS}"),
+    ("cpus_per_job = nan", "cpus_per_job = nan is not valid; expected a number of CPUs"),
+    ("max_retries = 1_000_000_000", "max_retries = 1000000000 is not valid; expected an integer"),
+    ("max_retries = 1.5", "max_retries = 1.5 is not valid; expected an integer from 0 to 100"),
+    ('executor = "rya"', 'executor = "rya" is not valid; expected one of local, ray (did you'),
+    ('scope = "nonsense"', 'scope = "nonsense" is not valid; expected one of per_category'),
+    ('train_on = ""', 'train_on = "" is not valid; expected DATASET[:CATEGORY,...]'),
+    (
+        "train_on = { root = '/data' }",
+        "train_on = {'root': '/data'} is not valid; expected a table",
+    ),
+    ("shots = 0", "shots = 0 is not valid; expected an integer >= 1"),
+    ("shot_draws = 0", "shot_draws = 0 is not valid; expected an integer from 1 to 1000"),
+    ('shot_files = ""', 'shot_files = "" is not valid; expected one or more file paths'),
+    ('ray_address = "host:99999"', f'ray_address = "host:99999" is not valid; {ADDRESS}'),
+    ("bootstrap = 10", f"bootstrap = 10 is not valid; {RESAMPLES}"),
+    ("bootstrap_seed = -1", "bootstrap_seed = -1 is not valid; expected an integer from 0"),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), TOML_ROWS, ids=[r[0] for r in TOML_ROWS])
+def test_absurd_config_values_name_the_file_and_key(tmp_path, capsys, line, expected):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'{line}\n[[detectors]]\nname = "feature_stats"\n[[datasets]]\nname = "builtin_ad"\n'
+    )
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(config), "--no-tracking", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"bench: error: {config}: {expected}" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_shot_lists_and_shots_are_checked_at_plan_time(tmp_path, ad_root, capsys):
+    """What only the data can tell (how many training images a category holds, what a shot
+    file lists) fails while planning, before any fit, naming the file or the category."""
+    out = tmp_path / "out"
+    args = ["run", "--detectors", "feature_stats", "--datasets", "mvtec_ad", "--root",
+            str(ad_root), "--categories", "weave", "--no-tracking", "--output", str(out)]  # fmt: skip
+    binary = tmp_path / "refs.bin"
+    binary.write_bytes(b"\x00\xff\xfe")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    cases = [
+        (["--shots", "13"], "mvtec_ad/weave: shots = 13 but its training split holds only 12"),
+        (["--shot-file", str(tmp_path / "missing.txt")], "missing.txt: cannot be read (No such"),
+        (["--shot-file", str(tmp_path)], f"shot file {tmp_path}: cannot be read (Is a directory)"),
+        (["--shot-file", str(binary)], f"shot file {binary}: not a text file; expected one image"),
+        (["--shot-file", str(empty)], f"shot file {empty}: lists no image"),
+    ]
+    for flags, expected in cases:
+        assert main([*args, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists(), "nothing ran"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--bootstrap", "10"], f"--bootstrap 10 is not valid; {RESAMPLES}"),
+        (["--bootstrap", str(10**20)], f"--bootstrap {10**20} is not valid; {RESAMPLES}"),
+        (["--bootstrap", "abc"], "argument --bootstrap: expected an integer, got 'abc'"),
+        (["--pro-limit", "nan"], "--pro-limit nan is not valid; expected a false-positive rate"),
+        (["--pro-limit", "0"], "--pro-limit 0 is not valid; expected a false-positive rate"),
+        (["--protocol", "fats"], "expected one of official, fast (did you mean 'fast'?)"),
+    ],
+)
+def test_evaluate_flags_are_checked_before_any_file(tmp_path, capsys, flags, expected):
+    args = ["evaluate", "--maps", str(tmp_path / "maps"), "--data", str(tmp_path), *flags]
+    try:
+        code = main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_a_run_without_intervals_writes_its_report(tmp_path, ad_root, capsys):
+    """``--bootstrap 0`` (no intervals) once crashed while writing the leaderboard."""
+    out = tmp_path / "out"
+    args = ["run", "--detectors", "feature_stats", "--datasets", "mvtec_ad", "--root",
+            str(ad_root), "--categories", "weave", "--param", "feature_stats.weights=random",
+            "--image-size", "64", "--num-workers", "0", "--device", "cpu", "--no-tracking",
+            "--bootstrap", "0", "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    summary = (out / "default" / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("detector,fit,dataset,image_auroc,") and "_ci_" not in summary[0]
+    assert summary[1].startswith("feature_stats,per-category,mvtec_ad,")

@@ -419,7 +419,7 @@ def test_scope_flags_on_the_command_line(tmp_path, ad_root, visa_root, capsys):
     from bench.cli import main
 
     assert main(["run", "--detectors", "feature_stats", "--shots", "0", "--no-tracking"]) == 2
-    assert "shots must be a positive integer, got 0" in capsys.readouterr().err
+    assert "--shots 0 is not valid; expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_report_means_skip_nothing_and_spreads_use_complete_replicates():

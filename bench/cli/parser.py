@@ -11,6 +11,7 @@ from typing import Any
 from bench.config import FLAG_GROUPS, BenchConfig
 from bench.datasets.common import RESAMPLINGS
 from bench.metrics import PROTOCOLS
+from bench.value_checks import expected_choice
 
 
 def _csv(text: str) -> list[str]:
@@ -39,10 +40,46 @@ def _value(text: str) -> Any:
         return text
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def choice(choices: tuple[str, ...]) -> dict[str, Any]:
+    """argparse options of a flag taking one of ``choices`` (a message with the nearest one
+    for any other value)."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            expected = expected_choice(text, choices)
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected {expected}")
+        return text
+
+    return {"type": parse, "metavar": "{" + ",".join(choices) + "}"}
+
+
+class Parser(argparse.ArgumentParser):
+    """Reports a mistake on the command line in one line (not the long usage first)."""
+
+    def error(self, message: str):
+        if message.endswith("expected one argument"):  # argparse reads "-1e30" as a flag
+            message += " (a value starting with '-' is written --FLAG=VALUE)"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 #: how :func:`bench.config.flag` fields' text values are parsed
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "int": int,
-    "float": float,
+    "int": _int,
+    "float": _float,
     "seeds": _seeds,
     "names": _csv,
     "value": _value,
@@ -53,9 +90,7 @@ TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bench", description="Benchmark anomaly detectors on MVTec AD / MVTec 3D-AD."
-    )
+    p = Parser(prog="bench", description="Benchmark anomaly detectors on MVTec AD / MVTec 3D-AD.")
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="registered detectors and datasets")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -106,7 +141,7 @@ def add_run_parser(sub) -> None:
     )
     run.add_argument(
         "--resampling",
-        choices=RESAMPLINGS,
+        **choice(RESAMPLINGS),
         help="how every detector's images are resized (default: each detector's official one)",
     )
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -119,6 +154,8 @@ def add_run_parser(sub) -> None:
         name = cli.pop("flag", "--" + f.name.replace("_", "-"))
         if "type" in cli:
             cli["type"] = PARSERS[cli["type"]]
+        if "choices" in cli:  # a message with the nearest choice
+            cli.update(choice(tuple(cli.pop("choices"))))
         target.add_argument(name, dest=f.name, **cli)
 
 
@@ -142,11 +179,13 @@ def add_evaluate_parser(sub) -> None:
         default=[],
         help="CSV with category,defect,id,score (repeatable)",
     )
-    ev.add_argument("--protocol", choices=PROTOCOLS, default="official")
-    ev.add_argument("--pro-limit", type=float, default=0.3, help="AU-PRO integration limit (FPR)")
+    ev.add_argument("--protocol", default="official", **choice(PROTOCOLS))
+    ev.add_argument(
+        "--pro-limit", type=_float, default=0.3, help="AU-PRO integration limit (FPR, in (0, 1])"
+    )
     ev.add_argument(
         "--bootstrap",
-        type=int,
+        type=_int,
         default=1000,
         metavar="B",
         help="bootstrap resamples of the 95%% intervals (default 1000, seed 0 as bench run; 0: none)",

@@ -6,9 +6,13 @@ import argparse
 from typing import Any
 
 from bench.cli.parser import _value, config_flags
-from bench.config import BenchConfig, DatasetEntry, DetectorEntry, load_config, validate
+from bench.config import FLAGS, BenchConfig, DatasetEntry, DetectorEntry, load_config, validate
 from bench.errors import ConfigError
 from bench.scopes import parse_train_on
+from bench.value_checks import Naming
+
+#: settings named by their flags (those from the config file were checked as it was read)
+COMMAND_LINE = Naming("command line", FLAGS)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -66,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         value = getattr(args, f.name)
         if value is not None and f.name not in SCOPE_FLAGS:  # the scope group: above
             setattr(cfg, f.name, value)
-    validate(cfg, "command line")
+    validate(cfg, "command line", cli=True)
     return cfg
 
 
@@ -94,7 +98,7 @@ def apply_scope_flags(cfg: BenchConfig, args: argparse.Namespace) -> None:
 
 def train_on_datasets(cfg: BenchConfig, args: argparse.Namespace) -> set[str]:
     sources = [cfg.train_on, *(d.train_on for d in cfg.detectors)]
-    parsed = [parse_train_on(s, "config") for s in sources if s is not None]
+    parsed = [parse_train_on(s, COMMAND_LINE) for s in sources if s is not None]
     return {p.dataset for p in parsed}
 
 
@@ -102,7 +106,7 @@ def set_train_on_roots(cfg: BenchConfig, roots: dict[str, str]) -> None:
     """``--root DATASET=PATH`` for a train_on dataset: its root in every train_on setting."""
 
     def with_root(value: Any) -> Any:
-        src = parse_train_on(value, "config")
+        src = parse_train_on(value, COMMAND_LINE)
         if src is None or src.dataset not in roots:
             return value
         table = {"dataset": src.dataset, "root": roots[src.dataset]}
