@@ -189,9 +189,10 @@ format: $(STAMP)
 
 ui: $(STAMP)
 	@mkdir -p $(RESULTS)
-	@# the latest benchmark run, in the model-training view (MLflow 3 opens experiments in GenAI)
+	@# the latest benchmark run, in the model-training view (MLflow 3 opens experiments in GenAI);
+	@# a damaged store (exit 2) stops here with its recovery
 	@env -u MLFLOW_TRACKING_URI $(BIN)/bench links --output $(RESULTS) \
-	  --base-url http://127.0.0.1:$(PORT) || true
+	  --base-url http://127.0.0.1:$(PORT) || [ $$? -ne 2 ]
 	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(abspath $(RESULTS))/mlflow.db)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(RESULTS))/mlflow.db --host 127.0.0.1 --port $(PORT)
 

@@ -200,6 +200,10 @@ def test_sigkilled_run_parent_is_marked_killed_by_the_next_run(tmp_path, ad_root
     status = {r.info.run_id: r.info.status for r in _runs(uri, "adbench/sigkill")}
     assert status[killed.info.run_id] == "KILLED"
     assert killed.data.tags["adbench.pid"] == str(proc.pid)
+    note = client.get_run(killed.info.run_id).data.tags["adbench.status_note"]
+    assert note.startswith(f"KILLED: its bench process (pid {proc.pid} on ") and (
+        "ended without closing this run" in note
+    )
     assert "marked 1 earlier run(s) of sigkill" in again.stderr
     for left_alone in (elsewhere, alive, other_benchmark):
         assert status[left_alone] == "RUNNING"

@@ -40,8 +40,9 @@ def _bench(*args: str) -> int:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, ad_root):
     """Three `bench run`s of one benchmark: feature_stats (2 jobs); feature_stats and the
-    autoencoder (2 new jobs, feature_stats skipped); the same again (every job skipped, so
-    its parent run logs no job). Returns (results folder, tracking URI, the 2nd run's jobs)."""
+    autoencoder (2 new jobs, feature_stats skipped); the same again (every job finished and
+    logged before, so it opens no MLflow run). Returns (results folder, tracking URI, the 2nd
+    run's jobs)."""
     out = tmp_path_factory.mktemp("results")
     common = ["--datasets", "mvtec_ad", "--root", str(ad_root), "--image-size", "64"]
     common += ["--name", "t", "--output", str(out), "--num-workers", "0"]
@@ -92,8 +93,8 @@ def test_links_point_at_the_latest_benchmark_run_with_jobs(store):
         filter_string="tags.`adbench.kind` = 'benchmark'",
         order_by=["attributes.start_time DESC"],
     )
-    assert len(parents) == 3
-    latest_with_jobs = parents[1].info.run_id  # the last run only skipped finished jobs
+    assert len(parents) == 2  # the third run had nothing to compute or log: no parent run
+    latest_with_jobs = parents[0].info.run_id
     base = "http://127.0.0.1:5999/#/experiments/" + exp_id
     for name in ("t", None):
         links = benchmark_links(uri, "http://127.0.0.1:5999/", name)

@@ -10,9 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.markup import escape
-
-from bench.progress import console
+from bench.tracking.link import Link
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -77,8 +75,10 @@ class FitRunLogger:
     and set RUNNING again, so one fit has one curve; steps it already holds are not sent again.
     Metrics are buffered and sent every ``flush_seconds``, at ``_FIT_BATCH`` buffered, and on
     :meth:`flush`. It never raises: the first MLflow error is one message, then it stops
-    logging and the training goes on. :meth:`finish` adds the curve PNG
-    (``training_curve.png``) and marks the run FINISHED.
+    logging and the training goes on. ``link`` is the run's :class:`~bench.tracking.link.Link`
+    (one of its own when None): a failure here turns off every path of the run, and a failure
+    elsewhere stops this logger. :meth:`finish` adds the curve PNG (``training_curve.png``) and
+    marks the run FINISHED.
     """
 
     def __init__(
@@ -91,25 +91,26 @@ class FitRunLogger:
         params: dict[str, Any] | None = None,
         tags: dict[str, str] | None = None,
         flush_seconds: float = 2.0,
+        link: Link | None = None,
     ) -> None:
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         self.run_name, self.fit_hash = run_name, fit_hash
         self.params, self.tags = dict(params or {}), dict(tags or {})
         self.flush_seconds = flush_seconds
         self.run_id: str | None = None
-        self.failed = False
+        self.link = link if link is not None else Link(str(getattr(client, "tracking_uri", "")))
         self._buffer: list[Any] = []
         self._last_flush = time.monotonic()
         self._logged_upto = -1  # steps <= this are in the run already (a resumed run)
 
+    @property
+    def failed(self) -> bool:
+        """Whether tracking is off (here or on any path of the run)."""
+        return self.link.down
+
     def _fail(self, err: Exception) -> None:
-        if not self.failed:
-            console.print(
-                f"[yellow]MLflow: logging the training curve of {escape(self.run_name)} failed "
-                f"({type(err).__name__}: {escape(str(err))}); training goes on untracked.[/]",
-                soft_wrap=True,
-            )
-        self.failed = True
+        doing = f"logging the training curve of {self.run_name}"
+        self.link.fail(err, doing, "; training goes on untracked")
         self._buffer.clear()
 
     def start(self) -> str | None:

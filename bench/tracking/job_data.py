@@ -1,11 +1,14 @@
 """What a finished job's record becomes in MLflow: its run's tags, params, metrics and
-resolved configuration, the per-defect-type table and the ROC / PRO figure."""
+resolved configuration, the per-defect-type table and the ROC / PRO figure, and the logging
+of its artifacts."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.scopes import references_text
 from bench.tracking.process import git_state
 
 #: what identifies a job's setting, logged as params and in its config.json
@@ -150,3 +153,21 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float]:
     if record.get("skipped_steps") is not None:  # a trained detector's skipped optimiser steps
         out["train_skipped_steps"] = float(record["skipped_steps"])
     return out
+
+
+def log_job_artifacts(client: Any, rid: str, record: dict[str, Any]) -> None:
+    """Logs to run ``rid`` the job's per-defect-type table, its resolved configuration, its
+    references, overlays and curves figure."""
+    client.log_text(rid, per_defect_table(record).to_csv(index=False), "per_defect.csv")
+    client.log_dict(rid, job_config(record), "config.json")
+    if record.get("references"):
+        header = f"references of {record['run_name']} (replay: --shot-file references.txt)"
+        listed = record.get("fit_references") or record["references"]
+        text = references_text(record["references_root"], listed, header)
+        client.log_text(rid, text, "references.txt")
+    if record.get("overlays") and Path(record["overlays"]).is_file():
+        client.log_artifact(rid, record["overlays"], "overlays")
+    if record.get("curves"):
+        with tempfile.TemporaryDirectory() as tmp:
+            figure = curves_figure(record, Path(tmp) / "curves.png")
+            client.log_artifact(rid, str(figure))

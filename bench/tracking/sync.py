@@ -29,10 +29,12 @@ def sync(
     ``tracker``'s server yet (tracking was down, or another server was used); returns
     (uploaded, already there).
 
-    The uploaded runs go under one parent: the benchmark's own parent run when this server
-    still holds it (the parent of the jobs it already has, the latest if several), else one new
-    parent run for this sync. That parent is opened with the first upload, so a sync with
-    nothing to upload creates no run; the leaderboard of every job is logged on it."""
+    A job goes under the parent run it finished in when this server still holds that run
+    (:meth:`Tracker.ledger_parent`: a run whose server went down keeps its jobs); the others
+    under the benchmark's own parent run when this server still holds it (the latest of the
+    parents of the jobs it already has and of those the results folder's ledger records),
+    else under one new parent run for this sync, opened with the first upload (a sync with
+    nothing to upload creates no run). The leaderboard of every job is logged on that parent."""
     records = store.records() if records is None else records
     missing, parents = [], set()
     for record in records:
@@ -41,7 +43,9 @@ def sync(
             missing.append(record)
         else:
             parents.add(run.data.tags.get("mlflow.parentRunId"))
-    if missing:
+    if tracker.failed:  # the server stopped answering: nothing more is asked of it
+        return 0, len(records) - len(missing)
+    if not all(tracker.ledger_parent(record) for record in missing):
         tracker.adopt_parent(parents - {None})
     uploaded = 0
     for record in missing:
@@ -51,6 +55,8 @@ def sync(
         record["mlflow_run_id"] = new_id
         store.save(record)
         uploaded += 1
+    if tracker.parent_id is None and tracker.filed_under:  # each job went under its own run
+        tracker.parent_id = tracker.filed_under[-1]
     if uploaded:
         tracker.log_summary(records)
     return uploaded, len(records) - len(missing)
