@@ -10,6 +10,7 @@ these tests on 127.0.0.1 (``ray start --block``) and stopped by them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,6 +31,7 @@ from bench.benchmark import run_benchmark  # noqa: E402
 from bench.config import BenchConfig, DatasetEntry, DetectorEntry  # noqa: E402
 from bench.job.fitting import fit_log  # noqa: E402
 from bench.results import ResultStore  # noqa: E402
+from bench.run_lock import LOCK_FILE  # noqa: E402
 
 BIN = Path(sys.executable).parent
 #: token authentication is for clusters reachable from other machines; these are loopback only
@@ -328,10 +331,10 @@ def test_ray_executor_options_are_checked(ray_env, ad_root, tmp_path):
     from bench.config import ConfigError, validate
 
     cfg = _grid(ad_root, tmp_path, executor="ray", gpus_per_job=-1)
-    with pytest.raises(ConfigError, match="gpus_per_job must be a number >= 0"):
+    with pytest.raises(ConfigError, match="gpus_per_job = -1 is not valid; expected 0, a"):
         validate(cfg)
     cfg = _grid(ad_root, tmp_path, executor="rayon")
-    with pytest.raises(ConfigError, match="executor must be one of"):
+    with pytest.raises(ConfigError, match='executor = "rayon" is not valid; expected one of local'):
         validate(cfg)
 
 
@@ -430,10 +433,89 @@ def test_force_reruns_every_job_and_refits_once_per_fit(cluster, ad_root, tmp_pa
     assert _bench(args, tmp_path).returncode == 0
     store = ResultStore(out, "grid")
     first = {r["run_name"]: r["ray_run"] for r in store.records()}
-    forced = _bench([*args, "--force"], tmp_path)
+    # the driver holds the results folder too: started while another process holds it, it
+    # waits, touching nothing, and goes on when that process lets go
+    with open(store.root / LOCK_FILE, "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        log = tmp_path / "forced.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([str(BIN / "bench"), "run", *args, "--force"], cwd=tmp_path,
+                                    env={**os.environ, **RAY_ENV}, stderr=err, text=True)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "Waiting for it to finish" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert {r["run_name"]: r["ray_run"] for r in store.records()} == first
+    proc.wait(timeout=600)
+    forced = SimpleNamespace(returncode=proc.returncode, stderr=log.read_text())
     assert forced.returncode == 0, forced.stderr[-4000:]
+    assert "to run" not in forced.stderr.split("Waiting for it to finish")[0]  # it waited first
     assert "2 job(s), 2 to run" in " ".join(forced.stderr.split())
     second = {r["run_name"]: r["ray_run"] for r in store.records()}
     assert first.keys() == second.keys() and len(set(first.values()) | set(second.values())) == 2
     hashes = [e["hash"] for e in fit_log(store)]
     assert len(hashes) == 4 and all(hashes.count(h) == 2 for h in hashes)
+
+
+# -- a Ray address where no Ray answers (issue 29, 0b) ------------------------------------------
+def _run_cli(args: list[str], capsys) -> tuple[int, str, float]:
+    """``bench run`` in this process: (exit code, stderr, seconds, imports excluded)."""
+    import bench.executors.ray_executor  # noqa: F401
+    from bench.cli import main
+
+    started = time.monotonic()
+    code = main(["run", *args])
+    return code, capsys.readouterr().err, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_an_address_where_no_ray_answers_fails_in_seconds_before_any_job(
+    ray_env, ad_root, tmp_path, capsys
+):
+    import http.server
+    import threading
+
+    closed = _free_port()  # bound, then closed: nothing listens there
+    silent = socket.socket()  # a TCP server that accepts and never speaks
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    hint = "start the head with `ray start --head` or drop --address (ray_address) to run a local instance"  # fmt: skip
+    not_ray = "answers but is not a Ray head (its GCS port: `ray start --head --port`, 6379 by default): no gRPC handshake in 3 s; check the address and port"  # fmt: skip
+    cases = [
+        (f"127.0.0.1:{closed}", f"Ray: nothing answers at 127.0.0.1:{closed} (connection refused); {hint}"),
+        (f"ray://127.0.0.1:{closed}", f"Ray: nothing answers at 127.0.0.1:{closed} (connection refused); {hint}"),
+        (f"127.0.0.1:{silent.getsockname()[1]}", f"Ray: 127.0.0.1:{silent.getsockname()[1]} {not_ray}"),
+        (f"127.0.0.1:{web.server_address[1]}", f"Ray: 127.0.0.1:{web.server_address[1]} {not_ray}"),
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    try:
+        for address, message in cases:
+            args = ["--detectors", "feature_stats", "--datasets", "mvtec_ad", "--root",
+                    str(ad_root), "--image-size", "64", "--name", "grid", "--output", str(out),
+                    "--executor", "ray", "--address", address]  # fmt: skip
+            code, err, seconds = _run_cli(args, capsys)
+            assert code == 2, err
+            assert err.strip().splitlines()[-1] == f"bench: error: {message}", err
+            assert seconds < 10, (address, seconds)  # Ray alone retries for over five minutes
+            assert not out.exists()  # before any job, and before the results folder
+    finally:
+        silent.close()
+        web.shutdown()
+        web.server_close()
+
+
+def test_ray_addresses_are_parsed_and_auto_keeps_rays_meaning():
+    from bench.errors import ConfigError
+    from bench.executors.ray_address import probe_ray_address, split_address
+
+    assert split_address("head:6380") == ("head", 6380, False)
+    assert split_address("head") == ("head", 6379, False)
+    assert split_address("ray://head") == ("head", 10001, True)
+    assert split_address("[::1]:7000") == ("::1", 7000, False)
+    for address in (None, "auto", "local"):
+        probe_ray_address(address)  # Ray's own meaning: nothing to check here
+    for bad in ("head:port", "head:70000", ":6379", "head:6379/x"):
+        with pytest.raises(ConfigError, match="is not an address: expected HOST:PORT"):
+            probe_ray_address(bad)

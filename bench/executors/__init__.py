@@ -11,6 +11,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from bench.progress import console
+
 #: executor name -> "module:function"; the function runs a config's jobs:
 #: ``run(cfg, force, track) -> (records, failed run names)``
 EXECUTORS = {
@@ -23,3 +25,13 @@ def get_executor(name: str) -> Callable[..., tuple[list[dict[str, Any]], list[st
     """The run function of executor ``name`` (imported on demand: Ray only when used)."""
     module, _, function = EXECUTORS[name].partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+def still_to_track(track: bool, done: dict[str, dict[str, Any] | None]) -> bool:
+    """Whether a run opens MLflow: not when every job finished before and has its MLflow run
+    (e.g. the second of two runs started at once, which waited for the first): no empty
+    parent run."""
+    if track and done and all(r is not None and r.get("mlflow_run_id") for r in done.values()):
+        console.print("every job finished before and has its MLflow run: no new MLflow run")
+        return False
+    return track

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.config import BenchConfig
+from bench.executors import still_to_track
 from bench.job.fitting import LiveFit
-from bench.job.run import JobOptions, clear_for_force, run_job, short_error
-from bench.job.summary import report_job
-from bench.plan import plan_jobs
+from bench.job.run import JobOptions, clear_for_force, run_job
+from bench.job.summary import Failures, report_job
+from bench.plan import Job, plan_jobs
 from bench.progress import console
 from bench.results import ResultStore
+from bench.run_lock import run_lock
 from bench.system import device_description, resolve_device
 from bench.tracking import Tracker, ensure_logged
+
+if TYPE_CHECKING:
+    import torch
 
 
 def run_local(
@@ -28,10 +33,23 @@ def run_local(
     store = ResultStore(cfg.output, cfg.name)
     store.check_writable(*([Path(cfg.export_maps)] if cfg.export_maps else []))
     console.print(f"[bold]{cfg.name}[/]: {len(jobs)} job(s) on {device_description(device)}")
+    with run_lock(store.root):  # before reading what is done and opening MLflow
+        return run_jobs(cfg, jobs, store, device, force, track)
+
+
+def run_jobs(
+    cfg: BenchConfig,
+    jobs: list[Job],
+    store: ResultStore,
+    device: torch.device,
+    force: bool,
+    track: bool,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`run_local`'s jobs, while it holds the benchmark folder."""
     done = {} if force else {job.run_name: store.load(job) for job in jobs}
     if force:
         clear_for_force(store, jobs)
-    tracker = Tracker.from_config(cfg) if track else None
+    tracker = Tracker.from_config(cfg) if still_to_track(track, done) else None
     options = JobOptions(
         cfg.num_workers,
         cfg.export_maps,
@@ -40,7 +58,7 @@ def run_local(
         cfg.bootstrap,
         cfg.bootstrap_seed,
     )
-    records, failed = [], []
+    records, failed, failures = [], [], Failures(store)
     live = LiveFit()
     with tracker if tracker is not None else nullcontext():
         for i, job in enumerate(jobs, 1):
@@ -54,13 +72,12 @@ def run_local(
                 try:
                     record = run_job(job, store, device, options, live)
                 except Exception as err:
-                    path = store.save_failure(job, err)
-                    console.print(f"[red]  failed: {short_error(err)}[/] (traceback in {path})")
-                    failed.append(job.run_name)
+                    failed.append(failures.add(job, err))
                     continue
                 report_job(record)
             ensure_logged(tracker, store, record)
             records.append(record)
         if tracker is not None:
-            tracker.log_summary(records)
+            tracker.log_summary(records, failed)
+    failures.finish()
     return records, failed

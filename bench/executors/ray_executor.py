@@ -6,6 +6,8 @@ that need it wait for it (Ray passes its result as an argument) and load its sav
 Tasks write into the same results folder as the local executor, so resume is the same: a
 re-run skips finished jobs. That folder, and the driver's working directory (relative dataset
 roots), must be at the same path on every node: a shared filesystem (checked by each task).
+The driver holds the results folder while it runs (:mod:`bench.run_lock`: a second run waits),
+and checks a cluster address in seconds before joining it (:mod:`.ray_address`).
 
 Retries: a task whose worker process or node is lost is retried up to ``max_retries`` times
 (Ray's ``max_retries``). A job that raises is recorded as failed (its traceback under
@@ -31,6 +33,8 @@ from rich.markup import escape
 
 from bench.config import BenchConfig
 from bench.errors import ConfigError
+from bench.executors import still_to_track
+from bench.executors.ray_address import bounded_join_waits, probe_ray_address
 from bench.executors.ray_tasks import (
     FIT_TASK,
     JOB_TASK,
@@ -48,6 +52,7 @@ from bench.job.summary import report_job
 from bench.plan import Fit, Job, plan_jobs
 from bench.progress import console
 from bench.results import ResultStore
+from bench.run_lock import run_lock
 from bench.tracking import Tracker, ensure_logged
 
 #: environment variables passed to every task (where data, weights and tracking live)
@@ -95,20 +100,22 @@ def nearest_shared(fit: Fit | None, shared: dict[str, Any], store: ResultStore) 
 def connect(cfg: BenchConfig):
     """Joins ``cfg.ray_address``, or starts a local Ray instance; (Ray's context, whether this
     call connected). A process already connected (``ray.init`` by the caller) keeps its
-    connection, which the run then leaves open."""
-    ray = import_ray()
-    if ray.is_initialized():
-        return ray.get_runtime_context(), False
-    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
-    env.pop("ADBENCH_PROGRESS", None)
-    kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": env}}
-    if cfg.ray_address is None:  # a new instance, even beside a cluster `ray start`ed here
-        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
-    try:
-        return ray.init(address=cfg.ray_address or "local", **kwargs), True
-    except (ConnectionError, TimeoutError, ValueError) as err:
-        where_ = cfg.ray_address or "a local instance"
-        raise ConfigError(f"cannot start or join the Ray cluster ({where_}): {err}") from err
+    connection, which the run then leaves open. Ray's waits to join are bounded
+    (:func:`bounded_join_waits`)."""
+    with bounded_join_waits(cfg.ray_address):
+        ray = import_ray()
+        if ray.is_initialized():
+            return ray.get_runtime_context(), False
+        env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
+        env.pop("ADBENCH_PROGRESS", None)
+        kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": {"env_vars": env}}
+        if cfg.ray_address is None:  # a new instance, even beside a cluster `ray start`ed here
+            kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
+        try:
+            return ray.init(address=cfg.ray_address or "local", **kwargs), True
+        except (ConnectionError, TimeoutError, ValueError) as err:
+            where_ = cfg.ray_address or "a local instance"
+            raise ConfigError(f"cannot start or join the Ray cluster ({where_}): {err}") from err
 
 
 def check_device(cfg: BenchConfig) -> None:
@@ -153,17 +160,33 @@ def request(cfg: BenchConfig, nodes: list[dict]) -> tuple[float, float]:
 
 def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
     """Runs every planned job not already finished as Ray tasks; (records, failed run names)."""
-    ray = import_ray()
     check_device(cfg)
+    probe_ray_address(cfg.ray_address)  # seconds, where Ray itself would retry for minutes
+    with bounded_join_waits(cfg.ray_address):
+        import_ray()  # fails here without Ray; Ray reads some of its waits when first imported
     jobs = plan_jobs(cfg)
-    output = Path(cfg.output).resolve()
-    store = ResultStore(output, cfg.name)
+    store = ResultStore(Path(cfg.output).resolve(), cfg.name)
     export = str(Path(cfg.export_maps).resolve()) if cfg.export_maps else None
     store.check_writable(store.root / RUNNING, *([Path(export)] if export else []))
+    with run_lock(store.root):  # before reading what is done and opening MLflow
+        return run_jobs(cfg, jobs, store, export, force, track)
+
+
+def run_jobs(
+    cfg: BenchConfig,
+    jobs: list[Job],
+    store: ResultStore,
+    export: str | None,
+    force: bool,
+    track: bool,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`run_on_ray`'s jobs, while it holds the benchmark folder."""
+    output = Path(cfg.output).resolve()
     done = {} if force else {j.run_name: store.load(j) for j in jobs}
     pending = [j for j in jobs if done.get(j.run_name) is None]
     token = uuid.uuid4().hex
     context, connected = connect(cfg)
+    ray = import_ray()
     marker = share_marker(store, token)
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -178,7 +201,7 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
             url = getattr(context, "dashboard_url", None)
             console.print(f"Ray dashboard: http://{url}" if url else
                           "Ray dashboard: not running (pip install 'ray\\[default]' on the head node)")  # fmt: skip
-        tracker = Tracker.from_config(cfg) if track else None
+        tracker = Tracker.from_config(cfg) if still_to_track(track, done) else None
         with tracker if tracker is not None else nullcontext():
             warn_sqlite_across_machines(tracker, nodes)
             tracking = None
@@ -203,7 +226,7 @@ def run_on_ray(cfg: BenchConfig, force: bool = False, track: bool = True):
                     ray.cancel(ref, force=True)
                 raise
             if tracker is not None:
-                tracker.log_summary(records)
+                tracker.log_summary(records, failed)
     finally:
         if connected:
             ray.shutdown()
