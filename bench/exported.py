@@ -15,12 +15,21 @@ from bench.errors import DataError
 
 SCORE_COLUMNS = ("category", "defect", "id", "score")
 Key = tuple[str, str, str]
+#: what a scores file must hold, for its error messages
+SCORES_EXPECTED = (
+    f"expected a CSV file with the columns {','.join(SCORE_COLUMNS)} and one row per test image"
+)
+
+
+class MissingInput(DataError, FileNotFoundError):
+    """An input file or folder that is not there: one line naming it (a ``DataError``), and a
+    ``FileNotFoundError`` all the same."""
 
 
 def read_point_scores(path: Path, n: int) -> torch.Tensor:
     try:
         values = np.loadtxt(path, dtype=np.float64, ndmin=1)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise DataError(f"cannot read point scores {path}: {err}") from err
     if values.ndim != 1 or len(values) != n:
         raise DataError(
@@ -56,12 +65,7 @@ def read_scores(paths: list[str | Path]) -> dict[Key, tuple[float, str]]:
     that is not a finite number is an error naming the file and line."""
     scores: dict[Key, tuple[float, str]] = {}
     for path in paths:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-        missing = [c for c in SCORE_COLUMNS if c not in frame.columns]
-        if missing:
-            raise DataError(
-                f"scores file {path} lacks column(s) {missing}; expected {list(SCORE_COLUMNS)}"
-            )
+        frame = _score_table(Path(path))
         for line, row in enumerate(frame[list(SCORE_COLUMNS)].itertuples(index=False), start=2):
             if not any(row):
                 continue  # a blank line
@@ -73,6 +77,30 @@ def read_scores(paths: list[str | Path]) -> dict[Key, tuple[float, str]]:
                 )
             scores[key] = (_score(row.score, where), f"{path}, line {line}")
     return scores
+
+
+def _score_table(path: Path) -> pd.DataFrame:
+    """The rows of a scores file as text; a DataError naming the file and what it must hold
+    when it is missing, empty, not CSV or lacks a column."""
+    if not path.exists():
+        raise MissingInput(f"scores file {path} does not exist; {SCORES_EXPECTED}")
+    if not path.is_file():
+        raise DataError(f"scores file {path} is not a file; {SCORES_EXPECTED}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    except pd.errors.EmptyDataError as err:
+        raise DataError(f"scores file {path} is empty; {SCORES_EXPECTED}") from err
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        reason = " ".join(str(err).split())  # pandas' messages span lines
+        raise DataError(
+            f"scores file {path} cannot be read as CSV ({reason}); {SCORES_EXPECTED}"
+        ) from err
+    missing = [c for c in SCORE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"scores file {path} lacks column(s) {missing}; {SCORES_EXPECTED}")
+    if not frame[list(SCORE_COLUMNS)].astype(bool).any(axis=None):
+        raise DataError(f"scores file {path} holds no rows, only its header; {SCORES_EXPECTED}")
+    return frame
 
 
 def _score(raw: str, where: str) -> float:

@@ -20,6 +20,7 @@ from bench.results import (  # noqa: F401 (the marks: re-exported for the report
     ResultStore,
     dataset_labels,
     row_name,
+    writing,
 )
 
 METRICS = (
@@ -401,12 +402,16 @@ def write_report(
     store = ResultStore(output, name)
     records = store.finished(records)
     md = store.root / "leaderboard.md"
-    md.write_text(leaderboard_markdown(records, store.root))
+    with writing(md):
+        md.write_text(leaderboard_markdown(records, store.root))
     csv = store.root / "leaderboard.csv"
-    records_frame(records).to_csv(csv, index=False)
+    with writing(csv):
+        records_frame(records).to_csv(csv, index=False)
     summary = store.root / "summary.csv"
-    summary_frame(records).join(mean_intervals(records, store.root)).to_csv(summary)
-    figure = leaderboard_figure(records, store.root / "leaderboard.png", store.root)
+    with writing(summary):
+        summary_frame(records).join(mean_intervals(records, store.root)).to_csv(summary)
+    with writing(store.root / "leaderboard.png"):
+        figure = leaderboard_figure(records, store.root / "leaderboard.png", store.root)
     return {"markdown": md, "csv": csv, "summary": summary, "figure": figure}
 
 

@@ -32,7 +32,7 @@ from bench.report_plots import (
     label_of,
     to_html,
 )
-from bench.results import ResultStore
+from bench.results import ResultStore, writing
 
 TEMPLATES = Path(__file__).with_name("templates")
 ALPHA = 0.05
@@ -286,7 +286,8 @@ def write_html_report(
     store = ResultStore(output, name)
     records = store.finished(records)
     path = store.root / "report.html"
-    path.write_text(render_html_report(store.root, records, f"Benchmark {name}"), encoding="utf-8")
+    with writing(path):
+        path.write_text(render_html_report(store.root, records, f"Benchmark {name}"), "utf-8")
     return path
 
 

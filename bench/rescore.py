@@ -42,7 +42,14 @@ from bench.errors import ConfigError, DataError
 from bench.evaluation import CROP_FILE, Evaluator, PointEvaluator, export_path
 from bench.evaluation_ad2 import VALIDATION, AD2Evaluator, validation_path
 from bench.evaluation_loco import LocoEvaluator
-from bench.exported import Key, _check_known, read_map, read_point_scores, read_scores
+from bench.exported import (
+    Key,
+    MissingInput,
+    _check_known,
+    read_map,
+    read_point_scores,
+    read_scores,
+)
 from bench.per_image import collect
 from bench.types import Batch, Prediction
 
@@ -186,7 +193,7 @@ def _check_complete(maps: Path, category: str, expected: set, missing: list, n: 
     """Every test sample has its file and every file its sample."""
     sample, file = ("clouds", "point-score file") if points else ("images", "anomaly map")
     if missing:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"category {category}: {len(missing)} of {n} test {sample} have no {file}, e.g. {missing[:3]}"
         )
     found = {
@@ -360,7 +367,7 @@ def evaluate_maps(
     resamples, the record's ``ci``)."""
     maps, root = Path(maps), Path(root)
     if not maps.is_dir():
-        raise FileNotFoundError(f"anomaly-map folder {maps} does not exist")
+        raise MissingInput(f"anomaly-map folder {maps} does not exist")
     kind = dataset_kind(root)
     if kind == "loco" and protocol != "official":
         raise ConfigError(
@@ -371,7 +378,7 @@ def evaluate_maps(
     if categories is None:
         categories = [c for c in available if (maps / c).is_dir()]
         if not categories:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{maps} holds no folder named after a category of {root} ({available})"
             )
     unknown = sorted(set(categories) - set(available))

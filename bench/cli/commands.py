@@ -10,6 +10,7 @@ from pathlib import Path
 from bench.cli.run_config import config_from_args
 from bench.config import BenchConfig
 from bench.errors import ConfigError, DataError
+from bench.value_checks import cli_text, resamples
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -123,9 +124,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bench.results import write_json
     from bench.system import resolve_device
 
+    check_evaluate_flags(args)
     device = str(resolve_device(args.device))
-    if args.bootstrap < 0 or 0 < args.bootstrap < 50:
-        raise ConfigError(f"--bootstrap must be 0 or at least 50 resamples, got {args.bootstrap}")
     records = evaluate_maps(
         args.maps,
         args.data,
@@ -166,13 +166,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_evaluate_flags(args: argparse.Namespace) -> None:
+    """``bench evaluate``'s numbers, before any file is read."""
+    limit = args.pro_limit
+    for flag, value, expected in (
+        ("--bootstrap", args.bootstrap, resamples(args.bootstrap)),
+        ("--pro-limit", limit, None if 0 < limit <= 1 else "a false-positive rate in (0, 1]"),
+    ):
+        if expected is not None:
+            raise ConfigError(f"{flag} {cli_text(value)} is not valid; expected {expected}")
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
+    from bench.run_lock import refuse_if_running
+
+    with refuse_if_running(Path(args.output) / args.name, "bench sync"):  # not beside a run
+        return sync_folder(args)
+
+
+def sync_folder(args: argparse.Namespace) -> int:
     from bench.progress import console
-    from bench.results import ResultStore
+    from bench.results import FULL_RECORD, ResultStore
     from bench.tracking import Tracker, sync
 
     store = ResultStore(args.output, args.name)
-    records = store.records()  # read once: one warning a file
+    records = store.records(FULL_RECORD)  # read once: one warning a file; MLflow needs all
     if not records:
         raise DataError(f"no finished jobs under {store.root / 'jobs'}; nothing to sync")
     cfg = BenchConfig(
@@ -201,7 +219,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_links(args: argparse.Namespace) -> int:
     import os
 
-    from bench.tracking import default_tracking_uri
+    from bench.tracking import check_store, default_tracking_uri
     from bench.ui import benchmark_links
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -211,6 +229,7 @@ def cmd_links(args: argparse.Namespace) -> int:
             print(f"no MLflow store at {db} yet: run `make bench` (or `bench run`) first")
             return 1
         uri = default_tracking_uri(args.output)
+    check_store(uri, args.output, args.name)  # a damaged store: named, with its recovery
     links = benchmark_links(uri, args.base_url, args.name)
     if not links:
         which = f"adbench/{args.name}" if args.name else "any adbench/* experiment"

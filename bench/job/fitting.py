@@ -25,7 +25,7 @@ from bench.job.data import open_fit_data
 from bench.plan import Fit
 from bench.progress import console
 from bench.registry import create_detector
-from bench.results import ResultStore, read_record, write_json
+from bench.results import ResultStore, WriteError, read_record, write_json, writing
 from bench.system import device_description, synchronize, track_peak_memory
 from bench.training import CHECKPOINT_NAME, TrainableDetector
 
@@ -109,17 +109,38 @@ def fit_or_load(
                 if trainable:
                     detector.step_logger = None
             synchronize(device)
-            detector.save_state(workdir / FITTED_STATE, stage.stage)
             seconds = time.perf_counter() - t0
-            write_json(workdir / FIT_INFO, {"seconds": seconds,
-                                            "fit": stage.config(), "name": stage.name})  # fmt: skip
-            log_fit(store, stage, seconds, device)
+            save_fit(detector, stage, store, seconds, device)
             result.computed.append(stage.stage)
         result.seconds = time.perf_counter() - start
     detector.workdir = store.fit_dir(fit)
     result.cached, result.peak = not todo, peak
     result.fitted_seconds = fitted_seconds(store, fit)
     return result
+
+
+def save_fit(
+    detector: Detector, stage: Fit, store: ResultStore, seconds: float, device: torch.device
+) -> None:
+    """Saves a computed fit stage (state, info, log line). Where its folder cannot be written
+    (made read-only, a full disk), says so: the jobs go on with the fit in memory, and it is
+    computed again by the next run."""
+    workdir = store.fit_dir(stage)
+    try:
+        with writing(workdir / FITTED_STATE):
+            detector.save_state(workdir / FITTED_STATE, stage.stage)
+        write_json(workdir / FIT_INFO, {"seconds": seconds,
+                                        "fit": stage.config(), "name": stage.name})  # fmt: skip
+        with writing(store.root / FIT_LOG):
+            log_fit(store, stage, seconds, device)
+    except WriteError as err:
+        detector.to(device)  # saving moves the state to the CPU first
+        store.note_unwritable(err)
+        console.print(
+            f"[yellow]  could not save the fitted state: {escape(str(err))}; the jobs go on "
+            "with the fit in memory (the next run computes it again)[/]",
+            soft_wrap=True,
+        )
 
 
 def log_fit(store: ResultStore, stage: Fit, seconds: float, device: torch.device) -> None:

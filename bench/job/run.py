@@ -7,7 +7,9 @@ predicting again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from bench.metrics import headline
 from bench.metrics.bootstrap import DEFAULT_RESAMPLES
 from bench.plan import Fit, Job
 from bench.progress import console
-from bench.results import ResultStore
+from bench.results import ResultStore, WriteError, write_elsewhere, writing
 from bench.system import PeakMemory, seed_everything
 
 
@@ -54,6 +56,8 @@ def short_error(err: BaseException) -> str:
     """``Type: message`` of an error; for one raised in a DataLoader worker, the original error
     (the last line of the worker's traceback) instead of the whole traceback."""
     text = str(err)
+    if isinstance(err, (WriteError, FailedAfterPrediction)):
+        return text  # "could not write <path>: <why>"; the original error's own type and message
     if "Original Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
         name, sep, message = last.partition(": ")
@@ -127,14 +131,16 @@ def score_and_save(
     """Scores the predictions (metrics, per-image data, bootstrap intervals) and saves the
     job's record, per-image file and overlay figure; on a failure the predictions are kept for
     the next run (:class:`FailedAfterPrediction`)."""
-    scored = None
+    scored = record = None
     try:
         scored = score(pred, job.root, options.bootstrap, options.bootstrap_seed)
         scored["discovery"] = discover(detector, pred, job.seed)
         record = job_record(job, data, modality, fit, pred, scored, device)
         if scored["per_image"] is not None:
             record["per_image"] = store.save_per_image(job, scored["per_image"])
-        overlays = pred.overlays.save(store.root / "figures" / f"{job.slug}.png", job.run_name)
+        figure = store.root / "figures" / f"{job.slug}.png"
+        with writing(figure):
+            overlays = pred.overlays.save(figure, job.run_name)
         record["overlays"] = None if overlays is None else str(overlays)
         store.save(record)
         return record
@@ -143,14 +149,19 @@ def score_and_save(
         kept = pred.resumed or _keep(kept_at, pred)
         if not isinstance(err, Exception):  # Ctrl-C: the predictions are kept all the same
             raise
-        if scored is not None:  # metrics computed before the failure are at least shown
-            console.print(f"  computed before the failure:{headline(scored['metrics']['all'])}")
         outcome = (
             f"the predictions are kept in {kept_at}; re-running the same command scores them "
             "without predicting again"
             if kept
             else "the predictions could not be kept either"
         )
+        if scored is not None:  # metrics computed before the failure are at least shown
+            console.print(f"  its metrics (not saved):{headline(scored['metrics']['all'])}")
+        if record is not None:  # and the whole record kept where it can be
+            elsewhere = write_elsewhere(
+                "bench-record-", ".json", json.dumps(record, indent=2, sort_keys=True, default=str)
+            )
+            outcome += f"; its record is in {elsewhere}" if elsewhere else ""
         raise FailedAfterPrediction(f"{short_error(err)} (after prediction: {outcome})") from err
 
 
@@ -166,9 +177,12 @@ def clear_for_force(store: ResultStore, jobs: list[Job]) -> None:
 def _keep(path: Path, pred: Predictions) -> bool:
     """Keeps the predictions of a failed job; False (with a message) when that fails too."""
     try:
-        keep_predictions(path, pred)
+        with writing(path):
+            keep_predictions(path, pred)
         return True
     except Exception as err:
-        path.with_suffix(".tmp").unlink(missing_ok=True)
-        console.print(f"[red]  cannot keep the predictions in {escape(str(path))}: {err}[/]")
+        with suppress(OSError):
+            path.with_suffix(".tmp").unlink(missing_ok=True)
+        message = str(err) if isinstance(err, WriteError) else f"{path}: {err}"
+        console.print(f"[red]  cannot keep the predictions: {escape(message)}[/]", soft_wrap=True)
         return False
