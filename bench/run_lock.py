@@ -78,6 +78,17 @@ def _write_holder(handle: IO[str], command: str) -> None:
 
 
 @contextmanager
+def _holding(handle: IO[str], command: str) -> Iterator[None]:
+    """While the lock on ``handle`` is held: its holder written for others' messages, then
+    the lock released."""
+    _write_holder(handle, command)
+    try:
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
 def run_lock(folder: Path, command: str = "bench run", poll: float = 0.5) -> Iterator[None]:
     """Holds the benchmark folder ``folder`` for this process; while another process holds it,
     waits, saying who holds it (again whenever that changes)."""
@@ -109,11 +120,8 @@ def run_lock(folder: Path, command: str = "bench run", poll: float = 0.5) -> Ite
                 "(the jobs finished meanwhile are skipped)",
                 soft_wrap=True,
             )
-        _write_holder(handle, command)
-        try:
+        with _holding(handle, command):
             yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -132,11 +140,8 @@ def refuse_if_running(folder: Path, command: str) -> Iterator[None]:
                 f"{folder} is in use by another process: {holder_text(handle, path)}; "
                 f"{command} it after that ends (a run logs its jobs to MLflow as they finish)"
             )
-        _write_holder(handle, command)
-        try:
+        with _holding(handle, command):
             yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 @contextmanager
