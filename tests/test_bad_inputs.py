@@ -9,6 +9,7 @@ sync parents, parents left RUNNING by a killed run) in test_tracking_robustness.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -595,3 +596,12 @@ def test_a_run_without_intervals_writes_its_report(tmp_path, ad_root, capsys):
     summary = (out / "default" / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("detector,fit,dataset,image_auroc,") and "_ci_" not in summary[0]
     assert summary[1].startswith("feature_stats,per-category,mvtec_ad,")
+
+
+def test_a_config_built_in_code_is_checked_like_a_file(tmp_path, weave):
+    """run_benchmark on a BenchConfig made in Python: the executor never sees an absurd value
+    (on Ray, --gpus-per-job inf was an OverflowError)."""
+    cfg = _cfg(tmp_path, weave, gpus_per_job=math.inf, executor="ray")
+    with pytest.raises(ConfigError, match=r"^BenchConfig: gpus_per_job = inf is not valid"):
+        run_benchmark(cfg, track=False)
+    assert not (tmp_path / "out").exists()
