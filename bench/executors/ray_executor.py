@@ -48,7 +48,7 @@ from bench.executors.ray_tasks import (
 from bench.executors.view import ClusterView
 from bench.job.fitting import FITTED_STATE, fit_chain
 from bench.job.run import clear_for_force, short_error
-from bench.job.summary import report_job
+from bench.job.summary import Failures, report_job
 from bench.plan import Fit, Job, plan_jobs
 from bench.progress import console
 from bench.results import ResultStore
@@ -272,9 +272,11 @@ def submit(ray, ctx: TaskContext, pending: list[Job], store: ResultStore, option
 
 
 def collect(ray, refs: dict, ctx, store: ResultStore, tracker, view, records: list):
-    """Waits for every job task, showing progress; records and tracks each result once.
-    Returns the run names of the failed jobs."""
+    """Waits for every job task, showing progress; records and tracks each result once, and
+    says at the end which folders the workers could not write. Returns the run names of the
+    failed jobs."""
     failed: list[str] = []
+    failures = Failures(store)
     with view:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
@@ -285,6 +287,8 @@ def collect(ray, refs: dict, ctx, store: ResultStore, tracker, view, records: li
                 (store.root / RUNNING / f"{job.slug}.json").unlink(missing_ok=True)
                 view.finished(job.run_name, out)
                 if "record" not in out:
+                    store.unwritable.update(out.get("unwritable") or {})
+                    failures.unsaved += bool(out.get("unsaved"))
                     console.print(
                         f"[red]{escape(job.run_name)} failed: {escape(out['error'])}[/] "
                         f"(traceback in {out['traceback']})",
@@ -297,6 +301,7 @@ def collect(ray, refs: dict, ctx, store: ResultStore, tracker, view, records: li
                 report_job(record)
                 ensure_logged(tracker, store, record)
                 records.append(record)
+    failures.finish()
     return failed
 
 

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from bench.job.fitting import build_detector, fit_or_load
 from bench.job.run import JobOptions, run_job, short_error
+from bench.job.summary import write_error
 from bench.plan import Fit, Job
 from bench.progress import console
 from bench.results import ResultStore, write_json
@@ -145,12 +146,13 @@ def job_task(ctx: TaskContext, job: Job, *needed: Any) -> dict[str, Any]:
         return {"run_name": job.run_name, "record": run_task_job(ctx, job, store, device, worker),
                 "worker": worker}  # fmt: skip
     except Exception as err:
-        try:
-            path = str(store.save_failure(job, err))
-        except OSError as unwritable:
-            path = f"not written: {unwritable}"
-        return {"run_name": job.run_name, "error": short_error(err), "traceback": path,
-                "worker": worker}  # fmt: skip
+        unwritable = write_error(err)  # a folder made read-only, a full disk: named at the end
+        if unwritable is not None:
+            store.note_unwritable(unwritable)
+        path = store.save_failure(job, err)
+        return {"run_name": job.run_name, "error": short_error(err),
+                "traceback": str(path) if path else "the worker's log", "worker": worker,
+                "unsaved": unwritable is not None, "unwritable": store.unwritable}  # fmt: skip
 
 
 def run_task_job(
