@@ -17,9 +17,12 @@ import json
 import math
 import os
 import pickle
+import select
 import shutil
+import signal
 import stat
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -263,6 +266,16 @@ def _enforced(function, *args) -> tuple[str, object]:
     return "done", function(*args)
 
 
+#: the most a forked child may take before it is killed
+CHILD_SECONDS = 300
+
+
+def _read_until(fd: int, deadline: float) -> bytes:
+    """The next bytes from ``fd``; empty at its end or once ``deadline`` passed."""
+    ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+    return os.read(fd, 1 << 16) if ready else b""
+
+
 def _in_child(function, *args) -> tuple[str, object]:
     """``_enforced(function, *args)`` in a forked child without root's file capabilities."""
     read, write = os.pipe()
@@ -285,8 +298,15 @@ def _in_child(function, *args) -> tuple[str, object]:
         finally:
             os._exit(code)
     os.close(write)
+    chunks, deadline = [], time.monotonic() + CHILD_SECONDS
     with os.fdopen(read, "rb") as pipe:
-        sent = pipe.read()
+        while chunk := _read_until(pipe.fileno(), deadline):
+            chunks.append(chunk)
+    if time.monotonic() >= deadline:  # a hung child fails the test instead of hanging CI
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return "error", f"the child did not finish in {CHILD_SECONDS} s and was killed"
+    sent = b"".join(chunks)
     _, status = os.waitpid(pid, 0)
     return pickle.loads(sent) if sent else ("error", f"the child died (status {status})")
 
